@@ -1,0 +1,44 @@
+"""`python -m service` / `classifier-service`: validate the settings, then serve them with uvicorn."""
+
+import argparse
+import logging
+import os
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.api import create_app
+from service.settings import Settings
+
+
+def parse_flags(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="classifier-service",
+        description="Serve a transformer text classifier over HTTP with length-bucketed micro-batching. "
+        "Every setting can also come from the environment (CLASSIFIER_<NAME>, or MODEL for --model).",
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--model", help="Hugging Face checkpoint directory or hub id (default: the embedded model)")
+    flags = vars(parser.parse_args(argv))
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        settings = Settings(**parse_flags(argv))
+    except ValidationError as error:
+        raise SystemExit(f"invalid settings:\n{error}") from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

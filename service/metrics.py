@@ -1,0 +1,66 @@
+"""Every Prometheus metric the service exports, declared in one place.
+
+Names follow Prometheus conventions: one `classifier_` prefix, base units (`_seconds`), `_total` on
+counters. Padding is exported as two counters (real and padded tokens) so PromQL can compute the
+padding efficiency over any window, plus a per-batch histogram for its distribution.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+
+# `_created` series only double what Prometheus already knows from counter resets.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 1024, 2048, 4096, 8192)
+
+REQUESTS = Counter(
+    "classifier_requests_total", "HTTP requests handled, by route and status code.", ["route", "status"]
+)
+REQUEST_DURATION = Histogram(
+    "classifier_request_duration_seconds",
+    "Time from receiving a request to sending its response, by route.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "classifier_queue_wait_seconds",
+    "Time each text waited in the queue before its batch started.",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_INFERENCE = Histogram(
+    "classifier_batch_inference_seconds",
+    "Time the model took to run one batch (forward pass and activation).",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("classifier_batch_size", "Texts per batch.", buckets=BATCH_SIZE_BUCKETS)
+BATCH_PADDING_EFFICIENCY = Histogram(
+    "classifier_batch_padding_efficiency",
+    "Real tokens divided by padded tokens, per batch.",
+    buckets=RATIO_BUCKETS,
+)
+REAL_TOKENS = Counter("classifier_real_tokens_total", "Tokens of real text sent to the model.")
+PADDED_TOKENS = Counter(
+    "classifier_padded_tokens_total", "Tokens the model computed, padding included (batch size x padded length)."
+)
+CLASSIFIED_TEXTS = Counter("classifier_classified_texts_total", "Texts classified and answered.")
+BATCH_FLUSHES = Counter(
+    "classifier_batch_flushes_total",
+    "Batches started, by why they were flushed (budget, size, window).",
+    ["reason"],
+)
+QUEUE_TEXTS = Gauge("classifier_queue_texts", "Texts waiting in the queue.")
+QUEUE_TOKENS = Gauge("classifier_queue_tokens", "Tokens of the texts waiting in the queue.")
+QUEUE_DRAIN = Gauge(
+    "classifier_queue_drain_seconds",
+    "Estimated time to clear the current queue at the recently measured token throughput.",
+)
+INPUT_TOKENS = Histogram(
+    "classifier_input_tokens", "Tokens per text after truncation, special tokens included.", buckets=TOKEN_BUCKETS
+)
+TRUNCATED_TEXTS = Counter("classifier_truncated_texts_total", "Texts cut to the model's maximum length.")
+REJECTED_TEXTS = Counter(
+    "classifier_rejected_texts_total", "Texts refused at admission, by reason (queue_full).", ["reason"]
+)
+MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")

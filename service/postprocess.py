@@ -1,0 +1,43 @@
+"""From logits to answers: the activation each problem type calls for, computed in fp32, and top-k ranking."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
+
+
+@dataclass(frozen=True, slots=True)
+class LabelScore:
+    """One label and its score (probability, or the raw value for regression)."""
+
+    label: str
+    score: float
+
+
+def problem_type_of(configured: str | None, num_labels: int) -> ProblemType:
+    """The checkpoint's problem type; unset means regression for one output and single-label otherwise (as in transformers)."""
+    if configured in ("single_label_classification", "multi_label_classification", "regression"):
+        return configured
+    if configured is not None:
+        raise ValueError(f"unsupported problem_type {configured!r} in the model config")
+    return "regression" if num_labels == 1 else "single_label_classification"
+
+
+def activate(logits: torch.Tensor, problem_type: ProblemType) -> list[list[float]]:
+    """Scores per text: softmax for single-label, sigmoid for multi-label, the raw value for regression."""
+    logits = logits.float()
+    if problem_type == "single_label_classification":
+        scores = logits.softmax(dim=-1)
+    elif problem_type == "multi_label_classification":
+        scores = logits.sigmoid()
+    else:
+        scores = logits
+    return scores.tolist()
+
+
+def rank(scores: list[float], labels: tuple[str, ...], top_k: int | None) -> list[LabelScore]:
+    """Labels ordered by score, best first, cut to top_k (all of them when top_k is None)."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+    return [LabelScore(labels[i], scores[i]) for i in order[:top_k]]

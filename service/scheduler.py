@@ -1,0 +1,229 @@
+"""Batching decisions: which queued texts run together, and when.
+
+Pure logic: no torch, no I/O, no sleeping. Time comes in as the `now` argument, so tests drive every decision
+with a fake clock. Texts wait in length buckets; a batch is seeded from one bucket, may take texts from
+neighbouring buckets while its padding efficiency stays high, is padded only to its own longest text, and is
+flushed when it meets its token budget or size limit, or when its oldest text has waited the time window.
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FlushReason = Literal["budget", "size", "window"]
+
+
+@dataclass(slots=True)
+class QueuedText:
+    """One text waiting for inference: its token count, when it arrived, and an opaque handle for the caller."""
+
+    tokens: int
+    arrived_at: float
+    handle: Any = None
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """The limits that shape batches: bucket bounds, token budget, size cap, time window, padding granularity."""
+
+    bucket_bounds: tuple[int, ...]
+    max_batch_tokens: int
+    max_batch_size: int
+    window: float
+    pad_multiple: int = 1
+    merge_min_efficiency: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not self.bucket_bounds or list(self.bucket_bounds) != sorted(set(self.bucket_bounds)):
+            raise ValueError("bucket_bounds must be non-empty and strictly ascending")
+        if self.max_batch_tokens < self.padded_length(self.bucket_bounds[-1]):
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must hold at least one text of the longest "
+                f"bucket ({self.padded_length(self.bucket_bounds[-1])} tokens)"
+            )
+
+    def padded_length(self, longest: int) -> int:
+        """The length a batch whose longest text has `longest` tokens is padded to."""
+        return math.ceil(longest / self.pad_multiple) * self.pad_multiple
+
+
+@dataclass
+class Batch:
+    """Texts to run together, the length they are padded to, and why they were flushed."""
+
+    items: list[QueuedText]
+    padded_length: int
+    reason: FlushReason
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(item.tokens for item in self.items)
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.items) * self.padded_length
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens
+
+
+def default_bucket_bounds(max_length: int, pad_multiple: int = 1) -> tuple[int, ...]:
+    """Bounds about 10% apart (at least 4 tokens, a multiple of the padding granularity), up to max_length.
+
+    Narrow buckets keep padding under ~10% within a bucket; merging neighbours keeps batches large.
+    """
+    step = max(4, pad_multiple)
+    bounds: list[int] = []
+    bound = min(16, max_length)
+    while bound < max_length:
+        bounds.append(bound)
+        bound = math.ceil(max(bound + step, bound * 1.1) / step) * step
+    bounds.append(max_length)
+    return tuple(bounds)
+
+
+@dataclass
+class _Draft:
+    """A batch being assembled: its texts and its longest text."""
+
+    policy: BatchingPolicy
+    items: list[QueuedText] = field(default_factory=list)
+    longest: int = 0
+    real_tokens: int = 0
+
+    def room_for(self, item: QueuedText) -> FlushReason | None:
+        """None when `item` fits; otherwise the limit it would break."""
+        if len(self.items) >= self.policy.max_batch_size:
+            return "size"
+        padded = self.policy.padded_length(max(self.longest, item.tokens))
+        if (len(self.items) + 1) * padded > self.policy.max_batch_tokens:
+            return "budget"
+        return None
+
+    def efficiency_with(self, item: QueuedText) -> float:
+        padded = self.policy.padded_length(max(self.longest, item.tokens))
+        return (self.real_tokens + item.tokens) / ((len(self.items) + 1) * padded)
+
+    def add(self, item: QueuedText) -> None:
+        self.items.append(item)
+        self.longest = max(self.longest, item.tokens)
+        self.real_tokens += item.tokens
+
+
+class BatchQueue:
+    """Length-bucketed queue. It alone owns the waiting texts: callers `append` and ask for the `next_batch`."""
+
+    def __init__(self, policy: BatchingPolicy) -> None:
+        self.policy = policy
+        self._buckets: list[deque[QueuedText]] = [deque() for _ in policy.bucket_bounds]
+        self._texts = 0
+        self._tokens = 0
+
+    def __len__(self) -> int:
+        return self._texts
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of all waiting texts."""
+        return self._tokens
+
+    def bucket_of(self, tokens: int) -> int:
+        """Index of the narrowest bucket whose bound holds `tokens` (longer texts go to the last bucket)."""
+        for index, bound in enumerate(self.policy.bucket_bounds):
+            if tokens <= bound:
+                return index
+        return len(self.policy.bucket_bounds) - 1
+
+    def append(self, item: QueuedText) -> None:
+        self._buckets[self.bucket_of(item.tokens)].append(item)
+        self._texts += 1
+        self._tokens += item.tokens
+
+    def next_deadline(self) -> float | None:
+        """When the oldest waiting text's window runs out (None when the queue is empty)."""
+        oldest = [bucket[0].arrived_at for bucket in self._buckets if bucket]
+        return min(oldest) + self.policy.window if oldest else None
+
+    def next_batch(self, now: float) -> Batch | None:
+        """The batch to run now, removed from the queue; None when every batch should keep filling.
+
+        Buckets whose oldest text has waited out the window go first, oldest first, so no text starves behind
+        a stream of full batches; otherwise the fullest-waiting full bucket goes.
+        """
+        expired, full = [], []
+        for index, bucket in enumerate(self._buckets):
+            if not bucket:
+                continue
+            if now >= bucket[0].arrived_at + self.policy.window:  # the same sum as next_deadline
+                expired.append(index)
+            elif self._fills_a_batch(bucket):
+                full.append(index)
+        if expired:
+            seed = min(expired, key=lambda i: self._buckets[i][0].arrived_at)
+            return self._take(seed, default_reason="window")
+        if full:
+            seed = min(full, key=lambda i: self._buckets[i][0].arrived_at)
+            return self._take(seed, default_reason="window")
+        return None
+
+    def _fills_a_batch(self, bucket: deque[QueuedText]) -> bool:
+        draft = _Draft(self.policy)
+        for item in bucket:
+            if draft.room_for(item) is not None:
+                return True
+            draft.add(item)
+        return False
+
+    def _take(self, seed: int, default_reason: FlushReason) -> Batch:
+        """Assemble a batch from bucket `seed` (oldest first), then from its neighbours, and dequeue it."""
+        draft = _Draft(self.policy)
+        reason = self._fill_from_seed(draft, self._buckets[seed])
+        if reason is None:
+            reason = self._fill_from_neighbours(draft, seed)
+        self._texts -= len(draft.items)
+        self._tokens -= draft.real_tokens
+        return Batch(draft.items, self.policy.padded_length(draft.longest), reason or default_reason)
+
+    def _fill_from_seed(self, draft: _Draft, bucket: deque[QueuedText]) -> FlushReason | None:
+        while bucket:
+            limit = draft.room_for(bucket[0])
+            if limit is not None:
+                return limit
+            draft.add(bucket.popleft())
+        return None
+
+    def _fill_from_neighbours(self, draft: _Draft, seed: int) -> FlushReason | None:
+        """Take texts from adjacent buckets, nearest first, while padding efficiency stays above the floor.
+
+        Returns the limit that stopped the batch, or None when the neighbours simply ran out.
+        """
+        below, above = seed - 1, seed + 1
+        while below >= 0 or above < len(self._buckets):
+            for index in (below, above):
+                if not 0 <= index < len(self._buckets):
+                    continue
+                limit, merged_all = self._merge_bucket(draft, self._buckets[index])
+                if limit is not None:
+                    return limit
+                if not merged_all:  # texts further out would pad even worse
+                    if index == below:
+                        below = -1
+                    else:
+                        above = len(self._buckets)
+            below = below - 1 if below >= 0 else below
+            above = above + 1 if above < len(self._buckets) else above
+        return None
+
+    def _merge_bucket(self, draft: _Draft, bucket: deque[QueuedText]) -> tuple[FlushReason | None, bool]:
+        """Move texts from `bucket` into the draft, oldest first, until a limit or the efficiency floor stops it."""
+        while bucket:
+            item = bucket[0]
+            limit = draft.room_for(item)
+            if limit is not None:
+                return limit, False
+            if draft.efficiency_with(item) < self.policy.merge_min_efficiency:
+                return None, False
+            draft.add(bucket.popleft())
+        return None, True

@@ -1,0 +1,68 @@
+"""The HTTP API's request and response bodies."""
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+ONE_OR_MORE_STRINGS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+
+
+class ClassifyRequest(BaseModel):
+    """Texts to classify, and how to answer."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"texts": ["I loved this film", "What a waste of two hours"], "top_k": 1}]},
+    )
+
+    texts: Annotated[list[str], WithJsonSchema(ONE_OR_MORE_STRINGS)] = Field(
+        description="One text, or a list of texts answered in order."
+    )
+    top_k: int | None = Field(None, ge=1, description="How many labels to list per text; null lists them all.")
+    truncate: bool = Field(True, description="Cut texts longer than the model's maximum; false answers 413 instead.")
+
+    @field_validator("texts", mode="before")
+    @classmethod
+    def _one_or_more_strings(cls, texts: object) -> list[str]:
+        """Checked by hand, so each message names the offending text instead of pydantic's union branches."""
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list):
+            raise ValueError(f"must be a string or a list of strings, not {type(texts).__name__}")
+        if not texts:
+            raise ValueError("send at least one text")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"texts[{index}] must be a string, not {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"texts[{index}] is empty or blank; every text needs some content")
+        return texts
+
+
+class LabelScoreOut(BaseModel):
+    """A label and its score."""
+
+    label: str
+    score: float
+
+
+class TextResult(BaseModel):
+    """The answer for one text: its best label, the ranked labels, and how it was read."""
+
+    label: str = Field(description="The best-scoring label.")
+    score: float = Field(description="Its probability (softmax or sigmoid), or the raw value for regression.")
+    labels: list[LabelScoreOut] = Field(description="Labels by score, best first, cut to top_k.")
+    tokens: int = Field(description="Tokens the model read, special tokens included.")
+    truncated: bool = Field(description="Whether the text was cut to the model's maximum length.")
+
+
+class ClassifyResponse(BaseModel):
+    """Results in the order the texts were sent."""
+
+    model: str
+    results: list[TextResult]
+
+
+class ErrorResponse(BaseModel):
+    """What went wrong, in words a person can act on."""
+
+    error: str

@@ -1,0 +1,53 @@
+"""The service's one settings object: every knob, typed, from flags or the environment, checked at start-up."""
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+class Settings(BaseSettings):
+    """Service settings; environment variables are the field names upper-cased with a CLASSIFIER_ prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="CLASSIFIER_", extra="ignore")
+
+    model: str | None = Field(
+        None,
+        validation_alias=AliasChoices("model", "CLASSIFIER_MODEL", "MODEL"),
+        description="Local Hugging Face checkpoint directory or hub id; unset = the embedded default model.",
+    )
+    cache_dir: str | None = Field(None, description="Where the default model is built and kept.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Precision = Field("auto", description="auto = fp16 autocast on CUDA, fp32 elsewhere.")
+    max_length: int | None = Field(None, ge=2, description="Longest input in tokens; unset = the model's own limit.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = all cores.")
+
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="Token budget per batch (texts x padded length); unset = a per-device default."
+    )
+    max_batch_size: int = Field(128, ge=1, description="Most texts in one batch; 1 turns batching off.")
+    batch_window_ms: float = Field(4.0, ge=0, description="Longest a text waits for its batch to fill.")
+    bucket_bounds: list[int] | None = Field(
+        None, description="Ascending upper token bounds of the length buckets; unset = derived from max length."
+    )
+    merge_min_efficiency: float = Field(
+        0.9, gt=0, le=1, description="A batch takes texts from neighbouring buckets while its padding efficiency stays this high."
+    )
+    max_queue_tokens: int = Field(
+        1_000_000, ge=1, description="Admission stops (503 with Retry-After) when the queued tokens would exceed this."
+    )
+
+    max_texts_per_request: int = Field(256, ge=1)
+    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _check_bucket_bounds(self) -> "Settings":
+        bounds = self.bucket_bounds
+        if bounds is not None and (not bounds or any(b <= 0 for b in bounds) or sorted(set(bounds)) != bounds):
+            raise ValueError("bucket_bounds must be a non-empty, strictly ascending list of positive token counts")
+        return self

@@ -1,0 +1,157 @@
+"""Shared fixtures: tiny random classifiers built offline from a config, and real service processes."""
+
+import contextlib
+import os
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MAX_LENGTH = 64
+WORDS = (
+    "the a an this that film movie was is great good bad awful loved hated waste of two hours i it and not very "
+    "plot story actors acting boring brilliant funny slow long short ending music"
+).split()
+
+
+def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> PreTrainedTokenizerFast:
+    """A WordPiece tokenizer over letters, digits, punctuation and a few words: every English text encodes."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = list(string.ascii_lowercase)
+    vocab = specials + letters + [f"##{c}" for c in letters] + list(string.digits) + list(string.punctuation) + WORDS
+    vocab = list(dict.fromkeys(vocab))  # one id per token: "a" and "i" are letters and words
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_model(
+    directory: Path, labels: tuple[str, ...] = ("NEGATIVE", "POSITIVE"), problem_type: str | None = None, seed: int = 0
+) -> Path:
+    """Save a 2-layer random BERT classifier and its tokenizer to `directory`; same seed, same weights."""
+    tokenizer = build_tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=TINY_MAX_LENGTH,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        problem_type=problem_type,
+        initializer_range=0.5,  # large random weights, so scores differ clearly from text to text
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-single-label"))
+
+
+@pytest.fixture(scope="session")
+def multi_label_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-multi-label"), ("ACTION", "COMEDY", "DRAMA"), "multi_label_classification"
+    )
+
+
+@pytest.fixture(scope="session")
+def regression_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-regression"), ("RATING",), "regression")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_service(model_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 90) -> Iterator[str]:
+    """Run `python -m service` on a free loopback port until the block ends; yields its base URL once ready."""
+    with run_service(model_dir, extra_env, timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def run_service(
+    model_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 90
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Like start_service, but also yields the process, for tests that signal it."""
+    port = free_port()
+    env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", **(extra_env or {})}
+    env.pop("MODEL", None)
+    # A file, not a pipe: nobody reads the log while the service runs, and a full pipe would block it.
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--model", str(model_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, log, timeout)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _read(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"service exited with {process.returncode}:\n{_read(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"service not ready within {timeout} s:\n{_read(log)}")
+
+
+@pytest.fixture(scope="session")
+def service_url(tiny_model_dir) -> Iterator[str]:
+    with start_service(tiny_model_dir) as url:
+        yield url

@@ -1,0 +1,262 @@
+"""The HTTP API of a real service process, end to end."""
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from service.api import create_app
+from service.settings import Settings
+from tests.conftest import TINY_MAX_LENGTH, run_service, start_service
+
+REVIEWS = [
+    "I loved this film",
+    "What a waste of two hours",
+    "brilliant",
+    "The plot was slow, the acting awful, and the ending made no sense at all. Not very funny either.",
+    "good music",
+    "A long story " + "that goes on and on " * 40,  # longer than the tiny model's 64 tokens: truncated
+    "It is a great movie, and the actors are very good in it!",
+    "boring",
+]
+
+
+def reference_scores(model_dir, texts: list[str], activation) -> list[list[float]]:
+    """Each text run through the model alone, unpadded, in fp32: what batching must not change."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    scores = []
+    with torch.inference_mode():
+        for text in texts:
+            inputs = tokenizer(text, truncation=True, max_length=TINY_MAX_LENGTH, return_tensors="pt")
+            scores.append(activation(model(**inputs).logits.float())[0].tolist())
+    return scores
+
+
+def classify(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/classify", json=body, timeout=30)
+
+
+def test_classify_answers_every_text_in_order_with_labels_scores_and_token_counts(service_url, tiny_model_dir):
+    response = classify(service_url, texts=REVIEWS)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == str(tiny_model_dir)
+    expected = reference_scores(tiny_model_dir, REVIEWS, lambda logits: logits.softmax(-1))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text, result, scores in zip(REVIEWS, body["results"], expected):
+        by_label = {item["label"]: item["score"] for item in result["labels"]}
+        assert by_label == pytest.approx({"NEGATIVE": scores[0], "POSITIVE": scores[1]}, abs=1e-4)
+        assert [item["score"] for item in result["labels"]] == sorted(by_label.values(), reverse=True)
+        assert (result["label"], result["score"]) == (result["labels"][0]["label"], result["labels"][0]["score"])
+        assert sum(by_label.values()) == pytest.approx(1.0, abs=1e-5)
+        full_length = len(tokenizer(text)["input_ids"])
+        assert result["tokens"] == min(full_length, TINY_MAX_LENGTH)
+        assert result["truncated"] == (full_length > TINY_MAX_LENGTH)
+    assert [r["truncated"] for r in body["results"]].count(True) == 1
+
+
+def test_a_single_string_and_top_k(service_url):
+    response = classify(service_url, texts="I loved this film", top_k=1)
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert len(result["labels"]) == 1 and result["labels"][0]["label"] == result["label"]
+
+
+def test_batching_does_not_change_answers(tiny_model_dir):
+    """Mixed lengths sent concurrently, alone and in groups, get the scores each text gets alone (fp32, 1e-4)."""
+    texts = [f"{REVIEWS[i % len(REVIEWS)]} {'very ' * (i * 3 % 25)}{i}" for i in range(48)]
+    expected = reference_scores(tiny_model_dir, texts, lambda logits: logits.softmax(-1))
+    # A wide window makes concurrent texts share batches, so the comparison is a real one.
+    with start_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "50"}) as url:
+
+        async def send_all() -> list[dict]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                singles = [client.post("/classify", json={"texts": text}) for text in texts[:32]]
+                groups = [client.post("/classify", json={"texts": texts[i : i + 4]}) for i in range(32, 48, 4)]
+                responses = await asyncio.gather(*singles, *groups)
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+            return [result for r in responses for result in r.json()["results"]]
+
+        results = asyncio.run(send_all())
+        batch_size_sum, batches = _metric(url, "classifier_batch_size_sum"), _metric(url, "classifier_batch_size_count")
+    assert batch_size_sum / batches > 2, "texts were not batched together, so the test would prove nothing"
+    for result, scores in zip(results, expected):
+        by_label = {item["label"]: item["score"] for item in result["labels"]}
+        assert by_label == pytest.approx({"NEGATIVE": scores[0], "POSITIVE": scores[1]}, abs=1e-4)
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    """The value of one sample in the service's /metrics."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not exported")
+
+
+def test_multi_label_scores_are_independent_sigmoids(multi_label_model_dir):
+    texts = REVIEWS[:3]
+    expected = reference_scores(multi_label_model_dir, texts, torch.sigmoid)
+    with start_service(multi_label_model_dir) as url:
+        results = classify(url, texts=texts).json()["results"]
+    for result, scores in zip(results, expected):
+        by_label = {item["label"]: item["score"] for item in result["labels"]}
+        assert by_label == pytest.approx(dict(zip(("ACTION", "COMEDY", "DRAMA"), scores)), abs=1e-4)
+
+
+def test_regression_returns_the_raw_value(regression_model_dir):
+    texts = REVIEWS[:3]
+    expected = reference_scores(regression_model_dir, texts, lambda logits: logits)
+    with start_service(regression_model_dir) as url:
+        results = classify(url, texts=texts).json()["results"]
+    for result, [value] in zip(results, expected):
+        assert result["label"] == "RATING"
+        assert result["score"] == pytest.approx(value, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"texts": []}, "at least one text"),
+        ({"texts": ""}, "texts[0] is empty"),
+        ({"texts": ["fine", "   "]}, "texts[1] is empty"),
+        ({"texts": ["fine", 3]}, "texts[1] must be a string"),
+        ({"texts": {"a": 1}}, "string or a list of strings"),
+        ({"texts": None}, "string or a list of strings"),
+        ({}, "texts: Field required"),
+        ({"text": ["typo in the field name"]}, "text: Extra inputs are not permitted"),
+        ({"texts": ["ok"], "top_k": 0}, "top_k"),
+        ({"texts": ["ok"], "truncate": "maybe"}, "truncate"),
+        ({"texts": ["ok"] * 300}, "too many texts: 300 sent, at most 256"),
+    ],
+)
+def test_bad_input_gets_a_422_saying_what_to_fix(service_url, body, fragment):
+    response = classify(service_url, **body)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]
+
+
+def test_malformed_json_is_a_422(service_url):
+    response = httpx.post(f"{service_url}/classify", content=b'{"texts": [', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "JSON" in response.json()["error"]
+
+
+def test_too_long_text_without_truncation_is_a_413(service_url):
+    response = classify(service_url, texts=["fine", "film " * 200], truncate=False)
+    assert response.status_code == 413
+    assert "texts[1] has 202 tokens but the model takes at most 64" in response.json()["error"]
+
+
+def test_oversized_bodies_are_413_whether_declared_or_streamed(service_url):
+    big = json.dumps({"texts": ["x" * 1000] * 3000}).encode()  # ~3 MB, over the 2 MiB default
+    declared = httpx.post(f"{service_url}/classify", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "larger than" in declared.json()["error"]
+
+    def chunks():
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    streamed = httpx.post(f"{service_url}/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_health_ready_info_docs_and_metrics(service_url, tiny_model_dir):
+    assert httpx.get(f"{service_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{service_url}/ready").status_code == 200
+    info = httpx.get(f"{service_url}/info").json()
+    assert info["labels"] == ["NEGATIVE", "POSITIVE"]
+    assert (info["device"], info["precision"], info["max_length"]) == ("cpu", "fp32", TINY_MAX_LENGTH)
+    assert info["batching"]["bucket_bounds"][-1] == TINY_MAX_LENGTH
+    assert info["settings"]["model"] == str(tiny_model_dir)
+    assert httpx.get(f"{service_url}/docs").status_code == 200
+    assert "/classify" in httpx.get(f"{service_url}/openapi.json").json()["paths"]
+    classify(service_url, texts=REVIEWS)
+    text = httpx.get(f"{service_url}/metrics").text
+    for name in (
+        'classifier_requests_total{route="/classify",status="200"}',
+        "classifier_request_duration_seconds_bucket",
+        "classifier_queue_wait_seconds_bucket",
+        "classifier_batch_inference_seconds_bucket",
+        "classifier_batch_size_bucket",
+        "classifier_batch_padding_efficiency_bucket",
+        "classifier_real_tokens_total",
+        "classifier_padded_tokens_total",
+        "classifier_queue_texts",
+        "classifier_queue_tokens",
+        "classifier_queue_drain_seconds",
+        "classifier_input_tokens_bucket",
+        "classifier_truncated_texts_total",
+        'classifier_batch_flushes_total{reason="window"}',
+        'classifier_model_info{device="cpu"',
+    ):
+        assert name in text, name
+    real, padded = _metric(service_url, "classifier_real_tokens_total"), _metric(service_url, "classifier_padded_tokens_total")
+    assert 0 < real <= padded
+
+
+def test_ready_is_503_until_the_model_is_loaded(tiny_model_dir):
+    app = create_app(Settings(model=str(tiny_model_dir)))
+    client = TestClient(app)  # not entered: the lifespan that loads the model has not run
+    assert client.get("/health").status_code == 200
+    loading = client.get("/ready")
+    assert loading.status_code == 503 and "loading" in loading.json()["error"]
+    assert client.post("/classify", json={"texts": ["hi"]}).status_code == 503
+
+
+def test_a_model_that_fails_to_load_reports_why(tmp_path):
+    with TestClient(create_app(Settings(model=str(tmp_path / "missing")))) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = client.get("/health")
+        assert health.status_code == 503 and "failed to load" in health.json()["error"]
+        assert client.get("/ready").status_code == 503
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir):
+    env = {
+        "CLASSIFIER_BATCH_WINDOW_MS": "3000",  # texts sit in the queue long enough to fill it
+        "CLASSIFIER_MAX_TEXTS_PER_REQUEST": "4",
+        "CLASSIFIER_MAX_QUEUE_TOKENS": str(4 * TINY_MAX_LENGTH),
+    }
+    long_text = "word " * 100
+    with start_service(tiny_model_dir, env) as url:
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                first = asyncio.create_task(client.post("/classify", json={"texts": [long_text] * 4}))
+                await asyncio.sleep(0.5)
+                second = await client.post("/classify", json={"texts": ["short"]})
+                return await first, second
+
+        first, second = asyncio.run(scenario())
+        rejected = _metric(url, "classifier_rejected_texts_total", '{reason="queue_full"}')
+    assert second.status_code == 503 and int(second.headers["retry-after"]) >= 1
+    assert "queue is full" in second.json()["error"]
+    assert first.status_code == 200  # what was accepted is answered
+    assert rejected == 1
+
+
+def test_shutdown_answers_every_accepted_text(tiny_model_dir):
+    """SIGTERM while texts wait in the queue: they are still classified before the process exits."""
+    with run_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "1500"}) as (url, process):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                pending = asyncio.create_task(client.post("/classify", json={"texts": REVIEWS}))
+                await asyncio.sleep(0.5)
+                process.send_signal(signal.SIGTERM)
+                return await pending
+
+        response = asyncio.run(scenario())
+        # uvicorn re-raises SIGTERM once it has shut down cleanly, so the exit reads as the signal
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert response.status_code == 200
+    assert len(response.json()["results"]) == len(REVIEWS)

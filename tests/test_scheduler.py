@@ -1,0 +1,158 @@
+"""The batching decisions, driven with a fake clock: no threads, no sleeping, no torch."""
+
+import itertools
+
+import pytest
+
+from service.scheduler import BatchingPolicy, BatchQueue, QueuedText, default_bucket_bounds
+
+WINDOW = 0.005
+
+
+def policy(**overrides) -> BatchingPolicy:
+    settings = dict(
+        bucket_bounds=(16, 32, 64, 128),
+        max_batch_tokens=512,
+        max_batch_size=8,
+        window=WINDOW,
+        merge_min_efficiency=0.9,
+    )
+    settings.update(overrides)
+    return BatchingPolicy(**settings)
+
+
+def text(tokens: int, at: float = 0.0, name=None) -> QueuedText:
+    return QueuedText(tokens, at, name)
+
+
+def drain(queue: BatchQueue, now: float) -> list:
+    batches = []
+    while (batch := queue.next_batch(now)) is not None:
+        batches.append(batch)
+    return batches
+
+
+def test_a_lone_text_waits_for_the_window_then_leaves_alone():
+    queue = BatchQueue(policy())
+    queue.append(text(10, at=1.0))
+    assert queue.next_batch(1.0 + WINDOW / 2) is None
+    assert queue.next_deadline() == pytest.approx(1.0 + WINDOW)
+    batch = queue.next_batch(1.0 + WINDOW)
+    assert [item.tokens for item in batch.items] == [10]
+    assert batch.reason == "window"
+    assert batch.padded_length == 10
+    assert len(queue) == 0 and queue.tokens == 0 and queue.next_deadline() is None
+
+
+def test_texts_of_different_buckets_do_not_share_a_batch_when_padding_would_suffer():
+    queue = BatchQueue(policy())
+    queue.append(text(10, name="short"))
+    queue.append(text(100, name="long"))
+    batches = drain(queue, now=WINDOW)
+    assert sorted([item.handle for item in b.items] for b in batches) == [["long"], ["short"]]
+    assert all(b.padding_efficiency == 1.0 for b in batches)
+
+
+def test_neighbouring_buckets_merge_while_efficiency_stays_above_the_floor():
+    queue = BatchQueue(policy())
+    for tokens in (30, 31, 32):  # bucket (16, 32]
+        queue.append(text(tokens))
+    queue.append(text(33))  # bucket (32, 64], only one token longer
+    queue.append(text(60))  # same bucket, but would pad the 30s far too much
+    batches = drain(queue, now=WINDOW)
+    assert sorted(item.tokens for item in batches[0].items) == [30, 31, 32, 33]
+    assert batches[0].padded_length == 33
+    assert [item.tokens for item in batches[1].items] == [60]
+
+
+def test_a_full_bucket_flushes_on_its_token_budget_before_the_window():
+    queue = BatchQueue(policy(max_batch_tokens=256))
+    for _ in range(4):
+        queue.append(text(64))
+    assert queue.next_batch(0.0) is None  # 4 x 64 = 256 fits exactly: could still take no more, but is not over
+    queue.append(text(64))
+    batch = queue.next_batch(0.0)
+    assert batch.reason == "budget"
+    assert len(batch.items) == 4 and batch.padded_tokens <= 256
+    assert len(queue) == 1
+
+
+def test_a_full_bucket_flushes_on_its_size_limit_before_the_window():
+    queue = BatchQueue(policy(max_batch_size=3))
+    for i in range(4):
+        queue.append(text(8, name=i))
+    batch = queue.next_batch(0.0)
+    assert batch.reason == "size"
+    assert [item.handle for item in batch.items] == [0, 1, 2]  # oldest first
+
+
+def test_dynamic_padding_pads_to_the_longest_text_rounded_to_the_multiple():
+    queue = BatchQueue(policy(pad_multiple=8, merge_min_efficiency=0.5))
+    for tokens in (17, 20, 21):
+        queue.append(text(tokens))
+    batch = queue.next_batch(WINDOW)
+    assert batch.padded_length == 24
+    assert batch.real_tokens == 58 and batch.padded_tokens == 72
+
+
+def test_an_expired_text_goes_before_full_batches_of_younger_texts():
+    queue = BatchQueue(policy(max_batch_size=2))
+    queue.append(text(100, at=0.0, name="old"))
+    for i in range(2):
+        queue.append(text(8, at=0.004, name=f"young{i}"))
+    batch = queue.next_batch(0.006)
+    assert [item.handle for item in batch.items] == ["old"]
+
+
+def test_no_text_waits_longer_than_the_window_plus_one_batch_under_steady_load():
+    """Short texts stream in fast enough to fill a batch every step; long ones trickle in. A batch takes one
+    step. Every text, long ones included, leaves within the window plus the one batch running when it expires."""
+    queue = BatchQueue(policy(max_batch_size=4, max_batch_tokens=512))
+    step = 0.001
+    waits, sent = [], 0
+    busy_until = 0.0
+    for tick in range(3000):
+        now = tick * step
+        arrivals = [8, 9] + ([120] if tick % 7 == 0 else []) + ([40] if tick % 11 == 0 else [])
+        for tokens in arrivals:
+            queue.append(text(tokens, at=now))
+        sent += len(arrivals)
+        if now >= busy_until and (batch := queue.next_batch(now)) is not None:
+            waits += [now - item.arrived_at for item in batch.items]
+            busy_until = now + step
+    assert len(queue) < 50  # the load is sustainable, so the guarantee applies
+    assert len(waits) + len(queue) == sent
+    assert max(waits) <= WINDOW + step + 1e-9
+
+
+def test_nothing_is_lost_or_duplicated_and_limits_hold():
+    queue = BatchQueue(policy())
+    lengths = [3, 128, 15, 16, 17, 40, 64, 65, 90, 127, 2, 31, 32, 33] * 7
+    for i, tokens in enumerate(lengths):
+        queue.append(text(tokens, at=i * 0.0001, name=i))
+    batches = drain(queue, now=1.0)
+    seen = [item.handle for batch in batches for item in batch.items]
+    assert sorted(seen) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch.items) <= 8
+        assert batch.padded_tokens <= 512
+        assert batch.padded_length == max(item.tokens for item in batch.items)
+    assert len(queue) == 0 and queue.tokens == 0
+
+
+def test_texts_longer_than_the_last_bound_go_to_the_last_bucket():
+    queue = BatchQueue(policy())
+    assert queue.bucket_of(500) == 3
+    assert queue.bucket_of(16) == 0 and queue.bucket_of(17) == 1
+
+
+def test_default_bounds_are_ascending_narrow_and_end_at_the_max_length():
+    bounds = default_bucket_bounds(512)
+    assert bounds[-1] == 512 and list(bounds) == sorted(set(bounds))
+    assert all(b / a <= 1.26 for a, b in zip(bounds[3:], bounds[4:]))
+    assert all(b % 8 == 0 for b in default_bucket_bounds(512, pad_multiple=8))
+
+
+def test_policy_rejects_a_budget_too_small_for_the_longest_text():
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        policy(max_batch_tokens=100)
