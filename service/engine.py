@@ -49,8 +49,9 @@ class Engine:
         self.runner: ModelRunner | None = None
         self.batcher: Batcher | None = None
         self._batcher_task: asyncio.Task | None = None
-        # Tokenization runs off the event loop; the Rust tokenizer needs few threads to keep up.
-        self._tokenize_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        # Tokenization runs off the event loop, in one thread: a fast tokenizer's truncation setting is shared
+        # state, so two threads encoding at once can each get the other's truncation.
+        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def start(self) -> None:
         """Load the model (building the default one first if needed), warm it up and start batching."""

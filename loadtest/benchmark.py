@@ -1,0 +1,331 @@
+"""Throughput and latency benchmark: the service against the model alone and against a plain server.
+
+    python loadtest/benchmark.py [--model DIR] [--duration 40] [--concurrency 64] [--rates 5,20]
+
+Runs, one after another on the same texts (a long-tailed mix of real texts from `loadtest/corpus.py`):
+  1. the model alone, offline: texts pre-sorted by length into batches under the token budget (no HTTP),
+     and single texts one at a time (the single-text latency);
+  2. the service (micro-batching) at saturation (closed loop, N concurrent clients, one text per request) and at
+     fixed Poisson rates;
+  3. the same service with batching off (max batch size 1), same loads;
+  4. a plain FastAPI server doing one forward per request in a thread pool, at saturation.
+Prints texts/s, p50/p99 latency and, from the service's own /metrics, padding efficiency, batch sizes and
+queue wait; writes everything to loadtest/results/benchmark.json. Every process gets the same torch threads.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.corpus import load_texts  # noqa: E402
+from service.default_model import ensure_default_model  # noqa: E402
+from service.runner import load_classifier  # noqa: E402
+
+
+# --- a small HTTP/1.1 client: the load generator shares 2 cores with the server, so it must be cheap ---
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that posts JSON and reads a Content-Length response."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def request_body(text: str) -> bytes:
+    return json.dumps({"texts": text}).encode()
+
+
+async def closed_loop(url: str, texts: list[str], concurrency: int, duration: float) -> dict:
+    """`concurrency` clients, each sending its next text as soon as the last is answered, for `duration` s."""
+    host, port = url.removeprefix("http://").split(":")
+    latencies, failures = [], 0
+    stop_at = time.perf_counter() + duration
+    bodies = [request_body(t) for t in texts]
+
+    async def client(offset: int) -> None:
+        nonlocal failures
+        connection = Connection(host, int(port))
+        index = offset
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            status, _ = await connection.post("/classify", bodies[index % len(bodies)])
+            if status == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                failures += 1
+            index += concurrency
+        connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return summarize(latencies, failures, time.perf_counter() - started)
+
+
+async def open_loop(url: str, texts: list[str], rate: float, duration: float, seed: int = 0) -> dict:
+    """Poisson arrivals at `rate` requests/s for `duration` s, whatever the server's speed."""
+    host, port = url.removeprefix("http://").split(":")
+    rng = random.Random(seed)
+    idle: list[Connection] = []
+    latencies, failures = [], 0
+
+    async def send(body: bytes) -> None:
+        nonlocal failures
+        connection = idle.pop() if idle else Connection(host, int(port))
+        started = time.perf_counter()
+        status, _ = await connection.post("/classify", body)
+        if status == 200:
+            latencies.append(time.perf_counter() - started)
+        else:
+            failures += 1
+        idle.append(connection)
+
+    tasks, index = [], 0
+    started = time.perf_counter()
+    next_at = started
+    while next_at < started + duration:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(send(request_body(texts[index % len(texts)]))))
+        index += 1
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    for connection in idle:
+        connection.close()
+    return summarize(latencies, failures, time.perf_counter() - started)
+
+
+def summarize(latencies: list[float], failures: int, elapsed: float) -> dict:
+    ordered = sorted(latencies)
+    return {
+        "texts": len(ordered),
+        "failures": failures,
+        "texts_per_second": len(ordered) / elapsed,
+        "p50_ms": 1000 * ordered[len(ordered) // 2] if ordered else None,
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else None,
+    }
+
+
+# --- the server's side of the story, from its /metrics ---
+
+
+def scrape(url: str) -> dict[str, float]:
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if "le" not in sample.labels:
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def server_view(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Padding efficiency, batch sizes, queue wait and flush reasons over the interval between two scrapes."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    batches = delta("classifier_batch_size_count")
+    flushes = {r: delta(f"classifier_batch_flushes_total{{reason={r}}}") for r in ("budget", "size", "window")}
+    return {
+        "padding_efficiency": delta("classifier_real_tokens_total") / max(1.0, delta("classifier_padded_tokens_total")),
+        "mean_batch_size": delta("classifier_batch_size_sum") / max(1.0, batches),
+        "batches": batches,
+        "mean_queue_wait_ms": 1000 * delta("classifier_queue_wait_seconds_sum") / max(1.0, delta("classifier_queue_wait_seconds_count")),
+        "mean_batch_inference_ms": 1000 * delta("classifier_batch_inference_seconds_sum") / max(1.0, batches),
+        "flushes": flushes,
+    }
+
+
+# --- processes under test ---
+
+
+class Server:
+    """A server subprocess on a loopback port, ready when its /ready answers 200."""
+
+    def __init__(self, command: list[str], port: int, env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(ROOT / "loadtest" / "results" / f"server-{port}.log", "w")
+        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> "Server":
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.process.args} exited; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.url} not ready in time")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+def service(model: str, port: int, threads: int, **settings: str) -> Server:
+    env = {"CLASSIFIER_TORCH_THREADS": str(threads), "CLASSIFIER_LOG_LEVEL": "warning"}
+    env.update({f"CLASSIFIER_{name.upper()}": str(value) for name, value in settings.items()})
+    return Server([sys.executable, "-m", "service", "--model", model, "--port", str(port)], port, env)
+
+
+# --- the model alone ---
+
+
+def offline(model_dir: str, texts: list[str], max_batch_tokens: int, threads: int, seconds: float) -> dict:
+    """The model's own throughput on the texts pre-sorted by length into batches under the token budget, and its
+    median latency on single texts; both without HTTP, in fp32, on the same threads as the servers."""
+    torch.set_num_threads(threads)
+    loaded = load_classifier(model_dir, torch.device("cpu"))
+    encoded = loaded.tokenizer(texts, truncation=True)["input_ids"]
+    lengths = sorted(len(ids) for ids in encoded)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * len(encoded[i]) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    random.Random(0).shuffle(batches)  # the mix of lengths in any time slice matches the whole
+    done = real = padded = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            if time.perf_counter() - started > seconds:
+                break
+            padded_inputs = loaded.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            loaded.model(**padded_inputs)
+            done += len(batch)
+            real += sum(len(encoded[i]) for i in batch)
+            padded += padded_inputs["input_ids"].numel()
+        elapsed = time.perf_counter() - started
+        single = []
+        for ids in encoded[:200]:
+            one_started = time.perf_counter()
+            loaded.model(input_ids=torch.tensor([ids]))
+            single.append(time.perf_counter() - one_started)
+    return {
+        "texts_per_second": done / elapsed,
+        "padding_efficiency": real / padded,
+        "single_text_p50_ms": 1000 * statistics.median(single),
+        "token_p50": lengths[len(lengths) // 2],
+        "token_p99": lengths[int(len(lengths) * 0.99)],
+    }
+
+
+def load_phase(
+    server: Server, texts: list[str], concurrency: int, rates: list[float], duration: float, has_metrics: bool = True
+) -> dict:
+    asyncio.run(closed_loop(server.url, texts[:200], concurrency=8, duration=3))  # warm connections and caches
+    loads = {"saturation": lambda: closed_loop(server.url, texts, concurrency, duration)}
+    loads.update({f"rate_{rate:g}": lambda rate=rate: open_loop(server.url, texts, rate, duration) for rate in rates})
+    results = {}
+    for name, load in loads.items():
+        before = scrape(server.url) if has_metrics else {}
+        results[name] = asyncio.run(load())
+        if has_metrics:
+            results[name]["server"] = server_view(before, scrape(server.url))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    parser.add_argument("--duration", type=float, default=40, help="seconds per load phase")
+    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients at saturation")
+    parser.add_argument("--rates", default="5,20", help="fixed request rates (requests/s), comma-separated")
+    parser.add_argument("--texts", type=int, default=4000, help="texts drawn from the corpus mix")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every process")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    (ROOT / "loadtest" / "results").mkdir(exist_ok=True)
+    model = args.model or str(ensure_default_model())
+    texts = load_texts(args.texts)
+    rates = [float(r) for r in args.rates.split(",") if r]
+    report = {"machine": machine(), "args": vars(args)}
+
+    print("model alone (offline) ...", flush=True)
+    report["offline"] = offline(model, texts, args.max_batch_tokens, args.threads, seconds=args.duration)
+    print(json.dumps(report["offline"], indent=1), flush=True)
+    for name, settings in (("batched", {}), ("unbatched", {"max_batch_size": 1})):
+        print(f"service, {name} ...", flush=True)
+        with service(model, 8701, args.threads, max_batch_tokens=args.max_batch_tokens, **settings) as server:
+            report[name] = load_phase(server, texts, args.concurrency, rates, args.duration)
+        print(json.dumps(report[name], indent=1), flush=True)
+    print("plain one-forward-per-request server ...", flush=True)
+    plain = Server([sys.executable, "loadtest/plain_server.py", model, "8702"], 8702, {"OMP_NUM_THREADS": str(args.threads)})
+    with plain:
+        report["plain"] = load_phase(plain, texts, args.concurrency, rates[:1], args.duration, has_metrics=False)
+    print(json.dumps(report["plain"], indent=1), flush=True)
+
+    (ROOT / "loadtest" / "results" / "benchmark.json").write_text(json.dumps(report, indent=1))
+    print_summary(report, rates)
+
+
+def machine() -> dict:
+    model_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def print_summary(report: dict, rates: list[float]) -> None:
+    offline_tps = report["offline"]["texts_per_second"]
+    rows = [("model alone, length-sorted batches (no HTTP)", offline_tps, None, None, report["offline"]["padding_efficiency"])]
+    for name, label in (("batched", "service, micro-batching"), ("unbatched", "service, batching off"), ("plain", "plain server, 1 forward/request")):
+        for phase, result in report[name].items():
+            rows.append((f"{label}, {phase}", result["texts_per_second"], result["p50_ms"], result["p99_ms"], result.get("server", {}).get("padding_efficiency")))
+    print(f"\n{'run':58} {'texts/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'pad eff':>8}")
+    for name, tps, p50, p99, efficiency in rows:
+        cells = [format(v, ".3f" if v is efficiency else ".1f") if v is not None else "-" for v in (p50, p99, efficiency)]
+        print(f"{name:58} {tps:8.1f} " + " ".join(f"{cell:>8}" for cell in cells))
+    batched = report["batched"]["saturation"]
+    light = report["batched"].get(f"rate_{rates[0]:g}") if rates else None
+    print(f"\ntexts: token p50 {report['offline']['token_p50']}, p99 {report['offline']['token_p99']}; "
+          f"single-text model latency p50 {report['offline']['single_text_p50_ms']:.1f} ms")
+    print(f"saturation throughput / model alone:  {batched['texts_per_second'] / offline_tps:.2f}  (target >= 0.90)")
+    print(f"saturation throughput / plain server: {batched['texts_per_second'] / report['plain']['saturation']['texts_per_second']:.2f}  (target >= 1.40)")
+    print(f"saturation padding efficiency:        {batched['server']['padding_efficiency']:.3f}  (target >= 0.90)")
+    if light:
+        print(f"p50 at {rates[0]:g} req/s minus single-text latency: {light['p50_ms'] - report['offline']['single_text_p50_ms']:.1f} ms  (target <= 10)")
+
+
+if __name__ == "__main__":
+    main()
