@@ -15,7 +15,7 @@ class Settings(BaseSettings):
 
     model: str | None = Field(
         None,
-        validation_alias=AliasChoices("model", "CLASSIFIER_MODEL", "MODEL"),
+        validation_alias=AliasChoices("CLASSIFIER_MODEL", "MODEL", "model"),
         description="Local Hugging Face checkpoint directory or hub id; unset = the embedded default model.",
     )
     cache_dir: str | None = Field(None, description="Where the default model is built and kept.")

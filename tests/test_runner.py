@@ -1,0 +1,97 @@
+"""The model runner and its neighbours, in-process: precision per device, padding, activations, encoding."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from service.postprocess import activate, problem_type_of, rank
+from service.runner import ModelRunner, resolve_device, resolve_precision
+from service.tokenization import TextEncoder, TextTooLong, model_max_length
+from tests.conftest import TINY_MAX_LENGTH
+
+TEXTS = ["I loved this film", "What a waste of two hours, the plot was slow and the acting awful", "ok"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return (
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval(),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+
+
+def unpadded_logits(model, tokenizer, texts):
+    with torch.inference_mode():
+        return torch.cat([model(**tokenizer(text, return_tensors="pt")).logits for text in texts])
+
+
+def test_a_padded_batch_gives_each_text_its_unpadded_logits(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id)
+    sequences = tokenizer(TEXTS)["input_ids"]
+    logits = runner.run(sequences, padded_length=max(map(len, sequences)) + 5)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, unpadded_logits(model, tokenizer, TEXTS), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs_under_autocast_and_still_returns_fp32(model_and_tokenizer, precision):
+    """The GPU's code path (autocast, fp32 outputs), exercised on the CPU."""
+    model, tokenizer = model_and_tokenizer
+    runner = ModelRunner(model, torch.device("cpu"), precision, tokenizer.pad_token_id)
+    sequences = tokenizer(TEXTS)["input_ids"]
+    logits = runner.run(sequences, padded_length=max(map(len, sequences)))
+    assert logits.dtype == torch.float32
+    reference = unpadded_logits(model, tokenizer, TEXTS)
+    assert not torch.equal(logits, reference)  # autocast really ran in lower precision
+    torch.testing.assert_close(logits, reference, atol=0.15, rtol=0.05)
+    probabilities = torch.tensor(activate(logits, "single_label_classification"))
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(TEXTS)))
+
+
+def test_precision_is_chosen_per_device():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_activations_follow_the_problem_type():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    assert activate(logits, "single_label_classification")[0] == pytest.approx(logits.softmax(-1)[0].tolist())
+    assert activate(logits, "multi_label_classification")[0] == pytest.approx(logits.sigmoid()[0].tolist())
+    assert activate(logits.half(), "regression")[0] == pytest.approx([2.0, -1.0, 0.5])
+    assert problem_type_of(None, 1) == "regression"
+    assert problem_type_of(None, 3) == "single_label_classification"
+    assert problem_type_of("multi_label_classification", 3) == "multi_label_classification"
+    with pytest.raises(ValueError, match="unsupported problem_type"):
+        problem_type_of("token_classification", 3)
+
+
+def test_rank_orders_labels_and_cuts_to_top_k():
+    labels = ("A", "B", "C")
+    assert [item.label for item in rank([0.2, 0.5, 0.3], labels, None)] == ["B", "C", "A"]
+    assert [item.label for item in rank([0.2, 0.5, 0.3], labels, 2)] == ["B", "C"]
+
+
+def test_encoder_truncates_keeping_special_tokens_or_refuses(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    encoder = TextEncoder(tokenizer, TINY_MAX_LENGTH)
+    long_text = "film " * 100
+    short, cut = encoder.encode(["good film", long_text], truncate=True)
+    assert not short.truncated and short.ids == tokenizer("good film")["input_ids"]
+    assert cut.truncated and len(cut.ids) == TINY_MAX_LENGTH
+    assert cut.ids[0] == tokenizer.cls_token_id and cut.ids[-1] == tokenizer.sep_token_id
+    with pytest.raises(TextTooLong) as refused:
+        encoder.encode(["good film", long_text], truncate=False)
+    assert (refused.value.index, refused.value.tokens, refused.value.max_length) == (1, 102, TINY_MAX_LENGTH)
+
+
+def test_max_length_comes_from_the_tokenizer_or_the_position_table(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    assert model_max_length(tokenizer, 512) == TINY_MAX_LENGTH
+    assert model_max_length(tokenizer, 32) == 32
