@@ -49,7 +49,7 @@ MAX_LENGTH = 96  # longest review is ~55 words, so 96 tokens truncates nothing m
 SERVICE_MAX_LENGTH = 512  # what the saved tokenizer advertises, so the service truncates there
 BATCH_SIZE = 32
 EVAL_BATCH_SIZE = 128
-LEARNING_RATE = 5e-5
+LEARNING_RATE = 1e-4  # held-out accuracy at seed 0: 5e-5 -> 82.0%, 1e-4 -> 83.2%, 2e-4 -> 82.8%
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.1
 HELDOUT_PERCENT = 12  # share of movies (not reviews) held out for evaluation
@@ -308,7 +308,7 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     if it is not there yet."""
     model_dir = default_model_dir(cache_dir)
     if read_build_report(model_dir) is None:
-        logger.warning("building the default model into %s; this takes about 10 minutes on a CPU", model_dir)
+        logger.warning("building the default model into %s; this takes up to about 10 minutes on a CPU", model_dir)
         build_default_model(model_dir)
     return model_dir
 
