@@ -113,13 +113,22 @@ class _Draft:
 
 
 class BatchQueue:
-    """Length-bucketed queue. It alone owns the waiting texts: callers `append` and ask for the `next_batch`."""
+    """Length-bucketed queue. It alone owns the waiting texts: callers `append` and ask for the `next_batch`.
+
+    It also keeps a smoothed gap between arrivals: a bucket stops waiting for partners once, at that rate, the
+    next text is not expected before its window runs out. At light load a text then starts at once instead of
+    idling through the window; under load the window still gathers full batches.
+    """
+
+    GAP_SMOOTHING = 0.2
 
     def __init__(self, policy: BatchingPolicy) -> None:
         self.policy = policy
         self._buckets: list[deque[QueuedText]] = [deque() for _ in policy.bucket_bounds]
         self._texts = 0
         self._tokens = 0
+        self._last_arrival: float | None = None
+        self._mean_gap: float | None = None
 
     def __len__(self) -> int:
         return self._texts
@@ -140,23 +149,37 @@ class BatchQueue:
         self._buckets[self.bucket_of(item.tokens)].append(item)
         self._texts += 1
         self._tokens += item.tokens
+        self._record_arrival(item.arrived_at)
+
+    def _record_arrival(self, at: float) -> None:
+        # Texts of one request arrive at the same instant: they are one arrival, not a zero gap.
+        if self._last_arrival is not None and at > self._last_arrival:
+            gap = at - self._last_arrival
+            mean = self._mean_gap
+            self._mean_gap = gap if mean is None else mean + self.GAP_SMOOTHING * (gap - mean)
+        if self._last_arrival is None or at > self._last_arrival:
+            self._last_arrival = at
+
+    def _due_at(self, bucket: deque[QueuedText]) -> float:
+        """When a bucket stops waiting: its window's end, less the expected wait for the next arrival."""
+        return bucket[0].arrived_at + self.policy.window - (self._mean_gap or 0.0)
 
     def next_deadline(self) -> float | None:
-        """When the oldest waiting text's window runs out (None when the queue is empty)."""
-        oldest = [bucket[0].arrived_at for bucket in self._buckets if bucket]
-        return min(oldest) + self.policy.window if oldest else None
+        """When the next bucket stops waiting for partners (None when the queue is empty)."""
+        due = [self._due_at(bucket) for bucket in self._buckets if bucket]
+        return min(due) if due else None
 
     def next_batch(self, now: float) -> Batch | None:
         """The batch to run now, removed from the queue; None when every batch should keep filling.
 
-        Buckets whose oldest text has waited out the window go first, oldest first, so no text starves behind
-        a stream of full batches; otherwise the fullest-waiting full bucket goes.
+        Buckets that are due (window run out, or no partner expected within it) go first, oldest first, so no
+        text starves behind a stream of full batches; otherwise the longest-waiting full bucket goes.
         """
         expired, full = [], []
         for index, bucket in enumerate(self._buckets):
             if not bucket:
                 continue
-            if now >= bucket[0].arrived_at + self.policy.window:  # the same sum as next_deadline
+            if now >= self._due_at(bucket):  # the same sum as next_deadline, so waking on time finds it due
                 expired.append(index)
             elif self._fills_a_batch(bucket):
                 full.append(index)

@@ -44,6 +44,37 @@ def test_a_lone_text_waits_for_the_window_then_leaves_alone():
     assert len(queue) == 0 and queue.tokens == 0 and queue.next_deadline() is None
 
 
+def test_at_light_load_a_text_starts_at_once_instead_of_idling_through_the_window():
+    """Texts 200 ms apart: nobody will join within a 5 ms window, so waiting for one would only add latency."""
+    queue = BatchQueue(policy())
+    for i in range(5):
+        now = i * 0.2
+        queue.append(text(10, at=now, name=i))
+        batch = queue.next_batch(now) if i else queue.next_batch(now + WINDOW)  # the first has no rate yet
+        assert [item.handle for item in batch.items] == [i]
+
+
+def test_at_high_rate_the_window_still_gathers_a_batch():
+    """Texts 0.5 ms apart: partners are expected within the window, so the bucket keeps filling."""
+    queue = BatchQueue(policy())
+    for i in range(6):
+        queue.append(text(10, at=i * 0.0005, name=i))
+        assert queue.next_batch(i * 0.0005) is None
+    assert queue.next_deadline() == pytest.approx(WINDOW - 0.0005)
+    batch = queue.next_batch(queue.next_deadline())
+    assert [item.handle for item in batch.items] == list(range(6))
+
+
+def test_texts_of_one_request_count_as_one_arrival():
+    """Requests of 10 texts, 10 ms apart: the gap is 10 ms (longer than the window), not mostly zeros."""
+    queue = BatchQueue(policy(max_batch_size=64, max_batch_tokens=4096))
+    for at in (0.0, 0.01):
+        for _ in range(10):
+            queue.append(text(10, at=at))
+        batch = queue.next_batch(at + WINDOW) if at == 0.0 else queue.next_batch(at)
+        assert batch is not None and len(batch.items) == 10
+
+
 def test_texts_of_different_buckets_do_not_share_a_batch_when_padding_would_suffer():
     queue = BatchQueue(policy())
     queue.append(text(10, name="short"))
