@@ -261,6 +261,15 @@ def sorted_batches_throughput(loaded, encoded: list[list[int]], budget: int) -> 
     return {"texts_per_second": len(encoded) / (time.perf_counter() - started), "padding_efficiency": real / padded}
 
 
+def wait_for_empty_queue(url: str, has_metrics: bool) -> None:
+    if not has_metrics:
+        time.sleep(5)  # the plain server has no queue gauge: give its thread pool time to finish
+        return
+    deadline = time.monotonic() + 120
+    while scrape(url).get("classifier_queue_texts", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def load_phase(
     server: Server, texts: list[str], concurrency: int, rates: list[float], duration: float, has_metrics: bool = True
 ) -> dict:
@@ -273,6 +282,7 @@ def load_phase(
     for name, load in loads.items():
         before = scrape(server.url) if has_metrics else {}
         results[name] = load()
+        wait_for_empty_queue(server.url, has_metrics)  # a backlog left over would spill into the next phase
         if has_metrics:
             results[name]["server"] = server_view(before, scrape(server.url))
         print(f"  {name}: {json.dumps(results[name])}", flush=True)
@@ -283,7 +293,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
     parser.add_argument("--duration", type=float, default=40, help="seconds per load phase")
-    parser.add_argument("--concurrency", type=int, default=64, help="concurrent clients at saturation")
+    parser.add_argument("--concurrency", type=int, default=256, help="concurrent clients at saturation")
     parser.add_argument("--rates", default="5,20", help="fixed request rates (requests/s), comma-separated")
     parser.add_argument("--texts", type=int, default=4000, help="texts drawn from the corpus mix")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every process")

@@ -1,12 +1,13 @@
-"""Runs the queue on the event loop: admits encoded texts, hands each batch to the one inference thread, and
+"""Runs the queue: admits encoded texts from the event loop, runs batches on the one inference thread, and
 resolves every caller's future with its own scores. The batching decisions themselves live in `scheduler`."""
 
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from service import metrics
@@ -55,7 +56,11 @@ class ThroughputMeter:
 
 
 class Batcher:
-    """Owns the queue's event-loop side; `submit` texts, `run` the loop, `drain` before exit."""
+    """Owns the queue: `submit` texts from the event loop; one inference thread takes batches and runs them.
+
+    The thread pulls its next batch itself, back to back, without a round trip through the event loop. The queue
+    is guarded by one lock; scores go back to the callers' futures on the event loop.
+    """
 
     def __init__(
         self,
@@ -70,55 +75,62 @@ class Batcher:
         self.max_queue_tokens = max_queue_tokens
         self.meter = meter
         self.clock = clock
-        self._wakeup = asyncio.Event()
+        self._changed = threading.Condition()
         self._accepting = True
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worked: asyncio.Future | None = None
+
+    def start(self, inference_thread: Executor) -> None:
+        """Run batches on `inference_thread` (a one-thread executor) until drained; futures resolve on this loop."""
+        self._loop = asyncio.get_running_loop()
+        self._worked = self._loop.run_in_executor(inference_thread, self._work)
 
     def submit(self, texts: list[EncodedText]) -> list[asyncio.Future]:
         """Queue the texts; one future per text, resolved with its scores."""
-        if not self._accepting:
-            raise NotAccepting()
+        futures = [self._loop.create_future() for _ in texts]
         tokens = sum(len(text.ids) for text in texts)
-        if self.queue.tokens + tokens > self.max_queue_tokens:
-            metrics.REJECTED_TEXTS.labels("queue_full").inc(len(texts))
-            raise QueueFull(retry_after=max(1.0, math.ceil(self.meter.seconds_for(self.queue.tokens))))
-        loop = asyncio.get_running_loop()
-        now = self.clock()
-        futures = []
-        for text in texts:
-            future = loop.create_future()
-            self.queue.append(QueuedText(len(text.ids), now, Pending(text.ids, future)))
-            futures.append(future)
-        self._publish_queue_state()
-        self._wakeup.set()
+        with self._changed:
+            if not self._accepting:
+                raise NotAccepting()
+            if self.queue.tokens + tokens > self.max_queue_tokens:
+                metrics.REJECTED_TEXTS.labels("queue_full").inc(len(texts))
+                raise QueueFull(retry_after=max(1.0, math.ceil(self.meter.seconds_for(self.queue.tokens))))
+            now = self.clock()
+            for text, future in zip(texts, futures):
+                self.queue.append(QueuedText(len(text.ids), now, Pending(text.ids, future)))
+            self._publish_queue_state()
+            self._changed.notify()
         return futures
 
-    async def run(self) -> None:
-        """Form and run batches until drained: the one place batches start."""
-        while self._accepting or len(self.queue):
-            batch = self.queue.next_batch(self.clock())
-            if batch is None:
-                await self._wait_for_work()
-                continue
-            self._publish_queue_state()
-            await self._run(batch)
-        self._executor.shutdown(wait=True)
-
     def drain(self) -> None:
-        """Stop admitting; the run loop finishes every text already queued, then returns."""
-        self._accepting = False
-        self._wakeup.set()
+        """Stop admitting; the inference thread finishes every text already queued, then ends."""
+        with self._changed:
+            self._accepting = False
+            self._changed.notify()
 
-    async def _wait_for_work(self) -> None:
-        deadline = self.queue.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - self.clock())
-        self._wakeup.clear()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except TimeoutError:
-            pass
+    async def drained(self) -> None:
+        """Wait until the batch loop has ended (at once if it never started)."""
+        if self._worked is not None:
+            await self._worked
 
-    async def _run(self, batch: Batch) -> None:
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run(batch)
+
+    def _next_batch(self) -> Batch | None:
+        """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
+        with self._changed:
+            while True:
+                batch = self.queue.next_batch(self.clock())
+                if batch is not None:
+                    self._publish_queue_state()
+                    return batch
+                if not self._accepting and not len(self.queue):
+                    return None
+                deadline = self.queue.next_deadline()
+                self._changed.wait(None if deadline is None else max(0.0, deadline - self.clock()))
+
+    def _run(self, batch: Batch) -> None:
         # Callers that went away (cancelled futures) do not cost model time.
         live = [item for item in batch.items if not item.handle.future.done()]
         if not live:
@@ -126,24 +138,18 @@ class Batcher:
         batch = Batch(live, self.queue.policy.padded_length(max(item.tokens for item in live)), batch.reason)
         started = self.clock()
         self._observe_batch(batch, started)
-        sequences = [item.handle.ids for item in live]
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.infer, sequences, batch.padded_length
-            )
-        except Exception as error:  # a failed batch fails its callers, never the loop
+            scores = self.infer([item.handle.ids for item in live], batch.padded_length)
+        except Exception as error:  # a failed batch fails its callers, never the thread
             log.exception("inference failed for a batch of %d texts", len(live))
-            for item in live:
-                if not item.handle.future.done():
-                    item.handle.future.set_exception(error)
+            self._loop.call_soon_threadsafe(_fail, live, error)
             return
         elapsed = self.clock() - started
         self.meter.record(batch.real_tokens, elapsed)
         metrics.BATCH_INFERENCE.observe(elapsed)
-        for item, text_scores in zip(live, scores):
-            if not item.handle.future.done():
-                item.handle.future.set_result(text_scores)
-        self._publish_queue_state()
+        self._loop.call_soon_threadsafe(_resolve, live, scores)
+        with self._changed:
+            self._publish_queue_state()
 
     def _observe_batch(self, batch: Batch, started: float) -> None:
         for item in batch.items:
@@ -158,3 +164,15 @@ class Batcher:
         metrics.QUEUE_TEXTS.set(len(self.queue))
         metrics.QUEUE_TOKENS.set(self.queue.tokens)
         metrics.QUEUE_DRAIN.set(self.meter.seconds_for(self.queue.tokens))
+
+
+def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:
+    for item, text_scores in zip(items, scores):
+        if not item.handle.future.done():
+            item.handle.future.set_result(text_scores)
+
+
+def _fail(items: list[QueuedText], error: Exception) -> None:
+    for item in items:
+        if not item.handle.future.done():
+            item.handle.future.set_exception(error)
