@@ -1,14 +1,15 @@
 """Throughput and latency benchmark: the service against the model alone and against a plain server.
 
-    python loadtest/benchmark.py [--model DIR] [--duration 40] [--concurrency 64] [--rates 5,20]
+    python loadtest/benchmark.py [--model DIR] [--duration 40] [--concurrency 256] [--multi 8] [--rates 5,20]
 
 Runs, one after another on the same texts (a long-tailed mix of real texts from `loadtest/corpus.py`):
   1. the model alone, offline: texts pre-sorted by length into batches under the token budget (no HTTP),
      and single texts one at a time (the single-text latency);
   2. the service (micro-batching) at saturation (closed loop: N concurrent clients, one text per request, driven
-     by wrk, so the load generator costs the 2 cores little) and at fixed Poisson rates (a small asyncio client);
+     by wrk, so the load generator costs the 2 cores little), again with several texts per request, and at fixed
+     Poisson rates (a small asyncio client);
   3. the same service with batching off (max batch size 1), same loads;
-  4. a plain FastAPI server doing one forward per request in a thread pool, at saturation.
+  4. a plain FastAPI server doing one forward per text in a thread pool, at the same loads.
 Prints texts/s, p50/p99 latency and, from the service's own /metrics, padding efficiency, batch sizes and
 queue wait; writes everything to loadtest/results/benchmark.json. Every process gets the same torch threads.
 """
@@ -72,16 +73,16 @@ def request_body(text: str) -> bytes:
     return json.dumps({"texts": text}).encode()
 
 
-def saturate(url: str, bodies: Path, concurrency: int, duration: float) -> dict:
-    """`concurrency` keep-alive clients, each sending its next text as soon as the last is answered, driven by wrk:
-    a C load generator, so the 2 cores go to the server under test rather than to the client."""
+def saturate(url: str, bodies: Path, concurrency: int, duration: float, texts_per_request: int = 1) -> dict:
+    """`concurrency` keep-alive clients, each sending its next request as soon as the last is answered, driven by
+    wrk: a C load generator, so the 2 cores go to the server under test rather than to the client."""
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--timeout", "60s", "-s", str(WRK_SCRIPT), url, "--", str(bodies)]
     try:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     except FileNotFoundError:
         raise SystemExit("the saturation runs need wrk: apt-get install wrk") from None
     summary = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
-    answered = summary["requests"] - summary["non_2xx"]
+    answered = (summary["requests"] - summary["non_2xx"]) * texts_per_request
     return {
         "texts": answered,
         "failures": summary["non_2xx"] + summary["socket_errors"],
@@ -89,6 +90,14 @@ def saturate(url: str, bodies: Path, concurrency: int, duration: float) -> dict:
         "p50_ms": summary["p50_us"] / 1000,
         "p99_ms": summary["p99_us"] / 1000,
     }
+
+
+def write_bodies(texts: list[str], texts_per_request: int) -> Path:
+    """One JSON request body per line, for wrk."""
+    path = ROOT / "loadtest" / "results" / f"bodies-{texts_per_request}.jsonl"
+    groups = [texts[i : i + texts_per_request] for i in range(0, len(texts) - texts_per_request + 1, texts_per_request)]
+    path.write_text("".join(json.dumps({"texts": group}) + "\n" for group in groups))
+    return path
 
 
 async def open_loop(url: str, texts: list[str], rate: float, duration: float, seed: int = 0) -> dict:
@@ -271,12 +280,23 @@ def wait_for_empty_queue(url: str, has_metrics: bool) -> None:
 
 
 def load_phase(
-    server: Server, texts: list[str], concurrency: int, rates: list[float], duration: float, has_metrics: bool = True
+    server: Server,
+    texts: list[str],
+    concurrency: int,
+    rates: list[float],
+    duration: float,
+    multi: int,
+    has_metrics: bool = True,
 ) -> dict:
-    bodies = ROOT / "loadtest" / "results" / "bodies.jsonl"
-    bodies.write_text("".join(request_body(text).decode() + "\n" for text in texts))
-    saturate(server.url, bodies, concurrency=8, duration=3)  # warm up connections and caches
-    loads = {"saturation": lambda: saturate(server.url, bodies, concurrency, duration)}
+    singles, groups = write_bodies(texts, 1), write_bodies(texts, multi)
+    saturate(server.url, singles, concurrency=8, duration=3)  # warm up connections and caches
+    wait_for_empty_queue(server.url, has_metrics)
+    loads = {"saturation": lambda: saturate(server.url, singles, concurrency, duration)}
+    if multi > 1:
+        # Clients that send several texts per request pay the HTTP cost once per request, not once per text.
+        loads[f"saturation_{multi}_per_request"] = lambda: saturate(
+            server.url, groups, max(1, concurrency // multi), duration, texts_per_request=multi
+        )
     loads.update({f"rate_{rate:g}": lambda rate=rate: asyncio.run(open_loop(server.url, texts, rate, duration)) for rate in rates})
     results = {}
     for name, load in loads.items():
@@ -294,6 +314,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
     parser.add_argument("--duration", type=float, default=40, help="seconds per load phase")
     parser.add_argument("--concurrency", type=int, default=256, help="concurrent clients at saturation")
+    parser.add_argument("--multi", type=int, default=8, help="texts per request in the multi-text saturation run (1: none)")
     parser.add_argument("--rates", default="5,20", help="fixed request rates (requests/s), comma-separated")
     parser.add_argument("--texts", type=int, default=4000, help="texts drawn from the corpus mix")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every process")
@@ -313,11 +334,11 @@ def main() -> None:
     for name, settings in (("batched", {}), ("unbatched", {"max_batch_size": 1})):
         print(f"service, {name} ...", flush=True)
         with service(model, 8701, args.threads, max_batch_tokens=args.max_batch_tokens, **settings) as server:
-            report[name] = load_phase(server, texts, args.concurrency, rates, args.duration)
+            report[name] = load_phase(server, texts, args.concurrency, rates, args.duration, args.multi)
     print("plain one-forward-per-request server ...", flush=True)
     plain = Server([sys.executable, "loadtest/plain_server.py", model, "8702"], 8702, {"OMP_NUM_THREADS": str(args.threads)})
     with plain:
-        report["plain"] = load_phase(plain, texts, args.concurrency, rates[:1], args.duration, has_metrics=False)
+        report["plain"] = load_phase(plain, texts, args.concurrency, rates[:1], args.duration, args.multi, has_metrics=False)
 
     (ROOT / "loadtest" / "results" / "benchmark.json").write_text(json.dumps(report, indent=1))
     print_summary(report, rates)

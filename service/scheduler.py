@@ -240,13 +240,19 @@ class BatchQueue:
         return None
 
     def _merge_bucket(self, draft: _Draft, bucket: deque[QueuedText]) -> tuple[FlushReason | None, bool]:
-        """Move texts from `bucket` into the draft, oldest first, until a limit or the efficiency floor stops it."""
+        """Move the texts of `bucket` that keep the draft above the efficiency floor into it, oldest first.
+
+        Returns the limit that filled the draft (or None), and whether every text of the bucket was taken.
+        """
+        kept: list[QueuedText] = []
+        limit = None
         while bucket:
-            item = bucket[0]
-            limit = draft.room_for(item)
-            if limit is not None:
-                return limit, False
-            if draft.efficiency_with(item) < self.policy.merge_min_efficiency:
-                return None, False
-            draft.add(bucket.popleft())
-        return None, True
+            item = bucket.popleft()
+            if limit is None:
+                limit = draft.room_for(item)
+            if limit is None and draft.efficiency_with(item) >= self.policy.merge_min_efficiency:
+                draft.add(item)
+            else:
+                kept.append(item)
+        bucket.extend(kept)
+        return limit, not kept
