@@ -21,7 +21,7 @@ from service.tokenization import EncodedText, TextEncoder, model_max_length
 log = logging.getLogger(__name__)
 
 # Default token budgets per batch. On the 2-core CPU measured here, MiniLM-L6 on length-sorted batches peaked near
-# 1-2k tokens (279 texts/s at 1024, 269 at 2048, 202 at 8192: bigger attention tensors stop fitting in cache);
+# 1-2k tokens (287 texts/s at 1024, 304 at 2048, 242 at 8192: bigger attention tensors stop fitting in cache);
 # a GPU wants far more work per launch.
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 
