@@ -69,8 +69,12 @@ def test_dockerfile_copies_only_what_exists_and_the_context_keeps():
     ignored = [
         line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line and line[0] != "#"
     ]
+    stages = {args.split()[-1] for op, args in instructions() if op == "FROM" and " AS " in args.upper()}
     for op, args in instructions():
         if op != "COPY":
+            continue
+        if args.startswith("--from="):  # from an earlier stage, not the build context
+            assert args.split()[0].removeprefix("--from=") in stages, args
             continue
         for source in [token for token in args.split() if not token.startswith("--")][:-1]:
             source = source.replace("${MODEL_SRC}", arg_default("MODEL_SRC"))
