@@ -40,7 +40,9 @@ if [ -n "$wheels" ] && [ -d "$wheels" ]; then
 fi
 
 # torch: the version the README pins, from PyTorch's CPU index (or the local wheel directory).
+# --format docker keeps the HEALTHCHECK (OCI image configs have none); the ignore file is the one BuildKit reads.
 exec $buildah build --isolation chroot --format docker --file "$root/deploy/Dockerfile" --tag "$image" \
+    --ignorefile "$root/deploy/Dockerfile.dockerignore" \
     --build-arg BASE_IMAGE="$base" \
     --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
     --build-arg TORCH_REQUIREMENT="${TORCH_REQUIREMENT:-torch==2.13.0}" \

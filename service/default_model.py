@@ -338,12 +338,13 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     raises DefaultModelExtraMissing."""
     model_dir = default_model_dir(cache_dir)
     if read_build_report(model_dir) is None:
-        logger.warning("building the default model into %s; this takes up to about 10 minutes on a CPU", model_dir)
         try:
-            build_default_model(model_dir)
+            _encoder_dir(), _corpus_path()  # what the build reads: say what is missing before promising a build
         except DefaultModelExtraMissing as error:
             logger.error("%s", error)
             raise
+        logger.warning("building the default model into %s; this takes up to about 10 minutes on a CPU", model_dir)
+        build_default_model(model_dir)
     return model_dir
 
 
