@@ -16,13 +16,13 @@ buildah="buildah --storage-driver vfs"
 
 if ! $buildah inspect --type image "$base" >/dev/null 2>&1; then
     rootfs=$(mktemp -d)
-    trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" \
         "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >/dev/null
     container=$($buildah from scratch)
     $buildah copy --quiet "$container" "$rootfs" /
     $buildah commit --quiet "$container" "$base" >/dev/null
     $buildah rm "$container" >/dev/null
+    rm -rf "$rootfs"
 fi
 
 pip_setting() {  # the environment variable, else pip's own configuration, else nothing
@@ -30,13 +30,18 @@ pip_setting() {  # the environment variable, else pip's own configuration, else 
     [ -n "$value" ] || value=$(python3 -m pip config get "global.$2" 2>/dev/null || true)
     echo "$value"
 }
+# Mounted over /mnt and /media, directories every Debian and Ubuntu base has, empty: a mount at a path that does
+# not exist leaves an empty file or directory behind in the image, where it was created as the mount point.
 cert=$(pip_setting PIP_CERT cert)
 wheels=$(pip_setting PIP_FIND_LINKS find-links)
 if [ -n "$cert" ]; then
-    set -- -v "$cert:/run/build-ca.crt:ro" --build-arg PIP_CERT=/run/build-ca.crt "$@"
+    cert_dir=$(mktemp -d)
+    trap 'rm -rf "$cert_dir"' EXIT
+    cp "$cert" "$cert_dir/ca.crt"
+    set -- -v "$cert_dir:/mnt:ro" --build-arg PIP_CERT=/mnt/ca.crt "$@"
 fi
 if [ -n "$wheels" ] && [ -d "$wheels" ]; then
-    set -- -v "$wheels:/run/build-wheels:ro" --build-arg PIP_FIND_LINKS=/run/build-wheels "$@"
+    set -- -v "$wheels:/media:ro" --build-arg PIP_FIND_LINKS=/media "$@"
 fi
 
 # torch: the version the README pins, from PyTorch's CPU index (or the local wheel directory).

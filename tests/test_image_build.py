@@ -116,19 +116,22 @@ def queued_texts(url: str) -> float:
     return 0.0
 
 
-def test_image_holds_only_the_runtime_and_a_read_only_model(image, container):
+def test_image_holds_only_the_runtime_and_a_read_only_model_and_no_build_mounts(image, container):
     probe = (
         "import importlib.util, json, os\n"
         f"print(json.dumps({{'present': [m for m in {NOT_IN_THE_RUNTIME!r} if importlib.util.find_spec(m)],\n"
         "  'model_owner': os.stat('/model/config.json').st_uid,\n"
         "  'writable': [p for p in ['/model', '/model/config.json'] if os.access(p, os.W_OK)],\n"
         "  'readable': all(os.access(f'/model/{f}', os.R_OK) for f in os.listdir('/model')),\n"
+        "  'build_mounts': os.listdir('/mnt') + os.listdir('/media'),\n"
         "  'uid': os.getuid()}))\n"
     )
     result = subprocess.run(run_in(container, image, ["python", "-c", probe], {}), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
-    assert found == {"present": [], "model_owner": 0, "writable": [], "readable": True, "uid": int(image["User"])}
+    expected = {"present": [], "model_owner": 0, "writable": [], "readable": True, "build_mounts": []}
+    assert found == {**expected, "uid": int(image["User"])}
+    assert not [variable for variable in image["Env"] if variable.startswith("PIP_")]  # build-time only
 
 
 def test_container_serves_passes_its_healthcheck_and_drains_on_sigterm(image, container, tmp_path):
