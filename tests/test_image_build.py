@@ -81,8 +81,8 @@ def container(image) -> str:
 
 def run_in(name: str, config: dict, command: list[str], env: dict[str, str]) -> list[str]:
     """`buildah run` of command in the container as the image's user, with the image's environment plus env."""
-    return [*BUILDAH, "run", "--isolation", "chroot", "--user", config["User"],
-            *[arg for key, value in env.items() for arg in ("--env", f"{key}={value}")], name, "--", *command]  # fmt: skip
+    env_flags = [flag for key, value in env.items() for flag in ("--env", f"{key}={value}")]
+    return [*BUILDAH, "run", "--isolation", "chroot", "--user", config["User"], *env_flags, name, "--", *command]
 
 
 def descendant(pid: int, argv0: str) -> int:

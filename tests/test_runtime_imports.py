@@ -4,7 +4,8 @@ The distributions a runtime install brings are the declared dependencies and, re
 metadata requires (markers evaluated without extras, except extras a requirement names, as in
 `uvicorn[standard]`). Two checks against that set: every import written in service/ (a static scan, which also
 sees imports inside functions), and importing every module of service/ in a fresh interpreter in which every
-installed package outside the set is hidden. The image test (tests/test_image_build.py) runs the service in an environment that has nothing else.
+installed package outside the set is hidden. The image test (tests/test_image_build.py) runs the service in an
+environment that has nothing else.
 """
 
 import ast
