@@ -198,9 +198,9 @@ class Batcher:
                 half = len(ordered) // 2
                 groups += [ordered[half:], ordered[:half]]  # a stack: the short half runs next
                 continue
+            self._set_budget(self.memory_budget.succeeded(self.clock()))
             self._loop.call_soon_threadsafe(_resolve, group, scores)
             answered += sum(item.tokens for item in group)
-            self._set_budget(self.memory_budget.succeeded(self.clock()))
         return answered
 
     def _log_failure(self, error: Exception, texts: int, group: int, padded_length: int) -> None:
