@@ -135,6 +135,7 @@ class Engine:
             self.loaded.tokenizer, self.loaded.max_position_embeddings
         )
         self.encoder = TextEncoder(self.loaded.tokenizer, max_length)
+        # Tensor cores want sequence lengths in multiples of 8; the CPU gains nothing from extra padding.
         pad_multiple = 8 if self.device.type == "cuda" else 1
         longest = -(-max_length // pad_multiple) * pad_multiple
         if settings.tune and "auto" in (settings.precision, settings.max_batch_tokens):
@@ -186,7 +187,6 @@ class Engine:
 
     def _batching_policy(self, max_length: int, pad_multiple: int, max_batch_tokens: int) -> BatchingPolicy:
         settings = self.settings
-        # Tensor cores want sequence lengths in multiples of 8; the CPU gains nothing from extra padding.
         bounds = tuple(settings.bucket_bounds or default_bucket_bounds(max_length, pad_multiple))
         if bounds[-1] < max_length:
             bounds = bounds + (max_length,)
