@@ -100,3 +100,20 @@ def test_memory_budget_halves_below_a_failed_batch_and_recovers_slowly():
         budget.succeeded(now=200.0 + 30 * step)
     assert budget.current == 16384
     assert budget.out_of_memory(failed_tokens=600, now=1000.0) == 512  # one longest text always fits the budget
+
+
+def test_tuning_settings_default_to_measuring_and_numbers_force_a_budget(monkeypatch):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    defaults = Settings()
+    assert (defaults.precision, defaults.max_batch_tokens, defaults.precision_tolerance, defaults.tune) == (
+        "auto", "auto", 0.01, True
+    )
+    monkeypatch.setenv("CLASSIFIER_MAX_BATCH_TOKENS", "4096")
+    monkeypatch.setenv("CLASSIFIER_TUNE", "false")
+    assert (Settings().max_batch_tokens, Settings().tune) == (4096, False)
+    for bad in ({"max_batch_tokens": "fast"}, {"max_batch_tokens": 0}, {"precision_tolerance": -0.1}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
