@@ -121,13 +121,13 @@ class Tuner:
         ]
         return choose_precision(trials, tolerance), trials
 
-    def budget(self, precision: str) -> tuple[Choice, list[BudgetTrial]]:
-        """Climb the ladder of budgets until one runs out of memory or gets clearly slower, time the rungs that ran
-        once more, and choose among them."""
+    def budget(self, precision: str, climb_until: float) -> tuple[Choice, list[BudgetTrial]]:
+        """Climb the ladder of budgets until one runs out of memory or gets clearly slower, or the clock passes
+        `climb_until`; time the rungs that ran once more (about as long again), and choose among them."""
         trials: list[BudgetTrial] = []
         for budget in budget_ladder(self.floor, self.device.type):
             trials.append(BudgetTrial(budget, self._rung_speed(precision, budget)))
-            if ladder_should_stop(trials):
+            if ladder_should_stop(trials, out_of_time=self.clock() >= climb_until):
                 break
         trials = [
             trial if trial.out_of_memory else BudgetTrial(trial.budget, self._rung_speed(precision, trial.budget, REPEATS))

@@ -178,7 +178,9 @@ class Engine:
         else:
             precision = Choice(resolve_precision(settings.precision, device), "forced by CLASSIFIER_PRECISION")
         if settings.max_batch_tokens == "auto":
-            budget, budget_trials = tuner.budget(precision.value)
+            # The ladder climbs until half the time limit has passed; timing its rungs again takes about as long.
+            climb_until = started + settings.tuning_time_limit / 2
+            budget, budget_trials = tuner.budget(precision.value, climb_until)
         else:
             budget = Choice(settings.max_batch_tokens, "forced by CLASSIFIER_MAX_BATCH_TOKENS")
         return TuningReport(

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     tune: bool = Field(
         True, description="Measure precision and token budget at start-up; false = fixed per-device defaults."
     )
+    tuning_time_limit: float = Field(
+        20.0, gt=0, description="About how long start-up tuning may take: the budget ladder stops climbing at half."
+    )
     max_length: int | None = Field(None, ge=2, description="Longest input in tokens; unset = the model's own limit.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = all cores.")
 

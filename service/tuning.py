@@ -7,9 +7,10 @@ decide. Tests drive every decision with made-up numbers.
 import math
 from dataclasses import dataclass
 
-# Budgets tried at start-up: powers of two, from a few short texts' worth up to what a GPU launch can use.
+# Budgets tried at start-up: powers of two, from a few short texts' worth up to what a GPU launch can use (a CPU's
+# best lies far lower: 1024-2048 tokens on the CPUs measured, slower beyond as attention tensors outgrow the caches).
 LADDER_START = 512
-LADDER_CEILING = {"cpu": 16384, "cuda": 65536}
+LADDER_CEILING = {"cpu": 8192, "cuda": 65536}
 # A budget within this fraction of the best measured throughput counts as good as the best; the smallest such
 # budget wins (smaller batches fill sooner at light load and hold less memory).
 BUDGET_WITHIN = 0.03
@@ -102,11 +103,12 @@ def budget_ladder(floor: int, device_type: str) -> list[int]:
     return rungs
 
 
-def ladder_should_stop(trials: list[BudgetTrial], decline: float = LADDER_DECLINE) -> bool:
-    """Stop climbing at the first out-of-memory, or once the last rung is clearly slower than the best so far."""
+def ladder_should_stop(trials: list[BudgetTrial], out_of_time: bool = False, decline: float = LADDER_DECLINE) -> bool:
+    """Stop climbing at the first out-of-memory, once the last rung is clearly slower than the best so far, or when
+    the time for climbing has run out (after at least one rung)."""
     if not trials:
         return False
-    if trials[-1].out_of_memory:
+    if trials[-1].out_of_memory or out_of_time:
         return True
     best = max(trial.tokens_per_second for trial in trials if not trial.out_of_memory)
     return trials[-1].tokens_per_second < (1 - decline) * best

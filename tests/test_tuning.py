@@ -48,7 +48,7 @@ def test_a_faithful_but_slower_precision_loses_to_fp32():
 
 
 def test_ladder_is_powers_of_two_above_the_longest_text():
-    assert budget_ladder(64, "cpu") == [512, 1024, 2048, 4096, 8192, 16384]
+    assert budget_ladder(64, "cpu") == [512, 1024, 2048, 4096, 8192]
     assert budget_ladder(512, "cpu")[0] == 512
     assert budget_ladder(520, "cuda") == [520, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert budget_ladder(40000, "cpu") == [40000]
@@ -61,6 +61,8 @@ def test_ladder_stops_at_out_of_memory_or_a_clear_decline():
     assert not ladder_should_stop(rising + [BudgetTrial(2048, 4000.0)])  # 11% down: noise or a plateau
     assert ladder_should_stop(rising + [BudgetTrial(2048, 3700.0)])
     assert ladder_should_stop(rising + [BudgetTrial(2048, None)])
+    assert ladder_should_stop(rising, out_of_time=True)
+    assert not ladder_should_stop([], out_of_time=True)  # one rung is always measured
 
 
 def test_the_smallest_budget_within_a_few_percent_of_the_best_wins():
