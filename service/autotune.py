@@ -124,8 +124,9 @@ class Tuner:
     def budget(self, precision: str, climb_until: float) -> tuple[Choice, list[BudgetTrial]]:
         """Climb the ladder of budgets until one runs out of memory or gets clearly slower, or the clock passes
         `climb_until`; time the rungs that ran once more (about as long again), and choose among them."""
+        ladder = budget_ladder(self.floor, self.device.type)
         trials: list[BudgetTrial] = []
-        for budget in budget_ladder(self.floor, self.device.type):
+        for budget in ladder:
             trials.append(BudgetTrial(budget, self._rung_speed(precision, budget)))
             if ladder_should_stop(trials, out_of_time=self.clock() >= climb_until):
                 break
@@ -133,7 +134,20 @@ class Tuner:
             trial if trial.out_of_memory else BudgetTrial(trial.budget, self._rung_speed(precision, trial.budget, REPEATS))
             for trial in trials
         ]
+        if not any(trial.out_of_memory for trial in trials):
+            # Rungs above a stop for time whose batches the precision trials already timed cost nothing more.
+            climbed = {trial.budget for trial in trials}
+            trials += [
+                BudgetTrial(budget, round(self._throughput(precision, budget, REPEATS), 1))
+                for budget in ladder
+                if budget not in climbed and self._timed(precision, budget)
+            ]
         return choose_budget(trials, self.floor), trials
+
+    def _timed(self, precision: str, budget: int) -> bool:
+        """Whether every batch shape of `budget` already has all its timings."""
+        shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
+        return all(len(self._timings.get((precision, *shape), [])) >= REPEATS for shape in shapes)
 
     def _rung_speed(self, precision: str, budget: int, samples: int = 1) -> float | None:
         """Real tokens/s at `budget`, or None when it ran out of memory."""

@@ -31,7 +31,8 @@ def test_info_reports_what_tuning_measured_and_chose(tiny_model_dir):
     assert all(trial.tokens_per_second > 0 for trial in precision_trials)
     assert tuning["precision"]["value"] == info["precision"] == choose_precision(precision_trials, 0.01).value
     budget_trials = [BudgetTrial(**trial) for trial in tuning["budget_trials"]]
-    assert [trial.budget for trial in budget_trials] == budget_ladder(64, "cpu")[: len(budget_trials)]
+    budgets = [trial.budget for trial in budget_trials]
+    assert budgets == sorted(set(budgets)) and set(budgets) <= set(budget_ladder(64, "cpu"))
     assert all(trial.tokens_per_second > 0 for trial in budget_trials)
     chosen = choose_budget(budget_trials, floor=64).value
     assert tuning["max_batch_tokens"]["value"] == info["batching"]["max_batch_tokens"] == chosen == budget_metric
@@ -126,3 +127,11 @@ def test_texts_that_fail_alone_get_clear_errors_and_the_rest_answers(tiny_model_
         poisoned = client.post("/classify", json={"texts": "boring"})
         assert poisoned.status_code == 500
         assert poisoned.json()["error"].startswith("the model failed on a text: IndexError")
+
+
+def test_out_of_time_the_ladder_keeps_its_first_rung_and_the_rung_precision_trials_timed(tiny_model_dir):
+    env = {"CLASSIFIER_TUNING_TIME_LIMIT": "0.000001", "CLASSIFIER_PRECISION_TOLERANCE": "0"}  # fp32 wins
+    with start_service(tiny_model_dir, env) as url:
+        tuning = httpx.get(f"{url}/info").json()["tuning"]
+    assert tuning["precision"]["value"] == "fp32"
+    assert [trial["budget"] for trial in tuning["budget_trials"]] == [512, 2048]
