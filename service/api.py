@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.batcher import NotAccepting, QueueFull
+from service.batcher import InferenceFailed, NotAccepting, QueueFull, TextTooLargeForDevice
 from service.engine import Engine
 from service.postprocess import rank
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, LabelScoreOut, TextResult
@@ -77,6 +77,10 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             raise ApiError(503, str(error), {"Retry-After": f"{error.retry_after:.0f}"}) from error
         except NotAccepting as error:
             raise ApiError(503, "the service is shutting down; retry on another replica", {"Retry-After": "1"}) from error
+        except TextTooLargeForDevice as error:  # even alone, the text ran the device out of memory
+            raise ApiError(413, str(error)) from error
+        except InferenceFailed as error:  # the model raised on this text alone; its batch's other texts got answers
+            raise ApiError(500, str(error)) from error
         labels = engine.loaded.labels
         return ClassifyResponse(
             model=engine.model_id,

@@ -13,10 +13,33 @@ from dataclasses import dataclass
 from service import metrics
 from service.scheduler import Batch, BatchQueue, QueuedText
 from service.tokenization import EncodedText
+from service.tuning import MemoryBudget
 
 log = logging.getLogger(__name__)
 
+# Scores for each sequence of a batch padded to the given length; raises OutOfMemory when the device ran out.
 Infer = Callable[[list[list[int]], int], list[list[float]]]
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory running a batch (the engine turns the framework's own error into this)."""
+
+
+class TextTooLargeForDevice(Exception):
+    """One text, run alone, ran the device out of memory: it cannot be answered at this length."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(
+            f"a text of {tokens} tokens does not fit in the device's memory even alone; send it shorter"
+        )
+        self.tokens = tokens
+
+
+class InferenceFailed(Exception):
+    """The model raised on one text even when it ran alone."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"the model failed on a text: {type(cause).__name__}: {cause}")
 
 
 @dataclass(slots=True)
@@ -75,6 +98,9 @@ class Batcher:
         self.max_queue_tokens = max_queue_tokens
         self.meter = meter
         self.clock = clock
+        policy = queue.policy
+        self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
+        metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(policy.max_batch_tokens)
         self._changed = threading.Condition()
         self._accepting = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -138,18 +164,59 @@ class Batcher:
         batch = Batch(live, self.queue.policy.padded_length(max(item.tokens for item in live)), batch.reason)
         started = self.clock()
         self._observe_batch(batch, started)
-        try:
-            scores = self.infer([item.handle.ids for item in live], batch.padded_length)
-        except Exception as error:  # a failed batch fails its callers, never the thread
-            log.exception("inference failed for a batch of %d texts", len(live))
-            self._loop.call_soon_threadsafe(_fail, live, error)
-            return
+        answered_tokens = self._run_splitting(live)
         elapsed = self.clock() - started
-        self.meter.record(batch.real_tokens, elapsed)
+        if answered_tokens:
+            self.meter.record(answered_tokens, elapsed)
         metrics.BATCH_INFERENCE.observe(elapsed)
-        self._loop.call_soon_threadsafe(_resolve, live, scores)
         with self._changed:
             self._publish_queue_state()
+
+    def _run_splitting(self, items: list[QueuedText]) -> int:
+        """Run `items` as one batch; when it fails, retry its halves (shortest texts first), down to single texts,
+        so every text that can run gets its answer and only a text that fails alone fails. An out-of-memory also
+        lowers the token budget. The batch's first error is logged once. Returns the real tokens answered."""
+        groups, answered, logged = [items], 0, False
+        while groups:
+            group = groups.pop()
+            padded_length = self.queue.policy.padded_length(max(item.tokens for item in group))
+            try:
+                scores = self.infer([item.handle.ids for item in group], padded_length)
+            except Exception as error:  # a failed batch fails at most its culprits, never the thread
+                out_of_memory = isinstance(error, OutOfMemory)
+                if out_of_memory:
+                    self._set_budget(self.memory_budget.out_of_memory(len(group) * padded_length, self.clock()))
+                if not logged:
+                    self._log_failure(error, len(items), len(group), padded_length)
+                    logged = True
+                if len(group) == 1:
+                    failure = TextTooLargeForDevice(group[0].tokens) if out_of_memory else InferenceFailed(error)
+                    self._loop.call_soon_threadsafe(_fail, group, failure)
+                    continue
+                metrics.BATCH_SPLITS.labels("out_of_memory" if out_of_memory else "error").inc()
+                ordered = sorted(group, key=lambda item: item.tokens)
+                half = len(ordered) // 2
+                groups += [ordered[half:], ordered[:half]]  # a stack: the short half runs next
+                continue
+            self._set_budget(self.memory_budget.succeeded(self.clock()))
+            self._loop.call_soon_threadsafe(_resolve, group, scores)
+            answered += sum(item.tokens for item in group)
+        return answered
+
+    def _log_failure(self, error: Exception, texts: int, group: int, padded_length: int) -> None:
+        if isinstance(error, OutOfMemory):
+            log.warning(
+                "out of memory on %d texts x %d tokens (batch of %d); splitting it, token budget now %d",
+                group, padded_length, texts, self.memory_budget.current,
+            )
+        else:
+            log.error("inference failed for a batch of %d texts; retrying it in halves", texts, exc_info=error)
+
+    def _set_budget(self, tokens: int) -> None:
+        if tokens != self.queue.policy.max_batch_tokens:
+            with self._changed:
+                self.queue.set_max_batch_tokens(tokens)
+            metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(tokens)
 
     def _observe_batch(self, batch: Batch, started: float) -> None:
         for item in batch.items:

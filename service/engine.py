@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,20 +11,34 @@ from pathlib import Path
 import torch
 
 from service import metrics
-from service.batcher import Batcher, ThroughputMeter
+from service.autotune import Tuner, TuningReport, calibration_texts
+from service.batcher import Batcher, OutOfMemory, ThroughputMeter
 from service.default_model import ensure_default_model, read_build_report
-from service.postprocess import activate
-from service.runner import LoadedModel, ModelRunner, load_classifier, resolve_device, resolve_precision
+from service.postprocess import ProblemType, activate
+from service.runner import (
+    LoadedModel,
+    ModelRunner,
+    cpu_has_native_bf16,
+    cuda_supports_bf16,
+    load_classifier,
+    release_cached_memory,
+    resolve_device,
+    resolve_precision,
+)
 from service.scheduler import BatchingPolicy, BatchQueue, default_bucket_bounds
 from service.settings import Settings
 from service.tokenization import EncodedText, TextEncoder, model_max_length
+from service.tuning import Choice, precision_candidates
 
 log = logging.getLogger(__name__)
 
-# Default token budgets per batch. On the 2-core CPU measured here, MiniLM-L6 on length-sorted batches peaked near
-# 1-2k tokens (287 texts/s at 1024, 304 at 2048, 242 at 8192: bigger attention tensors stop fitting in cache);
-# a GPU wants far more work per launch.
+# Token budgets per batch when tuning is off. On the 2-core AMX Xeon this project first ran on, MiniLM-L6 on
+# length-sorted batches peaked near 1-2k tokens (287 texts/s at 1024, 304 at 2048, 242 at 8192: bigger attention
+# tensors stop fitting in cache); a GPU wants far more work per launch.
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
+# Precision candidates are timed at this budget (or the forced one): near the CPU's best, and small enough for
+# any GPU at the model's maximum length.
+PRECISION_TRIAL_BUDGET = 2048
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,7 @@ class Engine:
         self.build_report: dict | None = None
         self.device: torch.device | None = None
         self.precision: str | None = None
+        self.tuning: TuningReport | None = None
         self.loaded: LoadedModel | None = None
         self.encoder: TextEncoder | None = None
         self.policy: BatchingPolicy | None = None
@@ -73,7 +89,10 @@ class Engine:
             return
         self.batcher.start(self._inference_thread)
         self.ready = True
-        log.info("ready: %s on %s (%s)", self.model_id, self.device, self.precision)
+        log.info(
+            "ready: %s on %s (%s, max_batch_tokens %d)", self.model_id, self.device, self.precision,
+            self.policy.max_batch_tokens,
+        )
 
     async def stop(self) -> None:
         """Stop admitting and finish every queued text before returning."""
@@ -106,7 +125,6 @@ class Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
-        self.precision = resolve_precision(settings.precision, self.device)
         model_path = settings.model
         if model_path is None:
             default_dir = ensure_default_model(Path(settings.cache_dir) if settings.cache_dir else None)
@@ -117,18 +135,63 @@ class Engine:
             self.loaded.tokenizer, self.loaded.max_position_embeddings
         )
         self.encoder = TextEncoder(self.loaded.tokenizer, max_length)
-        self.policy = self._batching_policy(max_length)
-        self.runner = ModelRunner(self.loaded.model, self.device, self.precision, self.loaded.tokenizer.pad_token_id or 0)
-        metrics.MODEL_INFO.info({"model": self.model_id, "device": str(self.device), "precision": self.precision})
-
-    def _batching_policy(self, max_length: int) -> BatchingPolicy:
-        settings = self.settings
         # Tensor cores want sequence lengths in multiples of 8; the CPU gains nothing from extra padding.
         pad_multiple = 8 if self.device.type == "cuda" else 1
+        longest = -(-max_length // pad_multiple) * pad_multiple
+        if settings.tune and "auto" in (settings.precision, settings.max_batch_tokens):
+            self.tuning = self._tune(longest)
+            log.info(self.tuning.summary())
+            self.precision, max_batch_tokens = self.tuning.precision.value, self.tuning.max_batch_tokens.value
+            metrics.TUNING_SECONDS.set(self.tuning.seconds)
+        else:
+            self.precision = resolve_precision(settings.precision, self.device)
+            max_batch_tokens = self._untuned_budget()
+        self.policy = self._batching_policy(max_length, pad_multiple, max_batch_tokens)
+        pad_token_id = self.loaded.tokenizer.pad_token_id or 0
+        self.runner = ModelRunner(self.loaded.model, self.device, self.precision, pad_token_id)
+        metrics.MODEL_INFO.info({"model": self.model_id, "device": str(self.device), "precision": self.precision})
+        metrics.MAX_BATCH_TOKENS.set(max_batch_tokens)
+
+    def _untuned_budget(self) -> int:
+        forced = self.settings.max_batch_tokens
+        return DEFAULT_MAX_BATCH_TOKENS.get(self.device.type, 2048) if forced == "auto" else forced
+
+    def _tune(self, longest: int) -> TuningReport:
+        """Measure what is `auto` (precision, budget) on this model and device; keep what was forced."""
+        settings, device = self.settings, self.device
+        started = time.perf_counter()
+        calibration = [text.ids for text in self.encoder.encode(calibration_texts(), truncate=True)]
+        tuner = Tuner(
+            self.loaded.model, device, self.loaded.tokenizer.pad_token_id or 0, self.loaded.problem_type,
+            calibration, settings.max_batch_size, floor=longest,
+        )
+        precision_trials, budget_trials = [], []
+        if settings.precision == "auto":
+            candidates = precision_candidates(
+                device.type,
+                cpu_native_bf16=device.type == "cpu" and cpu_has_native_bf16(),
+                cuda_bf16=cuda_supports_bf16(device),
+                regression=self.loaded.problem_type == "regression",
+            )
+            trial_budget = max(longest, PRECISION_TRIAL_BUDGET) if settings.max_batch_tokens == "auto" else settings.max_batch_tokens
+            precision, precision_trials = tuner.precision(candidates, settings.precision_tolerance, trial_budget)
+        else:
+            precision = Choice(resolve_precision(settings.precision, device), "forced by CLASSIFIER_PRECISION")
+        if settings.max_batch_tokens == "auto":
+            # The ladder climbs until half the time limit has passed; timing its rungs again takes about as long.
+            climb_until = started + settings.tuning_time_limit / 2
+            budget, budget_trials = tuner.budget(precision.value, climb_until)
+        else:
+            budget = Choice(settings.max_batch_tokens, "forced by CLASSIFIER_MAX_BATCH_TOKENS")
+        return TuningReport(
+            precision, budget, precision_trials, budget_trials, len(calibration), time.perf_counter() - started
+        )
+
+    def _batching_policy(self, max_length: int, pad_multiple: int, max_batch_tokens: int) -> BatchingPolicy:
+        settings = self.settings
         bounds = tuple(settings.bucket_bounds or default_bucket_bounds(max_length, pad_multiple))
         if bounds[-1] < max_length:
             bounds = bounds + (max_length,)
-        max_batch_tokens = settings.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(self.device.type, 2048)
         longest = -(-max_length // pad_multiple) * pad_multiple
         if max_batch_tokens < longest:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) is below the model's maximum length ({longest})")
@@ -144,7 +207,7 @@ class Engine:
         )
 
     def _infer(self, sequences: list[list[int]], padded_length: int) -> list[list[float]]:
-        return activate(self.runner.run(sequences, padded_length), self.loaded.problem_type)
+        return batch_scores(self.runner, self.loaded.problem_type, sequences, padded_length)
 
     def _warm_up(self) -> None:
         """One batch per bucket, so first requests do not pay for lazy initialisation (and CUDA OOMs show now).
@@ -180,11 +243,16 @@ class Engine:
                 device=str(self.device),
                 precision=self.precision,
             )
+            info["tuning"] = self.tuning.as_dict() if self.tuning is not None else {
+                "enabled": False,
+                "reason": "CLASSIFIER_TUNE=false" if not self.settings.tune else "precision and budget both forced",
+            }
         if self.policy is not None:
             policy = self.policy
             info["batching"] = {
                 "bucket_bounds": list(policy.bucket_bounds),
                 "max_batch_tokens": policy.max_batch_tokens,
+                "effective_max_batch_tokens": self.batcher.memory_budget.current if self.batcher else None,
                 "max_batch_size": policy.max_batch_size,
                 "window_seconds": policy.window,
                 "pad_multiple": policy.pad_multiple,
@@ -193,3 +261,16 @@ class Engine:
         if self.build_report is not None:
             info["default_model_build"] = self.build_report
         return info
+
+
+def batch_scores(
+    runner: ModelRunner, problem_type: ProblemType, sequences: list[list[int]], padded_length: int
+) -> list[list[float]]:
+    """Scores for one batch. The framework's out-of-memory becomes the batcher's OutOfMemory (after the allocator's
+    cache is released), so the batcher can split the batch without knowing torch."""
+    try:
+        logits = runner.run(sequences, padded_length)
+    except torch.cuda.OutOfMemoryError as error:
+        release_cached_memory(runner.device)
+        raise OutOfMemory(str(error)) from error
+    return activate(logits, problem_type)

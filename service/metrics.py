@@ -64,3 +64,18 @@ REJECTED_TEXTS = Counter(
     "classifier_rejected_texts_total", "Texts refused at admission, by reason (queue_full).", ["reason"]
 )
 MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")
+
+# Start-up tuning and run-time out-of-memory handling.
+MAX_BATCH_TOKENS = Gauge(
+    "classifier_max_batch_tokens", "Token budget per batch chosen at start-up (measured, forced, or the default)."
+)
+EFFECTIVE_MAX_BATCH_TOKENS = Gauge(
+    "classifier_effective_max_batch_tokens",
+    "Token budget per batch in force now: below the chosen one for a while after an out-of-memory.",
+)
+TUNING_SECONDS = Gauge("classifier_tuning_seconds", "Time start-up tuning took to measure precision and budget.")
+BATCH_SPLITS = Counter(
+    "classifier_batch_splits_total",
+    "Failed batches split in halves and retried, by why they failed (out_of_memory, error).",
+    ["reason"],
+)

@@ -54,16 +54,46 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` means fp16 autocast on CUDA and fp32 elsewhere: on CPUs without AMX, autocast slows BERT 6-20x, and
-    where AMX makes bf16 faster (2.9x per batch measured on an AMX Xeon) it still costs precision: opt in."""
+    """The precision when it is not measured: `auto` means fp16 autocast on CUDA and fp32 elsewhere (the safe choice
+    without a measurement: emulated bf16 slows BERT 6-20x on CPUs without bf16 instructions)."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
-    if precision != "fp32" and device.type == "cpu":
+    if precision != "fp32" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning(
-            "%s autocast on a CPU pays off only with AMX (amx_bf16 in /proc/cpuinfo); without it, expect it "
+            "%s autocast on a CPU without bf16 instructions (avx512_bf16 or amx_bf16) is emulated: expect it "
             "several times slower than fp32", precision
         )
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU advertises bf16 instructions (AVX512-BF16 or AMX-BF16) in the Linux kernel's CPU flags.
+
+    Only a hint that bf16 may pay off (tuning then times it): torch exposes no such check (its capability string
+    says AVX512 either way, and mkldnn's bf16 check accepts any AVX512 CPU). False where /proc/cpuinfo is absent.
+    """
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """Whether the GPU runs bf16 natively (Ampere and later); emulated bf16 is not worth timing."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no such argument and counts native support only
+        return torch.cuda.is_bf16_supported()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """After an out-of-memory, hand the caching allocator's free blocks back so the next batch can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class ModelRunner:

@@ -6,6 +6,7 @@ neighbouring buckets while its padding efficiency stays high, is padded only to 
 flushed when it meets its token budget or size limit, or when its oldest text has waited the time window.
 """
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -132,6 +133,10 @@ class BatchQueue:
 
     def __len__(self) -> int:
         return self._texts
+
+    def set_max_batch_tokens(self, tokens: int) -> None:
+        """Batches from now on stay within `tokens` (the batcher lowers it after an out-of-memory, then restores it)."""
+        self.policy = dataclasses.replace(self.policy, max_batch_tokens=tokens)
 
     @property
     def tokens(self) -> int:

@@ -1,6 +1,6 @@
 """The service's one settings object: every knob, typed, from flags or the environment, checked at start-up."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,12 +22,27 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    precision: Precision = Field("auto", description="auto = fp16 autocast on CUDA, fp32 elsewhere.")
+    precision: Precision = Field(
+        "auto",
+        description="auto = the fastest precision measured at start-up whose scores stay within precision_tolerance "
+        "of fp32's (fp32 for regression heads; with tune off: fp16 on CUDA, fp32 elsewhere).",
+    )
+    precision_tolerance: float = Field(
+        0.01, ge=0, le=1, description="Largest score difference from fp32 on the calibration set that auto accepts."
+    )
+    tune: bool = Field(
+        True, description="Measure precision and token budget at start-up; false = fixed per-device defaults."
+    )
+    tuning_time_limit: float = Field(
+        20.0, gt=0, description="About how long start-up tuning may take: the budget ladder stops climbing at half."
+    )
     max_length: int | None = Field(None, ge=2, description="Longest input in tokens; unset = the model's own limit.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = all cores.")
 
-    max_batch_tokens: int | None = Field(
-        None, ge=1, description="Token budget per batch (texts x padded length); unset = a per-device default."
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Token budget per batch (texts x padded length); auto = measured at start-up (a per-device "
+        "default with tune off).",
     )
     max_batch_size: int = Field(128, ge=1, description="Most texts in one batch; 1 turns batching off.")
     batch_window_ms: float = Field(4.0, ge=0, description="Longest a text waits for its batch to fill.")

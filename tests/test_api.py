@@ -73,8 +73,9 @@ def test_batching_does_not_change_answers(tiny_model_dir):
     """Mixed lengths sent concurrently, alone and in groups, get the scores each text gets alone (fp32, 1e-4)."""
     texts = [f"{REVIEWS[i % len(REVIEWS)]} {'very ' * (i * 3 % 25)}{i}" for i in range(48)]
     expected = reference_scores(tiny_model_dir, texts, lambda logits: logits.softmax(-1))
-    # A wide window makes concurrent texts share batches, so the comparison is a real one.
-    with start_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "50"}) as url:
+    # A wide window makes concurrent texts share batches, so the comparison is a real one. fp32 is forced: tuning
+    # could pick bf16 wherever it is faster and within its tolerance (see test_tuning_service for that bound).
+    with start_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "50", "CLASSIFIER_PRECISION": "fp32"}) as url:
 
         async def send_all() -> list[dict]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:

@@ -1,0 +1,134 @@
+"""A failing batch fails only the texts that fail alone: out-of-memory splits (with the budget shrinking and growing
+back) and a poisoned text, driven in-process with fake models and an injected clock."""
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from service.batcher import Batcher, InferenceFailed, TextTooLargeForDevice, ThroughputMeter
+from service.engine import batch_scores
+from service.runner import ModelRunner
+from service.scheduler import BatchingPolicy, BatchQueue
+from service.tokenization import EncodedText
+
+POISON = 666
+
+
+class FakeClassifier(torch.nn.Module):
+    """Logits from the ids alone (so each text's answer is known), failing like a real model might: CUDA
+    out-of-memory above `max_tokens` padded tokens per batch, or an error on the token id `poison`."""
+
+    def __init__(self, max_tokens: int | None = None, poison: int | None = None) -> None:
+        super().__init__()
+        self.max_tokens, self.poison = max_tokens, poison
+        self.batches: list[tuple[int, int]] = []  # (texts, padded length) of every batch that ran
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        if self.max_tokens is not None and input_ids.numel() > self.max_tokens:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake): {tuple(input_ids.shape)}")
+        if self.poison is not None and (input_ids == self.poison).any():
+            raise ValueError("index out of range in self (fake)")
+        self.batches.append(tuple(input_ids.shape))
+        total = (input_ids * attention_mask).sum(-1).float()
+        return SimpleNamespace(logits=torch.stack([total / 100, torch.zeros_like(total)], dim=-1))
+
+
+def expected_scores(ids: list[int]) -> list[float]:
+    return torch.tensor([sum(ids) / 100, 0.0]).softmax(-1).tolist()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int = 1024) -> Batcher:
+    policy = BatchingPolicy(
+        bucket_bounds=(8, 16, 32, 96), max_batch_tokens=max_batch_tokens, max_batch_size=64, window=0.0,
+        merge_min_efficiency=0.01,  # every text joins one batch, so the failure has innocent neighbours
+    )
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=0)
+    infer = functools.partial(batch_scores, runner, "single_label_classification")
+    return Batcher(BatchQueue(policy), infer, max_queue_tokens=100_000, meter=ThroughputMeter(), clock=clock)
+
+
+async def classify_together(batcher: Batcher, texts: list[list[int]]) -> list:
+    """Submit the texts at once and wait for every answer (scores or the exception)."""
+    return await asyncio.gather(*batcher.submit([EncodedText(ids, False) for ids in texts]), return_exceptions=True)
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def short_text(i: int) -> list[int]:
+    return [101 + i] * 16
+
+
+def test_out_of_memory_splits_the_batch_shrinks_the_budget_and_recovers_slowly():
+    model, clock = FakeClassifier(max_tokens=64), FakeClock()
+    batcher = make_batcher(model, clock)
+    splits_before = counter("classifier_batch_splits_total", reason="out_of_memory")
+    long_text = [7] * 90
+    texts = [short_text(i) for i in range(8)] + [long_text]
+
+    async def scenario():
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            batcher.start(thread)
+            first = await classify_together(batcher, texts)
+            budget_after_oom = batcher.queue.policy.max_batch_tokens
+            clock.now += 31  # a quiet period: the next batch grows the budget back one step
+            second = await classify_together(batcher, [short_text(0)])
+            budget_after_quiet = batcher.queue.policy.max_batch_tokens
+            batcher.drain()
+            await batcher.drained()
+        return first, budget_after_oom, second, budget_after_quiet
+
+    first, budget_after_oom, second, budget_after_quiet = asyncio.run(scenario())
+    for ids, answer in zip(texts[:8], first[:8]):
+        assert answer == pytest.approx(expected_scores(ids))
+    assert isinstance(first[8], TextTooLargeForDevice) and "90 tokens" in str(first[8])
+    assert second[0] == pytest.approx(expected_scores(short_text(0)))
+    assert all(texts_ * length <= 64 for texts_, length in model.batches)
+    # 9 x 90 tokens ran out of memory: the budget fell below half of it, down to the floor (one 96-token text).
+    assert budget_after_oom == 96
+    assert budget_after_quiet == 120  # x 1.25 after 30 quiet seconds, up to 1024 eventually
+    assert batcher.memory_budget.tuned == 1024
+    assert counter("classifier_batch_splits_total", reason="out_of_memory") - splits_before >= 3
+    assert REGISTRY.get_sample_value("classifier_effective_max_batch_tokens") == 120
+
+
+def test_a_poisoned_text_fails_alone_and_the_error_is_logged_once(caplog):
+    model, clock = FakeClassifier(poison=POISON), FakeClock()
+    batcher = make_batcher(model, clock)
+    splits_before = counter("classifier_batch_splits_total", reason="error")
+    texts = [short_text(i) for i in range(7)]
+    texts.insert(3, [101, POISON, 102])
+
+    async def scenario():
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            batcher.start(thread)
+            answers = await classify_together(batcher, texts)
+            batcher.drain()
+            await batcher.drained()
+        return answers
+
+    with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        answers = asyncio.run(scenario())
+    for index, (ids, answer) in enumerate(zip(texts, answers)):
+        if index == 3:
+            assert isinstance(answer, InferenceFailed) and "ValueError" in str(answer)
+        else:
+            assert answer == pytest.approx(expected_scores(ids))
+    assert len([r for r in caplog.records if "inference failed" in r.getMessage()]) == 1
+    assert counter("classifier_batch_splits_total", reason="error") - splits_before == 3  # 8 -> 4 -> 2 -> 1
+    assert batcher.queue.policy.max_batch_tokens == 1024  # an ordinary error does not touch the budget
