@@ -36,9 +36,10 @@ class TextEncoder:
 
     A text far longer than the model reads is tokenized from a prefix only, so a 2 MB text costs the tokenizer time
     and memory for a few thousand characters, not for two million tokens and their offsets. The prefix is used only
-    when it provably yields the same ids: more tokens than the model takes must lie before the prefix's last two
-    pre-tokenized words (the last may be cut in half, and byte-level BPE splits a run of spaces according to
-    the word after it); earlier words tokenize the same whatever follows.
+    when it yields the same ids: more tokens than the model takes must lie before the prefix's last two
+    pre-tokenized words. The last may be cut in half; the one before is a margin for pre-tokenizers that split a
+    word by what follows it (byte-level BPE gives the last space of a run to the next word). Earlier words
+    tokenize the same whatever follows; tests/test_tokenization.py checks this against whole-text tokenization.
     """
 
     PREFIX_CHARS_PER_TOKEN = 8  # the first prefix tried; grown fourfold while it is not provably enough
