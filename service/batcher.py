@@ -90,6 +90,11 @@ class Batcher:
         self.infer = infer
         self.max_queue_tokens = max_queue_tokens
         self.meter = meter
+        # Tokens per second of wall time while batches run back to back: what the model, the tokenizer, HTTP and
+        # the rest of the process sharing the CPU together really drain. Admission and Retry-After use it once it
+        # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
+        self.backlog_meter = ThroughputMeter()
+        self._previous_batch: tuple[int, float] | None = None  # real tokens and start of the last batch taken
         self.clock = clock
         self._changed = threading.Condition()
         self._accepting = True
@@ -127,11 +132,11 @@ class Batcher:
 
     def _admit(self, texts: int, tokens: int, time_left: float) -> None:
         """Refuse at once what the queue cannot take, rather than accept it to time out later."""
-        retry_after = max(1.0, math.ceil(self.meter.seconds_for(self.queue.tokens)))
+        retry_after = max(1.0, math.ceil(self._drain_seconds(self.queue.tokens)))
         if self.queue.tokens + tokens > self.max_queue_tokens:
             metrics.REJECTED_TEXTS.labels("queue_full").inc(texts)
             raise Overloaded("queue_full", "the queue is full", retry_after)
-        predicted = self.meter.seconds_for(self.queue.tokens + tokens)
+        predicted = self._drain_seconds(self.queue.tokens + tokens)
         if predicted > time_left:
             metrics.REJECTED_TEXTS.labels("predicted_wait").inc(texts)
             raise Overloaded(
@@ -172,17 +177,28 @@ class Batcher:
     def _next_batch(self) -> Batch | None:
         """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
         with self._changed:
+            backlogged = True
             while True:
                 now = self.clock()
                 self._expire(now)
                 batch = self.queue.next_batch(now)
                 if batch is not None:
+                    self._measure_backlog(batch, now, backlogged)
                     self._publish_queue_state()
                     return batch
+                backlogged = False
                 if not self._accepting and not len(self.queue):
                     return None
                 deadline = self.queue.next_deadline()
                 self._changed.wait(None if deadline is None else max(0.0, deadline - self.clock()))
+
+    def _measure_backlog(self, batch: Batch, now: float, backlogged: bool) -> None:
+        """A batch ready the moment the previous one ended means the queue was backlogged all along: the previous
+        batch's tokens over the wall time since it started is the rate the queue really drains at."""
+        if backlogged and self._previous_batch is not None:
+            tokens, started = self._previous_batch
+            self.backlog_meter.record(tokens, now - started)
+        self._previous_batch = (batch.real_tokens, now)
 
     def _expire(self, now: float) -> None:
         """Fail the queued texts whose deadline has passed, before they cost model time (called under the lock)."""
@@ -225,7 +241,11 @@ class Batcher:
     def _publish_queue_state(self) -> None:
         metrics.QUEUE_TEXTS.set(len(self.queue))
         metrics.QUEUE_TOKENS.set(self.queue.tokens)
-        metrics.QUEUE_DRAIN.set(self.meter.seconds_for(self.queue.tokens))
+        metrics.QUEUE_DRAIN.set(self._drain_seconds(self.queue.tokens))
+
+    def _drain_seconds(self, tokens: int) -> float:
+        meter = self.backlog_meter if self.backlog_meter.tokens_per_second else self.meter
+        return meter.seconds_for(tokens)
 
 
 def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:

@@ -28,24 +28,28 @@ def texts(*lengths: int) -> list[EncodedText]:
     return [EncodedText(list(range(length)), False) for length in lengths]
 
 
-def make_batcher(clock: FakeClock, ran: list, tokens_per_second: float = 1000.0, max_queue_tokens: int = 10_000):
+def make_batcher(clock: FakeClock, ran: list, policy: BatchingPolicy, batch_seconds: float):
     meter = ThroughputMeter()
-    meter.record(int(tokens_per_second), 1.0)
-    policy = BatchingPolicy(bucket_bounds=(16, 64, 128), max_batch_tokens=512, max_batch_size=8, window=30.0)
+    meter.record(1000, 1.0)  # the model alone: 1000 tokens/s
+    max_queue_tokens = 10_000
 
     def infer(sequences, padded_length):
+        clock.now += batch_seconds  # wall time a batch takes, model and everything else on the CPU
         ran.extend(len(ids) for ids in sequences)
         return [[0.5, 0.5] for _ in sequences]
 
     return Batcher(BatchQueue(policy), infer, max_queue_tokens, meter, clock)
 
 
-def run(scenario):
+WAITING = BatchingPolicy(bucket_bounds=(16, 64, 128), max_batch_tokens=512, max_batch_size=8, window=30.0)
+
+
+def run(scenario, policy: BatchingPolicy = WAITING, batch_seconds: float = 0.0):
     """Run `scenario(batcher, clock, ran)` on an event loop with the batcher's inference thread started."""
 
     async def main():
         clock, ran = FakeClock(), []
-        batcher = make_batcher(clock, ran)
+        batcher = make_batcher(clock, ran, policy, batch_seconds)
         with ThreadPoolExecutor(1) as thread:
             batcher.start(thread)
             try:
@@ -130,3 +134,20 @@ def test_a_request_whose_deadline_has_passed_is_not_queued():
         assert len(batcher.queue) == 0
 
     run(scenario)
+
+
+def test_admission_uses_the_drain_rate_measured_while_batches_run_back_to_back():
+    """Model time says 1000 tokens/s; batches of 100 tokens that really take 0.4 s each say 250/s."""
+
+    async def scenario(batcher, clock, ran):
+        backlog = batcher.submit(texts(100, 100, 100), deadline=math.inf)  # one batch per text
+        await asyncio.wait(backlog.futures, timeout=30)
+        assert ran == [100, 100, 100]
+        assert batcher.backlog_meter.tokens_per_second == pytest.approx(250)
+        assert len(batcher.queue) == 0
+        with pytest.raises(Overloaded) as refused:  # its own 100 tokens take 0.4 s, not the model's 0.1 s
+            batcher.submit(texts(100), deadline=clock.now + 0.3)
+        assert refused.value.reason == "predicted_wait"
+
+    one_text_batches = BatchingPolicy(bucket_bounds=(128,), max_batch_tokens=128, max_batch_size=1, window=0.0)
+    run(scenario, one_text_batches, batch_seconds=0.4)
