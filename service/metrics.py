@@ -54,7 +54,7 @@ QUEUE_TEXTS = Gauge("classifier_queue_texts", "Texts waiting in the queue.")
 QUEUE_TOKENS = Gauge("classifier_queue_tokens", "Tokens of the texts waiting in the queue.")
 QUEUE_DRAIN = Gauge(
     "classifier_queue_drain_seconds",
-    "Estimated time to clear the current queue at the recently measured token throughput.",
+    "Estimated time to clear the current queue at the token throughput measured while batches ran back to back.",
 )
 INPUT_TOKENS = Histogram(
     "classifier_input_tokens", "Tokens per text after truncation, special tokens included.", buckets=TOKEN_BUCKETS
