@@ -6,7 +6,7 @@
 Writes to --out-dir: locust's own report (locust.html, locust_*.csv), its final numbers (client.json),
 and summary.json / summary.md, which put what the client felt (requests/s, latency percentiles, failures)
 next to why, from the server's metrics over the same window (queue wait, batch sizes, padding efficiency,
-batch flush reasons, truncations, refusals). Exits 1 when any request failed or the overall p99 exceeds --max-p99-ms,
+batch flush reasons, truncations, refusals (429), deadlines (504) and dropped texts). Exits 1 when any request failed or the overall p99 exceeds --max-p99-ms,
 2 when the service is not ready, so it can gate a deployment.
 """
 
@@ -108,6 +108,9 @@ def server_summary(before: Samples, after: Samples, seconds: float) -> dict:
         "batch_flushes_by_reason": delta_by(before, after, "classifier_batch_flushes_total", "reason"),
         "truncated_texts": round(delta(before, after, "classifier_truncated_texts_total")),
         "rejected_texts_by_reason": delta_by(before, after, "classifier_rejected_texts_total", "reason"),
+        "cancelled_texts_by_reason": delta_by(before, after, "classifier_cancelled_texts_total", "reason"),
+        "unanswered_tokens": round(delta(before, after, "classifier_unanswered_tokens_total")),
+        "real_tokens": round(real),
     }
 
 
@@ -179,6 +182,7 @@ def markdown(summary: dict) -> str:
         )
     queue, infer, size = server["queue_wait_seconds"], server["batch_inference_seconds"], server["batch_size"]
     request, tokens = server["request_seconds"], server["input_tokens"]
+    statuses = server["requests_by_status"]
     lines += [
         "",
         "## Why: the server over the same window",
@@ -198,6 +202,9 @@ def markdown(summary: dict) -> str:
         f"| tokens per text p50 / p99 | {_fmt(tokens['p50'], digits=0)} / {_fmt(tokens['p99'], digits=0)} |",
         f"| truncated texts | {server['truncated_texts']} |",
         f"| refused texts by reason | {_counts(server['rejected_texts_by_reason'])} |",
+        f"| overloaded (429) / past their deadline (504) requests | {statuses.get('429', 0)} / {statuses.get('504', 0)} |",
+        f"| queued texts dropped by reason (client gone, deadline) | {_counts(server['cancelled_texts_by_reason'])} |",
+        f"| model tokens spent on answers nobody received | {server['unanswered_tokens']} of {server['real_tokens']} |",
         "",
     ]
     return "\n".join(lines)

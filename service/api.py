@@ -1,18 +1,20 @@
 """HTTP in and out: routes, request validation, error responses and request metrics."""
 
 import asyncio
+import contextlib
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.batcher import InferenceFailed, NotAccepting, QueueFull, TextTooLargeForDevice
-from service.engine import Engine
+from service.batcher import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
+from service.engine import Classified, Engine
 from service.postprocess import rank
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, LabelScoreOut, TextResult
 from service.settings import Settings
@@ -57,10 +59,20 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
     @app.post(
         "/classify",
         response_model=ClassifyResponse,
-        responses={413: {"model": ErrorResponse}},
+        responses={
+            413: {"model": ErrorResponse},
+            429: {"model": ErrorResponse, "description": "Overloaded: retry after the Retry-After header's seconds"},
+            504: {"model": ErrorResponse, "description": "The deadline passed before the texts reached the model"},
+        },
         summary="Classify texts; each answer comes back in the order sent",
     )
-    async def classify(body: ClassifyRequest) -> ClassifyResponse:
+    async def classify(
+        body: ClassifyRequest,
+        request: Request,
+        x_request_timeout_ms: Annotated[
+            int | None, Header(ge=1, le=600_000, description="Same as the body's timeout_ms; the smaller wins.")
+        ] = None,
+    ) -> ClassifyResponse | Response:
         _require_ready(engine)
         if len(body.texts) > engine.settings.max_texts_per_request:
             raise ApiError(
@@ -68,23 +80,15 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
                 f"too many texts: {len(body.texts)} sent, at most {engine.settings.max_texts_per_request} "
                 "per request; split them over several requests",
             )
-        try:
-            encoded = await engine.encode(body.texts, body.truncate)
-            classified = await engine.classify(encoded)
-        except TextTooLong as error:
-            raise ApiError(413, str(error)) from error
-        except QueueFull as error:
-            raise ApiError(503, str(error), {"Retry-After": f"{error.retry_after:.0f}"}) from error
-        except NotAccepting as error:
-            raise ApiError(503, "the service is shutting down; retry on another replica", {"Retry-After": "1"}) from error
-        except TextTooLargeForDevice as error:  # even alone, the text ran the device out of memory
-            raise ApiError(413, str(error)) from error
-        except InferenceFailed as error:  # the model raised on this text alone; its batch's other texts got answers
-            raise ApiError(500, str(error)) from error
+        timeouts = [t for t in (body.timeout_ms, x_request_timeout_ms) if t is not None]
+        deadline = engine.deadline_after(min(timeouts, default=None))
+        work = asyncio.create_task(_encode_and_classify(engine, body, deadline))
+        if not await _finished_before_client_left(work, request.receive):
+            return ClientGone()  # its queued texts were dropped when `work` was cancelled
         labels = engine.loaded.labels
         return ClassifyResponse(
             model=engine.model_id,
-            results=[_text_result(item.scores, labels, body.top_k, item.encoded) for item in classified],
+            results=[_text_result(item.scores, labels, body.top_k, item.encoded) for item in work.result()],
         )
 
     @app.get("/health", summary="Alive (200), or 503 when the model failed to load")
@@ -105,6 +109,58 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _encode_and_classify(engine: Engine, body: ClassifyRequest, deadline: float) -> list[Classified]:
+    try:
+        encoded = await engine.encode(body.texts, body.truncate)
+        return await engine.classify(encoded, deadline)
+    except TextTooLong as error:
+        raise ApiError(413, str(error)) from error
+    except Overloaded as error:
+        raise ApiError(429, str(error), {"Retry-After": f"{error.retry_after:.0f}"}) from error
+    except DeadlineExceeded as error:
+        raise ApiError(
+            504, "the request's deadline passed before the model reached its texts; retry later or allow more time "
+            "(timeout_ms)"
+        ) from error
+    except NotAccepting as error:
+        raise ApiError(503, "the service is shutting down; retry on another replica", {"Retry-After": "1"}) from error
+    except TextTooLargeForDevice as error:  # even alone, the text ran the device out of memory
+        raise ApiError(413, str(error)) from error
+    except InferenceFailed as error:  # the model raised on this text alone; its batch's other texts got answers
+        raise ApiError(500, str(error)) from error
+
+
+async def _finished_before_client_left(work: asyncio.Task, receive: Receive) -> bool:
+    """Wait for `work`; if the client disconnects first, cancel it and return False."""
+    watch = asyncio.create_task(_disconnected(receive))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return False
+    return True
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client has gone (the body was read already, so the only message left is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Response):
+    """Nobody is left to answer: send nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=499)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
 
 
 def _text_result(scores: list[float], labels: tuple[str, ...], top_k: int | None, encoded) -> TextResult:

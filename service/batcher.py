@@ -50,12 +50,28 @@ class Pending:
     future: asyncio.Future
 
 
-class QueueFull(Exception):
-    """Admitting these texts would push the queue past its token limit."""
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One request's queued texts, in order: await their futures, or `Batcher.cancel` them."""
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"the queue is full; retry in about {retry_after:.0f} s")
-        self.retry_after = retry_after
+    items: list[QueuedText]
+
+    @property
+    def futures(self) -> list[asyncio.Future]:
+        return [item.handle.future for item in self.items]
+
+
+class Overloaded(Exception):
+    """The queue cannot take these texts now: it would exceed its token limit (`queue_full`), or it would not reach
+    them before their deadline (`predicted_wait`)."""
+
+    def __init__(self, reason: str, message: str, retry_after: float) -> None:
+        super().__init__(f"{message}; retry in about {retry_after:.0f} s")
+        self.reason, self.retry_after = reason, retry_after
+
+
+class DeadlineExceeded(Exception):
+    """The texts' deadline passed before the model reached them."""
 
 
 class NotAccepting(Exception):
@@ -97,6 +113,11 @@ class Batcher:
         self.infer = infer
         self.max_queue_tokens = max_queue_tokens
         self.meter = meter
+        # Tokens per second of wall time while batches run back to back: what the model, the tokenizer, HTTP and
+        # the rest of the process sharing the CPU together really drain. Admission and Retry-After use it once it
+        # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
+        self.backlog_meter = ThroughputMeter()
+        self._previous_batch: tuple[int, float] | None = None  # real tokens and start of the last batch taken
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -111,22 +132,58 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._worked = self._loop.run_in_executor(inference_thread, self._work)
 
-    def submit(self, texts: list[EncodedText]) -> list[asyncio.Future]:
-        """Queue the texts; one future per text, resolved with its scores."""
-        futures = [self._loop.create_future() for _ in texts]
+    def submit(self, texts: list[EncodedText], deadline: float = math.inf) -> Submission:
+        """Queue the texts, to be answered by `deadline` (on this batcher's clock); one future per text.
+
+        Raises NotAccepting while draining, DeadlineExceeded when the deadline has already passed, and Overloaded
+        when the queue is full or its measured drain time plus these texts' own would pass the deadline.
+        """
         tokens = sum(len(text.ids) for text in texts)
         with self._changed:
+            now = self.clock()
             if not self._accepting:
                 raise NotAccepting()
-            if self.queue.tokens + tokens > self.max_queue_tokens:
-                metrics.REJECTED_TEXTS.labels("queue_full").inc(len(texts))
-                raise QueueFull(retry_after=max(1.0, math.ceil(self.meter.seconds_for(self.queue.tokens))))
-            now = self.clock()
-            for text, future in zip(texts, futures):
-                self.queue.append(QueuedText(len(text.ids), now, Pending(text.ids, future)))
+            if now >= deadline:
+                raise DeadlineExceeded()
+            self._admit(len(texts), tokens, deadline - now)
+            items = [
+                QueuedText(len(text.ids), now, Pending(text.ids, self._loop.create_future()), deadline)
+                for text in texts
+            ]
+            for item in items:
+                self.queue.append(item)
             self._publish_queue_state()
             self._changed.notify()
-        return futures
+        return Submission(items)
+
+    def _admit(self, texts: int, tokens: int, time_left: float) -> None:
+        """Refuse at once what the queue cannot take, rather than accept it to time out later."""
+        retry_after = max(1.0, math.ceil(self._drain_seconds(self.queue.tokens)))
+        if self.queue.tokens + tokens > self.max_queue_tokens:
+            metrics.REJECTED_TEXTS.labels("queue_full").inc(texts)
+            raise Overloaded("queue_full", "the queue is full", retry_after)
+        predicted = self._drain_seconds(self.queue.tokens + tokens)
+        if predicted > time_left:
+            metrics.REJECTED_TEXTS.labels("predicted_wait").inc(texts)
+            raise Overloaded(
+                "predicted_wait",
+                f"the queue would take about {predicted:.1f} s to reach these texts, longer than the "
+                f"{time_left:.1f} s left before their deadline",
+                retry_after,
+            )
+
+    def cancel(self, submission: Submission, reason: str) -> int:
+        """Drop the submission's texts still queued (`reason`: client_gone, deadline), so the model never runs them,
+        and cancel their futures. Texts already in a running batch are left to finish. Returns how many were dropped.
+        """
+        with self._changed:
+            removed = self.queue.remove(submission.items)
+            if removed:
+                metrics.CANCELLED_TEXTS.labels(reason).inc(len(removed))
+                self._publish_queue_state()
+        for item in removed:
+            item.handle.future.cancel()
+        return len(removed)
 
     def drain(self) -> None:
         """Stop admitting; the inference thread finishes every text already queued, then ends."""
@@ -146,15 +203,36 @@ class Batcher:
     def _next_batch(self) -> Batch | None:
         """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
         with self._changed:
+            backlogged = True
             while True:
-                batch = self.queue.next_batch(self.clock())
+                now = self.clock()
+                self._expire(now)
+                batch = self.queue.next_batch(now)
                 if batch is not None:
+                    self._measure_backlog(batch, now, backlogged)
                     self._publish_queue_state()
                     return batch
+                backlogged = False
                 if not self._accepting and not len(self.queue):
                     return None
                 deadline = self.queue.next_deadline()
                 self._changed.wait(None if deadline is None else max(0.0, deadline - self.clock()))
+
+    def _measure_backlog(self, batch: Batch, now: float, backlogged: bool) -> None:
+        """A batch ready the moment the previous one ended means the queue was backlogged all along: the previous
+        batch's tokens over the wall time since it started is the rate the queue really drains at."""
+        if backlogged and self._previous_batch is not None:
+            tokens, started = self._previous_batch
+            self.backlog_meter.record(tokens, now - started)
+        self._previous_batch = (batch.real_tokens, now)
+
+    def _expire(self, now: float) -> None:
+        """Fail the queued texts whose deadline has passed, before they cost model time (called under the lock)."""
+        expired = self.queue.remove_expired(now)
+        if expired:
+            metrics.CANCELLED_TEXTS.labels("deadline").inc(len(expired))
+            self._publish_queue_state()
+            self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
 
     def _run(self, batch: Batch) -> None:
         # Callers that went away (cancelled futures) do not cost model time.
@@ -230,12 +308,18 @@ class Batcher:
     def _publish_queue_state(self) -> None:
         metrics.QUEUE_TEXTS.set(len(self.queue))
         metrics.QUEUE_TOKENS.set(self.queue.tokens)
-        metrics.QUEUE_DRAIN.set(self.meter.seconds_for(self.queue.tokens))
+        metrics.QUEUE_DRAIN.set(self._drain_seconds(self.queue.tokens))
+
+    def _drain_seconds(self, tokens: int) -> float:
+        meter = self.backlog_meter if self.backlog_meter.tokens_per_second else self.meter
+        return meter.seconds_for(tokens)
 
 
 def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:
     for item, text_scores in zip(items, scores):
-        if not item.handle.future.done():
+        if item.handle.future.done():  # its caller left (or its deadline passed) while the batch ran
+            metrics.UNANSWERED_TOKENS.inc(item.tokens)
+        else:
             item.handle.future.set_result(text_scores)
 
 

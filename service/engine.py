@@ -12,7 +12,7 @@ import torch
 
 from service import metrics
 from service.autotune import Tuner, TuningReport, calibration_texts
-from service.batcher import Batcher, OutOfMemory, ThroughputMeter
+from service.batcher import Batcher, DeadlineExceeded, OutOfMemory, Submission, ThroughputMeter
 from service.default_model import ensure_default_model, read_build_report
 from service.postprocess import ProblemType, activate
 from service.runner import (
@@ -27,7 +27,7 @@ from service.runner import (
 )
 from service.scheduler import BatchingPolicy, BatchQueue, default_bucket_bounds
 from service.settings import Settings
-from service.tokenization import EncodedText, TextEncoder, model_max_length
+from service.tokenization import EncodedText, EncoderPool, model_max_length
 from service.tuning import Choice, precision_candidates
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,10 @@ class Engine:
         self.precision: str | None = None
         self.tuning: TuningReport | None = None
         self.loaded: LoadedModel | None = None
-        self.encoder: TextEncoder | None = None
+        self.encoders: EncoderPool | None = None
         self.policy: BatchingPolicy | None = None
         self.runner: ModelRunner | None = None
         self.batcher: Batcher | None = None
-        # Tokenization runs off the event loop, in one thread: a fast tokenizer's truncation setting is shared
-        # state, so two threads encoding at once can each get the other's truncation.
-        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         # Every torch call (load, warm-up, batches) runs on this one thread. Each thread that runs torch ops gets
         # its own OpenMP team; with more team threads than cores, libgomp stops spin-waiting between parallel
         # regions, and the model ran 30% slower at saturation with 0.4 of 2 cores idle.
@@ -100,25 +97,58 @@ class Engine:
         if self.batcher is not None:
             self.batcher.drain()
             await self.batcher.drained()
-        self._tokenize_executor.shutdown(wait=False)
+        if self.encoders is not None:
+            self.encoders.shutdown()
         self._inference_thread.shutdown(wait=False)
 
+    def deadline_after(self, timeout_ms: float | None) -> float:
+        """The deadline, on the batcher's clock, of a request arriving now (the server default when unset)."""
+        return self.batcher.clock() + (timeout_ms or self.settings.request_timeout_ms) / 1000
+
     async def encode(self, texts: list[str], truncate: bool) -> list[EncodedText]:
-        """Token ids for the texts, computed off the event loop; raises TextTooLong."""
-        encoded = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_executor, self.encoder.encode, texts, truncate
-        )
+        """Token ids for the texts, computed off the event loop by a free tokenizer worker; raises TextTooLong."""
+        encoded = await asyncio.wrap_future(self.encoders.submit(texts, truncate))
         for text in encoded:
             metrics.INPUT_TOKENS.observe(len(text.ids))
             if text.truncated:
                 metrics.TRUNCATED_TEXTS.inc()
         return encoded
 
-    async def classify(self, encoded: list[EncodedText]) -> list[Classified]:
-        """Queue the texts and wait for all their scores; raises QueueFull or NotAccepting."""
-        scores = await asyncio.gather(*self.batcher.submit(encoded))
+    async def classify(self, encoded: list[EncodedText], deadline: float) -> list[Classified]:
+        """Queue the texts and wait for all their scores, until `deadline`.
+
+        Raises Overloaded or NotAccepting (refused at admission) and DeadlineExceeded (texts still queued at the
+        deadline, now dropped). When the caller is cancelled (its client left), its queued texts are dropped too.
+        """
+        submission = self.batcher.submit(encoded, deadline)
+        try:
+            scores = await self._scores(submission, deadline)
+        except asyncio.CancelledError:
+            self._give_up(submission, "client_gone")
+            raise
+        except DeadlineExceeded:
+            self._give_up(submission, "deadline")
+            raise
         metrics.CLASSIFIED_TEXTS.inc(len(encoded))
         return [Classified(text, text_scores) for text, text_scores in zip(encoded, scores)]
+
+    async def _scores(self, submission: Submission, deadline: float) -> list[list[float]]:
+        futures = submission.futures
+        timeout = max(0.0, deadline - self.batcher.clock())
+        done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        failed = any(not future.cancelled() and future.exception() is not None for future in done)
+        if pending and not failed:
+            if self.batcher.cancel(submission, "deadline"):
+                raise DeadlineExceeded()
+            # Nothing of it is queued any more: the rest is in a running batch, which finishes.
+            await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        return [future.result() for future in futures]
+
+    def _give_up(self, submission: Submission, reason: str) -> None:
+        """Drop what is still queued; answers of texts in a running batch are discarded (and counted) when it ends."""
+        self.batcher.cancel(submission, reason)
+        for future in submission.futures:
+            future.cancel()
 
     def _load(self) -> None:
         settings = self.settings
@@ -134,7 +164,7 @@ class Engine:
         max_length = settings.max_length or model_max_length(
             self.loaded.tokenizer, self.loaded.max_position_embeddings
         )
-        self.encoder = TextEncoder(self.loaded.tokenizer, max_length)
+        self.encoders = EncoderPool(self.loaded.tokenizer, max_length, settings.tokenizer_workers)
         # Tensor cores want sequence lengths in multiples of 8; the CPU gains nothing from extra padding.
         pad_multiple = 8 if self.device.type == "cuda" else 1
         longest = -(-max_length // pad_multiple) * pad_multiple
@@ -160,7 +190,7 @@ class Engine:
         """Measure what is `auto` (precision, budget) on this model and device; keep what was forced."""
         settings, device = self.settings, self.device
         started = time.perf_counter()
-        calibration = [text.ids for text in self.encoder.encode(calibration_texts(), truncate=True)]
+        calibration = [text.ids for text in self.encoders.submit(calibration_texts(), True).result()]
         tuner = Tuner(
             self.loaded.model, device, self.loaded.tokenizer.pad_token_id or 0, self.loaded.problem_type,
             calibration, settings.max_batch_size, floor=longest,
@@ -239,7 +269,7 @@ class Engine:
             info.update(
                 labels=list(self.loaded.labels),
                 problem_type=self.loaded.problem_type,
-                max_length=self.encoder.max_length,
+                max_length=self.encoders.max_length,
                 device=str(self.device),
                 precision=self.precision,
             )

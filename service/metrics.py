@@ -54,14 +54,25 @@ QUEUE_TEXTS = Gauge("classifier_queue_texts", "Texts waiting in the queue.")
 QUEUE_TOKENS = Gauge("classifier_queue_tokens", "Tokens of the texts waiting in the queue.")
 QUEUE_DRAIN = Gauge(
     "classifier_queue_drain_seconds",
-    "Estimated time to clear the current queue at the recently measured token throughput.",
+    "Estimated time to clear the current queue at the token throughput measured while batches ran back to back.",
 )
 INPUT_TOKENS = Histogram(
     "classifier_input_tokens", "Tokens per text after truncation, special tokens included.", buckets=TOKEN_BUCKETS
 )
 TRUNCATED_TEXTS = Counter("classifier_truncated_texts_total", "Texts cut to the model's maximum length.")
 REJECTED_TEXTS = Counter(
-    "classifier_rejected_texts_total", "Texts refused at admission, by reason (queue_full).", ["reason"]
+    "classifier_rejected_texts_total",
+    "Texts refused at admission, by reason (queue_full, predicted_wait: the queue would not reach them in time).",
+    ["reason"],
+)
+CANCELLED_TEXTS = Counter(
+    "classifier_cancelled_texts_total",
+    "Queued texts dropped before the model ran them, by reason (client_gone, deadline).",
+    ["reason"],
+)
+UNANSWERED_TOKENS = Counter(
+    "classifier_unanswered_tokens_total",
+    "Real tokens the model ran for texts whose caller had left or given up by the time their batch finished.",
 )
 MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")
 

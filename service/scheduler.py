@@ -4,11 +4,14 @@ Pure logic: no torch, no I/O, no sleeping. Time comes in as the `now` argument, 
 with a fake clock. Texts wait in length buckets; a batch is seeded from one bucket, may take texts from
 neighbouring buckets while its padding efficiency stays high, is padded only to its own longest text, and is
 flushed when it meets its token budget or size limit, or when its oldest text has waited the time window.
+Texts also carry their caller's deadline: the queue hands back those whose deadline has passed, and those whose
+caller has gone, so they never reach the model.
 """
 
 import dataclasses
 import math
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,11 +20,13 @@ FlushReason = Literal["budget", "size", "window"]
 
 @dataclass(slots=True)
 class QueuedText:
-    """One text waiting for inference: its token count, when it arrived, and an opaque handle for the caller."""
+    """One text waiting for inference: its token count, when it arrived, an opaque handle for the caller, and the
+    time after which nobody waits for its answer."""
 
     tokens: int
     arrived_at: float
     handle: Any = None
+    deadline: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,9 @@ class BatchQueue:
         self._tokens = 0
         self._last_arrival: float | None = None
         self._mean_gap: float | None = None
+        # No queued text expires before this; it may lag behind removals (then it is early, never late), and
+        # `remove_expired` scans the queue only once it has passed.
+        self._earliest_deadline = math.inf
 
     def __len__(self) -> int:
         return self._texts
@@ -154,7 +162,39 @@ class BatchQueue:
         self._buckets[self.bucket_of(item.tokens)].append(item)
         self._texts += 1
         self._tokens += item.tokens
+        self._earliest_deadline = min(self._earliest_deadline, item.deadline)
         self._record_arrival(item.arrived_at)
+
+    def remove_expired(self, now: float) -> list[QueuedText]:
+        """Remove and return the texts whose deadline is at or before `now`: nobody would receive their answer."""
+        if now < self._earliest_deadline:
+            return []
+        expired = self._remove_where(lambda item: item.deadline <= now, range(len(self._buckets)))
+        self._earliest_deadline = min(
+            (item.deadline for bucket in self._buckets for item in bucket), default=math.inf
+        )
+        return expired
+
+    def remove(self, items: list[QueuedText]) -> list[QueuedText]:
+        """Remove those of `items` still queued (their caller has gone) and return them; the others already left."""
+        wanted = {id(item) for item in items}
+        buckets = sorted({self.bucket_of(item.tokens) for item in items})
+        return self._remove_where(lambda item: id(item) in wanted, buckets)
+
+    def _remove_where(self, matches: Callable[[QueuedText], bool], bucket_indexes: Iterable[int]) -> list[QueuedText]:
+        removed: list[QueuedText] = []
+        for index in bucket_indexes:
+            bucket = self._buckets[index]
+            if not any(matches(item) for item in bucket):
+                continue
+            kept: list[QueuedText] = []
+            for item in bucket:
+                (removed if matches(item) else kept).append(item)
+            bucket.clear()
+            bucket.extend(kept)
+        self._texts -= len(removed)
+        self._tokens -= sum(item.tokens for item in removed)
+        return removed
 
     def _record_arrival(self, at: float) -> None:
         # Texts of one request arrive at the same instant: they are one arrival, not a zero gap.
@@ -170,9 +210,10 @@ class BatchQueue:
         return bucket[0].arrived_at + self.policy.window - (self._mean_gap or 0.0)
 
     def next_deadline(self) -> float | None:
-        """When the next bucket stops waiting for partners (None when the queue is empty)."""
+        """When the queue next needs attention: a bucket stops waiting for partners, or a text may expire (None when
+        the queue is empty)."""
         due = [self._due_at(bucket) for bucket in self._buckets if bucket]
-        return min(due) if due else None
+        return min(min(due), self._earliest_deadline) if due else None
 
     def next_batch(self, now: float) -> Batch | None:
         """The batch to run now, removed from the queue; None when every batch should keep filling.

@@ -20,6 +20,15 @@ class ClassifyRequest(BaseModel):
     )
     top_k: int | None = Field(None, ge=1, description="How many labels to list per text; null lists them all.")
     truncate: bool = Field(True, description="Cut texts longer than the model's maximum; false answers 413 instead.")
+    timeout_ms: int | None = Field(
+        None,
+        ge=1,
+        le=600_000,
+        description="How long you wait for the answer, from arrival, in milliseconds (also the X-Request-Timeout-Ms "
+        "header; the smaller wins; unset = the server's CLASSIFIER_REQUEST_TIMEOUT_MS). A request the queue is not "
+        "predicted to reach in time is refused at once with 429; texts still queued at the deadline are dropped "
+        "and the request answers 504.",
+    )
 
     @field_validator("texts", mode="before")
     @classmethod

@@ -53,7 +53,16 @@ class Settings(BaseSettings):
         0.9, gt=0, le=1, description="A batch takes texts from neighbouring buckets while its padding efficiency stays this high."
     )
     max_queue_tokens: int = Field(
-        1_000_000, ge=1, description="Admission stops (503 with Retry-After) when the queued tokens would exceed this."
+        1_000_000, ge=1, description="Admission stops (429 with Retry-After) when the queued tokens would exceed this."
+    )
+    request_timeout_ms: float = Field(
+        10_000,
+        gt=0,
+        description="Deadline of a request that sets none: texts still queued then are dropped (504), and a request "
+        "the queue is not predicted to reach by then is refused at once (429).",
+    )
+    tokenizer_workers: int = Field(
+        2, ge=1, description="Threads tokenizing requests, each with its own tokenizer, so a big request holds up no other."
     )
 
     max_texts_per_request: int = Field(256, ge=1)

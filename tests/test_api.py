@@ -221,7 +221,7 @@ def test_a_model_that_fails_to_load_reports_why(tmp_path):
         assert client.get("/ready").status_code == 503
 
 
-def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir):
+def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir):
     env = {
         "CLASSIFIER_BATCH_WINDOW_MS": "3000",  # texts sit in the queue long enough to fill it
         "CLASSIFIER_MAX_TEXTS_PER_REQUEST": "4",
@@ -239,7 +239,7 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model_dir):
 
         first, second = asyncio.run(scenario())
         rejected = _metric(url, "classifier_rejected_texts_total", '{reason="queue_full"}')
-    assert second.status_code == 503 and int(second.headers["retry-after"]) >= 1
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
     assert "queue is full" in second.json()["error"]
     assert first.status_code == 200  # what was accepted is answered
     assert rejected == 1

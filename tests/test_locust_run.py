@@ -36,6 +36,8 @@ def test_short_run_reports_client_and_server_side_and_passes(service_url, tmp_pa
     assert server["queue_wait_seconds"]["p99"] is not None
     assert sum(server["batch_flushes_by_reason"].values()) == server["batch_size"]["count"]
     assert "padding efficiency" in (tmp_path / "summary.md").read_text()
+    assert server["cancelled_texts_by_reason"] == {} and server["unanswered_tokens"] == 0
+    assert "| overloaded (429) / past their deadline (504) requests | 0 / 0 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_gate_fails_the_run_when_p99_is_over_the_threshold(service_url, tmp_path):

@@ -186,3 +186,39 @@ def test_default_bounds_are_ascending_narrow_and_end_at_the_max_length():
 def test_policy_rejects_a_budget_too_small_for_the_longest_text():
     with pytest.raises(ValueError, match="max_batch_tokens"):
         policy(max_batch_tokens=100)
+
+
+def test_texts_past_their_deadline_are_removed_and_handed_back():
+    queue = BatchQueue(policy(window=10.0))
+    queue.append(QueuedText(10, 0.0, "early", deadline=1.0))
+    queue.append(QueuedText(20, 0.0, "late", deadline=3.0))
+    queue.append(QueuedText(100, 0.0, "long", deadline=1.0))
+    assert queue.next_deadline() == pytest.approx(1.0)  # the inference thread wakes for the first expiry
+    assert queue.remove_expired(0.999) == []
+    expired = queue.remove_expired(1.0)
+    assert sorted(item.handle for item in expired) == ["early", "long"]
+    assert (len(queue), queue.tokens) == (1, 20)
+    assert queue.next_deadline() == pytest.approx(3.0)
+    assert [item.handle for item in queue.remove_expired(5.0)] == ["late"]
+    assert (len(queue), queue.tokens, queue.next_deadline()) == (0, 0, None)
+
+
+def test_a_text_that_left_in_a_batch_does_not_expire_later():
+    queue = BatchQueue(policy())
+    queue.append(QueuedText(10, 0.0, "a", deadline=0.5))
+    assert [item.handle for item in queue.next_batch(WINDOW).items] == ["a"]
+    queue.append(QueuedText(12, 1.0, "b", deadline=9.0))
+    assert queue.remove_expired(1.0) == []  # "a" is gone; only "b" is queued, and it has time left
+    assert [item.handle for item in drain(queue, 1.0 + WINDOW)[0].items] == ["b"]
+
+
+def test_texts_whose_caller_left_are_removed_from_the_queue_and_its_token_count():
+    queue = BatchQueue(policy())
+    mine = [QueuedText(10, 0.0, "mine-1"), QueuedText(70, 0.0, "mine-2")]
+    other = QueuedText(11, 0.0, "other")
+    for item in (*mine, other):
+        queue.append(item)
+    batch_before = QueuedText(30, 0.0, "already-running")
+    assert queue.remove(mine + [batch_before]) == mine  # one was never (or no longer) queued
+    assert (len(queue), queue.tokens) == (1, 11)
+    assert [item.handle for item in drain(queue, 1.0)[0].items] == ["other"]
