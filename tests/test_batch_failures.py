@@ -63,7 +63,8 @@ def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int 
 
 async def classify_together(batcher: Batcher, texts: list[list[int]]) -> list:
     """Submit the texts at once and wait for every answer (scores or the exception)."""
-    return await asyncio.gather(*batcher.submit([EncodedText(ids, False) for ids in texts]), return_exceptions=True)
+    submission = batcher.submit([EncodedText(ids, False) for ids in texts])
+    return await asyncio.gather(*submission.futures, return_exceptions=True)
 
 
 def counter(name: str, **labels: str) -> float:
