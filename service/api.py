@@ -1,6 +1,7 @@
 """HTTP in and out: routes, request validation, error responses and request metrics."""
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -8,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -17,6 +19,8 @@ from service.postprocess import rank
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, LabelScoreOut, TextResult
 from service.settings import Settings
 from service.tokenization import TextTooLong
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -126,9 +130,27 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Starlette's own answers (404, 405 with its Allow header) in the documented error body."""
+        return JSONResponse({"error": _http_error_message(request, error)}, error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once."""
+        return JSONResponse({"error": f"internal error ({type(error).__name__}); the server log has the details"}, 500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": _describe(error.errors()), "detail": _jsonable(error.errors())}, status_code=422)
+
+
+def _http_error_message(request: Request, error: HTTPException) -> str:
+    if error.status_code == 405:
+        return f"{request.method} is not allowed on {request.url.path}; use {error.headers.get('Allow', 'another method')}"
+    if error.status_code == 404:
+        return f"no such endpoint: {request.url.path}; see /docs"
+    return str(error.detail)
 
 
 def _describe(errors: list[dict]) -> str:
