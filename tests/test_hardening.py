@@ -1,11 +1,27 @@
 """Hardening against malformed input, slow or vanishing clients, shutdown and start-up failure (issue 11)."""
 
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api import create_app
 from service.settings import Settings
+from tests.conftest import ROOT, run_service, start_service
+
+STALLED_UPLOAD = (
+    b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    b'{"texts": ["part of a body'
+)
 
 
 def post_raw(url: str, body: bytes) -> httpx.Response:
@@ -57,3 +73,119 @@ def test_an_unexpected_exception_is_a_json_500(tiny_model_dir):
     response = TestClient(app, raise_server_exceptions=False).post("/classify", json={"texts": ["hi"]})
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Poll until `condition()` holds: events are ordered by what the service shows, not by sleeping."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def requests_counted(url: str, route: str, status: str) -> float:
+    prefix = f'classifier_requests_total{{route="{route}",status="{status}"}} '
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@contextlib.contextmanager
+def raw_connection(url: str, data: bytes) -> Iterator[socket.socket]:
+    """A client that sends `data` and then stalls, until the block ends."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        yield sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest.fixture(scope="module")
+def limited_url(tiny_model_dir) -> Iterator[str]:
+    """A service with short client time limits and room for only two requests at once."""
+    env = {
+        "CLASSIFIER_HEADER_TIMEOUT_SECONDS": "1",
+        "CLASSIFIER_BODY_TIMEOUT_SECONDS": "2",
+        "CLASSIFIER_MAX_CONCURRENT_REQUESTS": "2",
+    }
+    with start_service(tiny_model_dir, env) as url:
+        yield url
+
+
+def test_a_client_that_never_finishes_its_headers_gets_a_408_and_is_closed(limited_url):
+    started = time.monotonic()
+    with raw_connection(limited_url, b"POST /classify HTTP/1.1\r\nHost: test\r\n") as sock:
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "the request headers did not arrive within 1 s"}
+    assert time.monotonic() - started < 20  # closed by the server, well before the socket's own 30 s timeout
+
+
+def test_a_stalled_upload_gets_a_408_and_is_closed(limited_url):
+    before = requests_counted(limited_url, "/classify", "408")
+    with raw_connection(limited_url, STALLED_UPLOAD) as sock:
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"did not arrive within 2 s" in answer and b"connection: close" in answer.lower()
+    assert requests_counted(limited_url, "/classify", "408") == before + 1
+
+
+def test_requests_over_the_concurrency_cap_get_a_429_with_retry_after(limited_url):
+    with raw_connection(limited_url, STALLED_UPLOAD), raw_connection(limited_url, STALLED_UPLOAD):
+        wait_for(lambda: _gauge(limited_url, "classifier_requests_in_flight") == 2, what="two uploads in flight")
+        refused = httpx.post(f"{limited_url}/classify", json={"texts": ["hi"]}, timeout=30)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "handling 2 requests already" in refused.json()["error"]
+        assert httpx.get(f"{limited_url}/ready").status_code == 200  # probes are exempt
+    wait_for(lambda: _gauge(limited_url, "classifier_requests_in_flight") == 0, what="the uploads to end")
+    assert httpx.post(f"{limited_url}/classify", json={"texts": ["hi"]}, timeout=30).status_code == 200
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_an_aborted_upload_is_counted_as_499_not_500(limited_url):
+    before = {status: requests_counted(limited_url, "/classify", status) for status in ("499", "500")}
+    with raw_connection(limited_url, STALLED_UPLOAD):
+        wait_for(lambda: _gauge(limited_url, "classifier_requests_in_flight") == 1, what="the upload to start")
+    wait_for(lambda: requests_counted(limited_url, "/classify", "499") == before["499"] + 1, what="a 499")
+    assert requests_counted(limited_url, "/classify", "500") == before["500"]
+
+
+def test_a_caller_that_leaves_after_its_text_is_queued_is_counted_as_499_not_200(tiny_model_dir):
+    with start_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "1500"}) as url:
+        body = json.dumps({"texts": ["queued, then abandoned"]}).encode()
+        request = (
+            f"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with raw_connection(url, request):
+            wait_for(lambda: _gauge(url, "classifier_queue_texts") == 1, what="the text to be queued")
+        wait_for(lambda: requests_counted(url, "/classify", "499") == 1, what="a 499")
+        assert requests_counted(url, "/classify", "200") == 0
+
+
+@pytest.mark.parametrize("size", [5_000_000, 20_000_000])
+def test_an_oversized_body_reaches_urllib_as_a_413_with_its_message(service_url, size):
+    """urllib sends the whole body before it reads; answering first and closing reset its connection."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"texts": ["x" * 1000] * (size // 1000)}).encode()
+    request = urllib.request.Request(f"{service_url}/classify", data=body, headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413
+    assert "larger than 2097152 bytes" in json.loads(answer.value.read())["error"]
