@@ -90,7 +90,9 @@ class ClassifierServer(uvicorn.Server):
                 log_level=settings.log_level,
                 access_log=False,
                 http=header_timeout_protocol(settings.header_timeout_seconds),
-                timeout_graceful_shutdown=settings.shutdown_grace_seconds - settings.drain_delay_seconds,
+                # Open requests get most of what the grace period leaves after the delay; the rest is for the
+                # lifespan's shutdown (texts of requests cut off here are still in the queue).
+                timeout_graceful_shutdown=0.8 * (settings.shutdown_grace_seconds - settings.drain_delay_seconds),
             )
         )
         self.engine: Engine = app.state.engine

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.api import create_app
 from service.settings import Settings
-from tests.conftest import ROOT, run_service, start_service
+from tests.conftest import ROOT, free_port, run_service, start_service
 
 STALLED_UPLOAD = (
     b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
@@ -189,3 +190,72 @@ def test_an_oversized_body_reaches_urllib_as_a_413_with_its_message(service_url,
         urllib.request.urlopen(request, timeout=60)
     assert answer.value.code == 413
     assert "larger than 2097152 bytes" in json.loads(answer.value.read())["error"]
+
+
+def test_sigterm_makes_ready_503_while_requests_are_still_served_then_exits_0(tiny_model_dir):
+    env = {"CLASSIFIER_DRAIN_DELAY_SECONDS": "4", "CLASSIFIER_BATCH_WINDOW_MS": "500"}
+    with run_service(tiny_model_dir, env) as (url, process):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
+                while _gauge(url, "classifier_queue_texts") < 1:
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                while (ready := await client.get("/ready")).status_code == 200:
+                    await asyncio.sleep(0.02)
+                during_delay = await client.post("/classify", json={"texts": ["sent while draining"]})
+                return await accepted, ready, during_delay
+
+        accepted, ready, during_delay = asyncio.run(scenario())
+        assert process.wait(timeout=30) == 0
+    assert ready.status_code == 503 and "draining" in ready.json()["error"]
+    assert during_delay.status_code == 200, during_delay.text
+    assert accepted.status_code == 200, accepted.text
+
+
+def test_sigterm_with_a_stalled_upload_exits_within_the_grace_period_and_answers_what_it_accepted(tiny_model_dir):
+    grace = 4
+    env = {
+        "CLASSIFIER_SHUTDOWN_GRACE_SECONDS": str(grace),
+        "CLASSIFIER_BODY_TIMEOUT_SECONDS": "600",  # the grace period, not the body timeout, ends this upload
+        "CLASSIFIER_BATCH_WINDOW_MS": "1000",
+    }
+    with run_service(tiny_model_dir, env) as (url, process), raw_connection(url, STALLED_UPLOAD):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
+                while _gauge(url, "classifier_queue_texts") < 1:
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                response = await accepted
+                await asyncio.get_running_loop().run_in_executor(None, process.wait, 30)
+                return response, time.monotonic() - signalled
+
+        accepted, took = asyncio.run(scenario())
+        assert process.returncode == 0
+    assert accepted.status_code == 200, accepted.text
+    assert took < grace + 5  # the grace period plus interpreter teardown on a loaded machine
+
+
+def run_until_exit(model: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "service", "--port", str(free_port()), "--model", model]
+    full_env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_model_directory_exits_1_saying_so(tmp_path):
+    finished = run_until_exit(str(tmp_path / "missing"))
+    assert finished.returncode == 1
+    errors = [line for line in finished.stderr.splitlines() if " ERROR " in line]
+    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.engine: the model could not be loaded: "
+                      f"FileNotFoundError: model directory {tmp_path / 'missing'} does not exist"]
+    assert "Traceback" not in finished.stderr and "hub" not in finished.stderr
+
+
+def test_settings_that_cannot_work_with_the_model_exit_1_at_start(tiny_model_dir):
+    finished = run_until_exit(str(tiny_model_dir), {"CLASSIFIER_MAX_BATCH_TOKENS": "16"})
+    assert finished.returncode == 1
+    assert "max_batch_tokens (16) is below the model's maximum length (64)" in finished.stderr
