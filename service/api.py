@@ -49,7 +49,9 @@ def create_app(settings: Settings) -> FastAPI:
         title="Text classification service",
         description="Length-bucketed micro-batching in front of a transformer sequence classifier.",
         lifespan=lifespan,
-        responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={
+            status: {"model": ErrorResponse} for status in (400, 408, 422, 429, 503)  # 400: a body that is not UTF-8
+        },
     )
     app.state.engine = engine
     # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
@@ -160,6 +162,8 @@ def _http_error_message(request: Request, error: HTTPException) -> str:
         return f"{request.method} is not allowed on {request.url.path}; use {error.headers.get('Allow', 'another method')}"
     if error.status_code == 404:
         return f"no such endpoint: {request.url.path}; see /docs"
+    if error.status_code == 400:
+        return f"{error.detail}: send the body as JSON in UTF-8"
     return str(error.detail)
 
 

@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJs
 # Unicode categories that carry no content a classifier can read: control (Cc), format (Cf: zero-width space,
 # joiners, BOM), surrogates (Cs) and separators (Z*).
 INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
-ONE_OR_MORE_STRINGS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+# JSON Schema cannot say "has a visible character": the description does, and the validator checks it.
+TEXT = {"type": "string", "minLength": 1}
+ONE_OR_MORE_STRINGS = {"anyOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1}]}
 
 
 class ClassifyRequest(BaseModel):
@@ -20,7 +22,8 @@ class ClassifyRequest(BaseModel):
     )
 
     texts: Annotated[list[str], WithJsonSchema(ONE_OR_MORE_STRINGS)] = Field(
-        description="One text, or a list of texts answered in order."
+        description="One text, or a list of texts answered in order. Each must be valid Unicode (no lone surrogates) "
+        "with at least one visible character (not only whitespace, control or zero-width characters)."
     )
     # Strict: JSON `true` or `"2"` is a mistake to report, not a number to guess.
     top_k: StrictInt | None = Field(None, ge=1, description="How many labels to list per text; null lists them all.")
