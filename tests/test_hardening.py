@@ -259,3 +259,12 @@ def test_settings_that_cannot_work_with_the_model_exit_1_at_start(tiny_model_dir
     finished = run_until_exit(str(tiny_model_dir), {"CLASSIFIER_MAX_BATCH_TOKENS": "16"})
     assert finished.returncode == 1
     assert "max_batch_tokens (16) is below the model's maximum length (64)" in finished.stderr
+
+
+def test_a_second_signal_during_the_drain_delay_exits_at_once(tiny_model_dir):
+    env = {"CLASSIFIER_DRAIN_DELAY_SECONDS": "60", "CLASSIFIER_SHUTDOWN_GRACE_SECONDS": "120"}
+    with run_service(tiny_model_dir, env) as (url, process):
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 503, what="draining")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 1  # well before the 60 s delay ends
