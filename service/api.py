@@ -1,4 +1,4 @@
-"""HTTP in and out: routes, request validation, error responses and request metrics."""
+"""HTTP in and out: routes, request validation, error responses, connection limits and request metrics."""
 
 import asyncio
 import threading
