@@ -1,13 +1,17 @@
-"""`python -m service` / `classifier-service`: validate the settings, then serve them with uvicorn."""
+"""`python -m service` / `classifier-service`: validate the settings, then serve them.
+
+Exit status: 0 after a clean drain on SIGTERM/SIGINT; 1 when the settings are invalid, the model cannot be loaded
+(one log line says why), the port cannot be bound (uvicorn's 3), or a shutdown outlasted its grace period.
+"""
 
 import argparse
 import logging
 import os
 
-import uvicorn
 from pydantic import ValidationError
 
 from service.api import create_app
+from service.server import ClassifierServer
 from service.settings import Settings
 
 
@@ -31,13 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as error:
         raise SystemExit(f"invalid settings:\n{error}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-    )
+    server = ClassifierServer(create_app(settings), settings)
+    server.run()
+    if server.failure is not None:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

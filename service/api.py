@@ -1,7 +1,8 @@
-"""HTTP in and out: routes, request validation, error responses and request metrics."""
+"""HTTP in and out: routes, request validation, error responses, connection limits and request metrics."""
 
 import asyncio
 import contextlib
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -19,6 +21,11 @@ from service.postprocess import rank
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, LabelScoreOut, TextResult
 from service.settings import Settings
 from service.tokenization import TextTooLong
+
+# nginx's status for a client that closed its connection before the response: not a server error, not a success.
+CLIENT_CLOSED_REQUEST = 499
+# An oversized body is read and dropped up to this many times the limit before the 413, so the client sees it.
+DISCARD_FACTOR = 16
 
 
 class ApiError(Exception):
@@ -44,18 +51,25 @@ def create_app(settings: Settings) -> FastAPI:
         title="Text classification service",
         description="Length-bucketed micro-batching in front of a transformer sequence classifier.",
         lifespan=lifespan,
-        responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={
+            status: {"model": ErrorResponse} for status in (400, 408, 422, 429, 503)  # 400: a body that is not UTF-8
+        },
     )
     app.state.engine = engine
-    # The last added is outermost: metrics see every response, the body limit's 413s included.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
+    app.state.draining = threading.Event()
+    # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
+    app.add_middleware(
+        RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds
+    )
+    app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
-    _add_routes(app, engine)
+    _add_routes(app, engine, app.state.draining)
     return app
 
 
-def _add_routes(app: FastAPI, engine: Engine) -> None:
+def _add_routes(app: FastAPI, engine: Engine, draining: threading.Event) -> None:
     @app.post(
         "/classify",
         response_model=ClassifyResponse,
@@ -85,10 +99,11 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
         work = asyncio.create_task(_encode_and_classify(engine, body, deadline))
         if not await _finished_before_client_left(work, request.receive):
             return ClientGone()  # its queued texts were dropped when `work` was cancelled
+        classified = work.result()  # raises the request's ApiError, if it failed
         labels = engine.loaded.labels
         return ClassifyResponse(
             model=engine.model_id,
-            results=[_text_result(item.scores, labels, body.top_k, item.encoded) for item in work.result()],
+            results=[_text_result(item.scores, labels, body.top_k, item.encoded) for item in classified],
         )
 
     @app.get("/health", summary="Alive (200), or 503 when the model failed to load")
@@ -97,9 +112,11 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             raise ApiError(503, f"model failed to load: {engine.failure}")
         return {"status": "ok"}
 
-    @app.get("/ready", summary="200 once the model is loaded and warmed up, 503 before")
+    @app.get("/ready", summary="200 once the model is loaded and warmed up; 503 before, and while draining")
     async def ready() -> dict:
         _require_ready(engine)
+        if draining.is_set():
+            raise ApiError(503, "draining: this replica is shutting down; send new requests elsewhere", {"Retry-After": "1"})
         return {"status": "ready"}
 
     @app.get("/info", summary="The model, its device and precision, and the batching settings")
@@ -186,9 +203,29 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Starlette's own answers (404, 405 with its Allow header) in the documented error body."""
+        return JSONResponse({"error": _http_error_message(request, error)}, error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once."""
+        return JSONResponse({"error": f"internal error ({type(error).__name__}); the server log has the details"}, 500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": _describe(error.errors()), "detail": _jsonable(error.errors())}, status_code=422)
+
+
+def _http_error_message(request: Request, error: HTTPException) -> str:
+    if error.status_code == 405:
+        return f"{request.method} is not allowed on {request.url.path}; use {error.headers.get('Allow', 'another method')}"
+    if error.status_code == 404:
+        return f"no such endpoint: {request.url.path}; see /docs"
+    if error.status_code == 400:
+        return f"{error.detail}: send the body as JSON in UTF-8"
+    return str(error.detail)
 
 
 def _describe(errors: list[dict]) -> str:
@@ -205,37 +242,46 @@ def _jsonable(errors: list[dict]) -> list[dict]:
     return [{key: value for key, value in error.items() if key in ("loc", "msg", "type")} for error in errors]
 
 
-class BodySizeLimitMiddleware:
-    """Answers 413 to request bodies over `max_bytes`, whether declared in Content-Length or streamed.
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
 
-    The body is read here, up to the limit, and replayed to the app: the app would read it all anyway, and an
-    error raised while the app reads would reach the client as a vague 400.
+
+class RequestBodyLimitsMiddleware:
+    """Bounds each request body in size (413) and in the time the client takes to send it (408).
+
+    The body is read here and replayed to the app: the app would read it all anyway, and an error raised while the
+    app reads would reach the client as a vague 400. An oversized body is still read, and dropped, up to
+    `discard_bytes`, before the 413 goes out: a client that sends its whole body before reading the answer (urllib,
+    requests) would otherwise see its connection reset instead of the message.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.discard_bytes = DISCARD_FACTOR * max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > self.discard_bytes:
             await self._too_large(scope, send)
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._too_large(scope, send)
-                return
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.timeout):
+                body = await self._receive_body(receive)
+        except ClientGone:
+            return
+        except TimeoutError:
+            metrics.CLIENT_TIMEOUTS.labels("body").inc()
+            message = f"the request body did not arrive within {self.timeout:g} s; send it without pausing"
+            await _error_response(scope, send, 408, message, {"Connection": "close"})
+            return
+        if body is None:
+            await self._too_large(scope, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -247,12 +293,58 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _receive_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None when it is over `max_bytes` (then read on and dropped up to `discard_bytes`)."""
+        chunks, size, more = [], 0, True
+        while more and size <= self.discard_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= self.max_bytes:
+                chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks) if size <= self.max_bytes else None
+
     async def _too_large(self, scope: Scope, send: Send) -> None:
-        response = JSONResponse(
-            {"error": f"request body is larger than {self.max_bytes} bytes; send fewer or shorter texts per request"},
-            status_code=413,
-        )
-        await response(scope, _no_body, send)
+        message = f"request body is larger than {self.max_bytes} bytes; send fewer or shorter texts per request"
+        await _error_response(scope, send, 413, message, {"Connection": "close"})
+
+
+class ConcurrencyLimitMiddleware:
+    """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests).
+
+    A request counts from its headers to its response, so stalled uploads count too. Probes and /metrics are exempt:
+    an overloaded replica must still say how it is.
+    """
+
+    EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_requests:
+            message = f"the server is handling {self.max_requests} requests already; retry shortly"
+            await _error_response(scope, send, 429, message, {"Retry-After": "1"})
+            return
+        self.in_flight += 1
+        metrics.REQUESTS_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            metrics.REQUESTS_IN_FLIGHT.dec()
+
+
+async def _error_response(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str]) -> None:
+    await JSONResponse({"error": message}, status_code=status, headers=headers)(scope, _no_body, send)
 
 
 async def _no_body() -> Message:
@@ -269,7 +361,12 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by route and status and times them, by the route's template (not the raw path)."""
+    """Counts requests by route and status and times them, by the route's template (not the raw path).
+
+    A client that went away before its response started is counted as 499 (nginx's "client closed request"), not
+    as 500 or 200: it is not the server's failure, and nobody received an answer. Once the body has arrived, a
+    watcher waits on `receive` for the disconnect, since nothing else reads it while the request is processed.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -279,17 +376,38 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status: int | None = None
+        client_gone = False
+        watcher: asyncio.Task | None = None
+
+        async def watch_for_disconnect() -> None:
+            nonlocal client_gone
+            client_gone = (await receive())["type"] == "http.disconnect"
+
+        async def noting_receive() -> Message:
+            nonlocal client_gone, watcher
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_gone = True
+            elif not message.get("more_body", False) and watcher is None and status is None:
+                watcher = asyncio.create_task(watch_for_disconnect())
+            return message
 
         async def recording_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = CLIENT_CLOSED_REQUEST if client_gone else message["status"]
+                if watcher is not None:
+                    watcher.cancel()
             await send(message)
 
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, noting_receive, recording_send)
         finally:
+            if watcher is not None:
+                watcher.cancel()
+            if status is None:
+                status = CLIENT_CLOSED_REQUEST if client_gone else 500
             route = _route_template(scope)
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_DURATION.labels(route).observe(time.perf_counter() - started)

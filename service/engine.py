@@ -41,6 +41,11 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 PRECISION_TRIAL_BUDGET = 2048
 
 
+def _names_a_directory(model: str) -> bool:
+    """A path, not a hub id: hub ids are `name` or `org/name`, never absolute, dotted-relative or deeper."""
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+
+
 @dataclass(frozen=True)
 class Classified:
     """One text's answer from the engine: how it was encoded and its fp32 scores per label."""
@@ -81,8 +86,10 @@ class Engine:
             )
             await loop.run_in_executor(self._inference_thread, self._warm_up)
         except Exception as error:
-            log.exception("the model could not be loaded")
             self.failure = f"{type(error).__name__}: {error}"
+            # One line an operator can act on; the traceback only helps when debugging.
+            log.error("the model could not be loaded: %s", self.failure)
+            log.debug("model loading failed", exc_info=True)
             return
         self.batcher.start(self._inference_thread)
         self.ready = True
@@ -160,6 +167,8 @@ class Engine:
             default_dir = ensure_default_model(Path(settings.cache_dir) if settings.cache_dir else None)
             self.build_report = read_build_report(default_dir)
             model_path = str(default_dir)
+        elif _names_a_directory(model_path) and not Path(model_path).is_dir():
+            raise FileNotFoundError(f"model directory {model_path} does not exist")
         self.loaded = load_classifier(model_path, self.device)
         max_length = settings.max_length or model_max_length(
             self.loaded.tokenizer, self.loaded.max_position_embeddings

@@ -16,7 +16,17 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 384, 512, 1024, 2048, 4096, 8192)
 
 REQUESTS = Counter(
-    "classifier_requests_total", "HTTP requests handled, by route and status code.", ["route", "status"]
+    "classifier_requests_total",
+    "HTTP requests handled, by route and status code (499: the client left before its response started).",
+    ["route", "status"],
+)
+REQUESTS_IN_FLIGHT = Gauge(
+    "classifier_requests_in_flight", "Requests being handled now (counted against max_concurrent_requests)."
+)
+CLIENT_TIMEOUTS = Counter(
+    "classifier_client_timeouts_total",
+    "Requests closed with 408 because the client was too slow to send them, by phase (headers, body).",
+    ["phase"],
 )
 REQUEST_DURATION = Histogram(
     "classifier_request_duration_seconds",

@@ -1,10 +1,16 @@
 """The HTTP API's request and response bodies."""
 
+import unicodedata
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
 
-ONE_OR_MORE_STRINGS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+# Unicode categories that carry no content a classifier can read: control (Cc), format (Cf: zero-width space,
+# joiners, BOM), surrogates (Cs) and separators (Z*).
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+# JSON Schema cannot say "has a visible character": the description does, and the validator checks it.
+TEXT = {"type": "string", "minLength": 1}
+ONE_OR_MORE_STRINGS = {"anyOf": [TEXT, {"type": "array", "items": TEXT, "minItems": 1}]}
 
 
 class ClassifyRequest(BaseModel):
@@ -16,11 +22,13 @@ class ClassifyRequest(BaseModel):
     )
 
     texts: Annotated[list[str], WithJsonSchema(ONE_OR_MORE_STRINGS)] = Field(
-        description="One text, or a list of texts answered in order."
+        description="One text, or a list of texts answered in order. Each must be valid Unicode (no lone surrogates) "
+        "with at least one visible character (not only whitespace, control or zero-width characters)."
     )
-    top_k: int | None = Field(None, ge=1, description="How many labels to list per text; null lists them all.")
-    truncate: bool = Field(True, description="Cut texts longer than the model's maximum; false answers 413 instead.")
-    timeout_ms: int | None = Field(
+    # Strict: JSON `true` or `"2"` is a mistake to report, not a number to guess.
+    top_k: StrictInt | None = Field(None, ge=1, description="How many labels to list per text; null lists them all.")
+    truncate: StrictBool = Field(True, description="Cut texts longer than the model's maximum; false answers 413 instead.")
+    timeout_ms: StrictInt | None = Field(
         None,
         ge=1,
         le=600_000,
@@ -44,7 +52,23 @@ class ClassifyRequest(BaseModel):
                 raise ValueError(f"texts[{index}] must be a string, not {type(text).__name__}")
             if not text.strip():
                 raise ValueError(f"texts[{index}] is empty or blank; every text needs some content")
+            _check_readable(index, text)
         return texts
+
+
+def _check_readable(index: int, text: str) -> None:
+    """Reject what JSON can carry but a tokenizer cannot read: lone surrogates, and texts with nothing visible."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"texts[{index}] has a lone UTF-16 surrogate ({text[error.start]!a}) at character {error.start}; "
+            "send valid Unicode (pair the surrogate or remove it)"
+        ) from None
+    if all(unicodedata.category(char) in INVISIBLE_CATEGORIES for char in text):
+        raise ValueError(
+            f"texts[{index}] has only control, zero-width or other invisible characters; every text needs some content"
+        )
 
 
 class LabelScoreOut(BaseModel):

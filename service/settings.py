@@ -69,9 +69,32 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     log_level: str = "info"
 
+    # Connection limits and shutdown: how long a slow or stalled client may hold the server, and how SIGTERM ends.
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest a client may take to send a request's line and headers (then 408, closed)."
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest a client may take to send a request's body once its headers arrived (then 408)."
+    )
+    max_concurrent_requests: int = Field(
+        512, ge=1, description="Requests handled at once; more are answered 429 with Retry-After (probes exempt)."
+    )
+    drain_delay_seconds: float = Field(
+        5.0, ge=0, description="After SIGTERM, /ready answers 503 this long while requests are still served."
+    )
+    shutdown_grace_seconds: float = Field(
+        60.0, gt=0, description="SIGTERM to exit, at most: after it the process exits 1 even with texts unanswered."
+    )
+
     @model_validator(mode="after")
     def _check_bucket_bounds(self) -> "Settings":
         bounds = self.bucket_bounds
         if bounds is not None and (not bounds or any(b <= 0 for b in bounds) or sorted(set(bounds)) != bounds):
             raise ValueError("bucket_bounds must be a non-empty, strictly ascending list of positive token counts")
+        return self
+
+    @model_validator(mode="after")
+    def _check_shutdown_times(self) -> "Settings":
+        if self.drain_delay_seconds >= self.shutdown_grace_seconds:
+            raise ValueError("drain_delay_seconds must be shorter than shutdown_grace_seconds, to leave time to drain")
         return self

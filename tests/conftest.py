@@ -108,7 +108,8 @@ def run_service(
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Like start_service, but also yields the process, for tests that signal it."""
     port = free_port()
-    env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", **(extra_env or {})}
+    # No drain delay unless a test asks for one: every test's teardown sends SIGTERM.
+    env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", "CLASSIFIER_DRAIN_DELAY_SECONDS": "0", **(extra_env or {})}
     env.pop("MODEL", None)
     # A file, not a pipe: nobody reads the log while the service runs, and a full pipe would block it.
     log = tempfile.TemporaryFile(mode="w+")

@@ -89,16 +89,17 @@ def test_entrypoint_serves_and_the_healthcheck_follows_readiness(tiny_model_dir,
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CLASSIFIER_PORT": str(port)}
     healthcheck = [sys.executable, str(DEPLOY / "healthcheck.py")]
     assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 1  # nothing listening yet
-    env |= {"MODEL": str(tiny_model_dir), "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_TORCH_THREADS": "1"}
+    env |= {"MODEL": str(tiny_model_dir), "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_TORCH_THREADS": "1",
+            "CLASSIFIER_DRAIN_DELAY_SECONDS": "0"}
     log = (tmp_path / "service.log").open("w+")
     process = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", process, log, timeout=90)
         assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 0
         # What `docker stop` and Kubernetes send. The entrypoint exec'd, so the service itself gets it and
-        # shuts down gracefully (uvicorn then re-raises the signal, hence the exit status).
+        # shuts down gracefully and exits 0.
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == -signal.SIGTERM
+        assert process.wait(timeout=30) == 0
         log.seek(0)
         assert "Application shutdown complete" in log.read()
     finally:
@@ -107,15 +108,31 @@ def test_entrypoint_serves_and_the_healthcheck_follows_readiness(tiny_model_dir,
         log.close()
 
 
-def test_compose_file_passes_docker_compose_validation():
+def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     compose = tool("docker-compose", "Debian package docker-compose")
-    result = subprocess.run(
-        [compose, "-f", str(DEPLOY / "docker-compose.yml"), "config", "--quiet"],
+    return subprocess.run(
+        [compose, "-f", str(DEPLOY / "docker-compose.yml"), "config"],
         capture_output=True,
         text=True,
         timeout=60,
+        env={key: value for key, value in {**os.environ, **env}.items() if key != "MONITORING_BIND"},
     )
+
+
+def test_compose_file_passes_docker_compose_validation():
+    result = compose_config({"GRAFANA_ADMIN_PASSWORD": "a-test-password"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_keeps_monitoring_on_localhost_and_grafana_behind_a_login():
+    without_password = compose_config({"GRAFANA_ADMIN_PASSWORD": ""})
+    assert without_password.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD" in without_password.stderr
+    resolved = yaml.safe_load(compose_config({"GRAFANA_ADMIN_PASSWORD": "a-test-password"}).stdout)["services"]
+    for name in ("prometheus", "grafana"):
+        assert all(str(port).startswith("127.0.0.1:") for port in resolved[name]["ports"]), resolved[name]["ports"]
+    grafana = resolved["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "a-test-password"
 
 
 def test_compose_wires_the_service_prometheus_and_grafana_together():
@@ -137,5 +154,8 @@ def test_compose_wires_the_service_prometheus_and_grafana_together():
     # Grafana's provisioned datasource is the compose Prometheus.
     datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
-    # SIGTERM drains: compose must wait for it rather than kill after its default 10 s.
+    # SIGTERM drains: compose must wait for it rather than kill after its default 10 s, and the service's own
+    # grace period must end first.
     assert int(classifier["stop_grace_period"].removesuffix("s")) >= 30
+    grace = float(classifier["environment"]["CLASSIFIER_SHUTDOWN_GRACE_SECONDS"])
+    assert grace < int(classifier["stop_grace_period"].removesuffix("s"))

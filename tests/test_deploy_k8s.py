@@ -133,13 +133,22 @@ def test_deployment_requests_a_gpu_probes_and_drains(rendered):
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert main["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert main["livenessProbe"]["httpGet"]["path"] == "/health"
+    # /health is 200 while the model still loads: the startup probe must wait for /ready to protect anything.
+    assert main["startupProbe"]["httpGet"]["path"] == "/ready"
+    startup = main["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # minutes to load and warm up
     port_names = {port["name"] for port in main["ports"]}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert main[probe]["httpGet"]["port"] in port_names
-    # preStop keeps the pod serving while it leaves the endpoints; the rest of the grace period drains the queue.
-    pre_stop = main["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + 60
+    # The service itself keeps serving with /ready at 503 for the drain delay (no preStop sleep, which would keep
+    # /ready at 200), long enough for the readiness probe to take the pod out; it then drains within its own
+    # grace period, which must end before the kubelet's SIGKILL.
+    env = {item["name"]: item["value"] for item in main["env"]}
+    readiness = main["readinessProbe"]
+    assert "lifecycle" not in main
+    assert float(env["CLASSIFIER_DRAIN_DELAY_SECONDS"]) >= readiness["periodSeconds"] * readiness["failureThreshold"]
+    assert float(env["CLASSIFIER_SHUTDOWN_GRACE_SECONDS"]) >= float(env["CLASSIFIER_DRAIN_DELAY_SECONDS"]) + 60
+    assert pod["terminationGracePeriodSeconds"] > float(env["CLASSIFIER_SHUTDOWN_GRACE_SECONDS"])
     assert "replicas" not in rendered["Deployment"]["spec"]  # the autoscaler owns it
     assert pod["securityContext"]["runAsNonRoot"] is True
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()

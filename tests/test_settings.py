@@ -43,3 +43,8 @@ def test_bad_settings_stop_the_command_with_a_message(monkeypatch):
     monkeypatch.setenv("CLASSIFIER_PRECISION", "fp8")
     with pytest.raises(SystemExit, match="invalid settings"):
         main([])
+
+
+def test_a_drain_delay_must_leave_time_within_the_grace_period():
+    with pytest.raises(ValidationError, match="drain_delay_seconds must be shorter"):
+        Settings(drain_delay_seconds=30, shutdown_grace_seconds=30)

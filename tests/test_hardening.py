@@ -1,0 +1,271 @@
+"""Hardening against malformed input, slow or vanishing clients, shutdown and start-up failure (issue 11)."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.settings import Settings
+from tests.conftest import ROOT, free_port, run_service, start_service
+
+STALLED_UPLOAD = (
+    b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    b'{"texts": ["part of a body'
+)
+
+
+def post_raw(url: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/classify", content=body, headers={"content-type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        # valid JSON, but no valid Unicode: the tokenizer used to raise a TypeError (plain-text 500)
+        (rb'{"texts": "\udc80"}', "texts[0] has a lone UTF-16 surrogate"),
+        (rb'{"texts": ["fine", "a\ud83d"]}', "texts[1] has a lone UTF-16 surrogate"),
+        (rb'{"texts": ["\u200b\u200b\u2060"]}', "texts[0] has only control, zero-width"),
+        (rb'{"texts": ["\u0001\u0002 \ufeff"]}', "texts[0] has only control, zero-width"),
+        (b'{"texts": ["ok"], "top_k": true}', "top_k: Input should be a valid integer"),
+        (b'{"texts": ["ok"], "top_k": "2"}', "top_k: Input should be a valid integer"),
+        (b'{"texts": ["ok"], "truncate": 1}', "truncate: Input should be a valid boolean"),
+        (b'{"texts": ["ok"], "truncate": "false"}', "truncate: Input should be a valid boolean"),
+    ],
+)
+def test_malformed_texts_and_loosely_typed_fields_get_a_422(service_url, body, fragment):
+    response = post_raw(service_url, body)
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]
+
+
+def test_a_visible_text_with_zero_width_characters_is_still_classified(service_url):
+    response = post_raw(service_url, rb'{"texts": ["good\u200b film", "\ud83d\ude00 great"]}')
+    assert response.status_code == 200, response.text
+
+
+def test_wrong_method_and_unknown_path_answer_with_the_error_body(service_url):
+    wrong_method = httpx.get(f"{service_url}/classify")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "GET is not allowed on /classify; use POST"}
+    unknown = httpx.get(f"{service_url}/classfy")
+    assert unknown.status_code == 404 and "no such endpoint: /classfy" in unknown.json()["error"]
+
+
+def test_an_unexpected_exception_is_a_json_500(tiny_model_dir):
+    app = create_app(Settings(model=str(tiny_model_dir)))
+    engine = app.state.engine
+    engine.ready = True  # as if loaded: the request reaches encode, which fails like a bug would
+
+    async def broken_encode(texts, truncate):
+        raise RuntimeError("a bug")
+
+    engine.encode = broken_encode
+    engine.deadline_after = lambda timeout_ms: float("inf")  # no batcher clock without a loaded model
+    response = TestClient(app, raise_server_exceptions=False).post("/classify", json={"texts": ["hi"]})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Poll until `condition()` holds: events are ordered by what the service shows, not by sleeping."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+def requests_counted(url: str, route: str, status: str) -> float:
+    prefix = f'classifier_requests_total{{route="{route}",status="{status}"}} '
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@contextlib.contextmanager
+def raw_connection(url: str, data: bytes) -> Iterator[socket.socket]:
+    """A client that sends `data` and then stalls, until the block ends."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        yield sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest.fixture(scope="module")
+def limited_url(tiny_model_dir) -> Iterator[str]:
+    """A service with short client time limits and room for only two requests at once."""
+    env = {
+        "CLASSIFIER_HEADER_TIMEOUT_SECONDS": "1",
+        "CLASSIFIER_BODY_TIMEOUT_SECONDS": "2",
+        "CLASSIFIER_MAX_CONCURRENT_REQUESTS": "2",
+    }
+    with start_service(tiny_model_dir, env) as url:
+        yield url
+
+
+def test_a_client_that_never_finishes_its_headers_gets_a_408_and_is_closed(limited_url):
+    started = time.monotonic()
+    with raw_connection(limited_url, b"POST /classify HTTP/1.1\r\nHost: test\r\n") as sock:
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": "the request headers did not arrive within 1 s"}
+    assert time.monotonic() - started < 20  # closed by the server, well before the socket's own 30 s timeout
+
+
+def test_a_stalled_upload_gets_a_408_and_is_closed(limited_url):
+    before = requests_counted(limited_url, "/classify", "408")
+    with raw_connection(limited_url, STALLED_UPLOAD) as sock:
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"did not arrive within 2 s" in answer and b"connection: close" in answer.lower()
+    assert requests_counted(limited_url, "/classify", "408") == before + 1
+
+
+def test_requests_over_the_concurrency_cap_get_a_429_with_retry_after(limited_url):
+    with raw_connection(limited_url, STALLED_UPLOAD), raw_connection(limited_url, STALLED_UPLOAD):
+        wait_for(lambda: _gauge(limited_url, "classifier_requests_in_flight") == 2, what="two uploads in flight")
+        refused = httpx.post(f"{limited_url}/classify", json={"texts": ["hi"]}, timeout=30)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "handling 2 requests already" in refused.json()["error"]
+        assert httpx.get(f"{limited_url}/ready").status_code == 200  # probes are exempt
+    wait_for(lambda: _gauge(limited_url, "classifier_requests_in_flight") == 0, what="the uploads to end")
+    assert httpx.post(f"{limited_url}/classify", json={"texts": ["hi"]}, timeout=30).status_code == 200
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_an_aborted_upload_is_counted_as_499_not_500(limited_url):
+    before = {status: requests_counted(limited_url, "/classify", status) for status in ("499", "500")}
+    with raw_connection(limited_url, STALLED_UPLOAD):
+        wait_for(lambda: _gauge(limited_url, "classifier_requests_in_flight") == 1, what="the upload to start")
+    wait_for(lambda: requests_counted(limited_url, "/classify", "499") == before["499"] + 1, what="a 499")
+    assert requests_counted(limited_url, "/classify", "500") == before["500"]
+
+
+def test_a_caller_that_leaves_after_its_text_is_queued_is_counted_as_499_not_200(tiny_model_dir):
+    with start_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "1500"}) as url:
+        body = json.dumps({"texts": ["queued, then abandoned"]}).encode()
+        request = (
+            f"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with raw_connection(url, request):
+            wait_for(lambda: _gauge(url, "classifier_queue_texts") == 1, what="the text to be queued")
+        wait_for(lambda: requests_counted(url, "/classify", "499") == 1, what="a 499")
+        assert requests_counted(url, "/classify", "200") == 0
+
+
+@pytest.mark.parametrize("size", [5_000_000, 20_000_000])
+def test_an_oversized_body_reaches_urllib_as_a_413_with_its_message(service_url, size):
+    """urllib sends the whole body before it reads; answering first and closing reset its connection."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"texts": ["x" * 1000] * (size // 1000)}).encode()
+    request = urllib.request.Request(f"{service_url}/classify", data=body, headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413
+    assert "larger than 2097152 bytes" in json.loads(answer.value.read())["error"]
+
+
+def test_sigterm_makes_ready_503_while_requests_are_still_served_then_exits_0(tiny_model_dir):
+    env = {"CLASSIFIER_DRAIN_DELAY_SECONDS": "4", "CLASSIFIER_BATCH_WINDOW_MS": "500"}
+    with run_service(tiny_model_dir, env) as (url, process):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
+                while _gauge(url, "classifier_queue_texts") < 1:
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                while (ready := await client.get("/ready")).status_code == 200:
+                    await asyncio.sleep(0.02)
+                during_delay = await client.post("/classify", json={"texts": ["sent while draining"]})
+                return await accepted, ready, during_delay
+
+        accepted, ready, during_delay = asyncio.run(scenario())
+        assert process.wait(timeout=30) == 0
+    assert ready.status_code == 503 and "draining" in ready.json()["error"]
+    assert during_delay.status_code == 200, during_delay.text
+    assert accepted.status_code == 200, accepted.text
+
+
+def test_sigterm_with_a_stalled_upload_exits_within_the_grace_period_and_answers_what_it_accepted(tiny_model_dir):
+    grace = 4
+    env = {
+        "CLASSIFIER_SHUTDOWN_GRACE_SECONDS": str(grace),
+        "CLASSIFIER_BODY_TIMEOUT_SECONDS": "600",  # the grace period, not the body timeout, ends this upload
+        "CLASSIFIER_BATCH_WINDOW_MS": "1000",
+    }
+    with run_service(tiny_model_dir, env) as (url, process), raw_connection(url, STALLED_UPLOAD):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
+                while _gauge(url, "classifier_queue_texts") < 1:
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                response = await accepted
+                await asyncio.get_running_loop().run_in_executor(None, process.wait, 30)
+                return response, time.monotonic() - signalled
+
+        accepted, took = asyncio.run(scenario())
+        assert process.returncode == 0
+    assert accepted.status_code == 200, accepted.text
+    assert took < grace + 5  # the grace period plus interpreter teardown on a loaded machine
+
+
+def run_until_exit(model: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "service", "--port", str(free_port()), "--model", model]
+    full_env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_model_directory_exits_1_saying_so(tmp_path):
+    finished = run_until_exit(str(tmp_path / "missing"))
+    assert finished.returncode == 1
+    errors = [line for line in finished.stderr.splitlines() if " ERROR " in line]
+    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.engine: the model could not be loaded: "
+                      f"FileNotFoundError: model directory {tmp_path / 'missing'} does not exist"]
+    assert "Traceback" not in finished.stderr and "hub" not in finished.stderr
+
+
+def test_settings_that_cannot_work_with_the_model_exit_1_at_start(tiny_model_dir):
+    finished = run_until_exit(str(tiny_model_dir), {"CLASSIFIER_MAX_BATCH_TOKENS": "16"})
+    assert finished.returncode == 1
+    assert "max_batch_tokens (16) is below the model's maximum length (64)" in finished.stderr
+
+
+def test_a_second_signal_during_the_drain_delay_exits_at_once(tiny_model_dir):
+    env = {"CLASSIFIER_DRAIN_DELAY_SECONDS": "60", "CLASSIFIER_SHUTDOWN_GRACE_SECONDS": "120"}
+    with run_service(tiny_model_dir, env) as (url, process):
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 503, what="draining")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 1  # well before the 60 s delay ends
