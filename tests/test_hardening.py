@@ -193,16 +193,22 @@ def test_an_oversized_body_reaches_urllib_as_a_413_with_its_message(service_url,
     assert "larger than 2097152 bytes" in json.loads(answer.value.read())["error"]
 
 
+async def _queue_a_text_then_sigterm(client: httpx.AsyncClient, url: str, process) -> asyncio.Task:
+    """Send a text, wait until the service shows it queued, then SIGTERM; the task holds its response."""
+    accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
+    while _gauge(url, "classifier_queue_texts") < 1:
+        await asyncio.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    return accepted
+
+
 def test_sigterm_makes_ready_503_while_requests_are_still_served_then_exits_0(tiny_model_dir):
     env = {"CLASSIFIER_DRAIN_DELAY_SECONDS": "4", "CLASSIFIER_BATCH_WINDOW_MS": "500"}
     with run_service(tiny_model_dir, env) as (url, process):
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
-                while _gauge(url, "classifier_queue_texts") < 1:
-                    await asyncio.sleep(0.02)
-                process.send_signal(signal.SIGTERM)
+                accepted = await _queue_a_text_then_sigterm(client, url, process)
                 while (ready := await client.get("/ready")).status_code == 200:
                     await asyncio.sleep(0.02)
                 during_delay = await client.post("/classify", json={"texts": ["sent while draining"]})
@@ -226,10 +232,7 @@ def test_sigterm_with_a_stalled_upload_exits_within_the_grace_period_and_answers
 
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
-                while _gauge(url, "classifier_queue_texts") < 1:
-                    await asyncio.sleep(0.02)
-                process.send_signal(signal.SIGTERM)
+                accepted = await _queue_a_text_then_sigterm(client, url, process)
                 signalled = time.monotonic()
                 response = await accepted
                 await asyncio.get_running_loop().run_in_executor(None, process.wait, 30)
