@@ -98,7 +98,7 @@ def _add_routes(app: FastAPI, engine: Engine, draining: threading.Event) -> None
         deadline = engine.deadline_after(min(timeouts, default=None))
         work = asyncio.create_task(_encode_and_classify(engine, body, deadline))
         if not await _finished_before_client_left(work, request.receive):
-            return ClientGone()  # its queued texts were dropped when `work` was cancelled
+            return NoAnswer()  # its queued texts were dropped when `work` was cancelled
         classified = work.result()  # raises the request's ApiError, if it failed
         labels = engine.loaded.labels
         return ClassifyResponse(
@@ -170,7 +170,7 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-class ClientGone(Response):
+class NoAnswer(Response):
     """Nobody is left to answer: send nothing."""
 
     def __init__(self) -> None:
@@ -242,7 +242,7 @@ def _jsonable(errors: list[dict]) -> list[dict]:
     return [{key: value for key, value in error.items() if key in ("loc", "msg", "type")} for error in errors]
 
 
-class ClientGone(Exception):
+class UploadAbandoned(Exception):
     """The client disconnected before its request body arrived."""
 
 
@@ -272,7 +272,7 @@ class RequestBodyLimitsMiddleware:
         try:
             async with asyncio.timeout(self.timeout):
                 body = await self._receive_body(receive)
-        except ClientGone:
+        except UploadAbandoned:
             return
         except TimeoutError:
             metrics.CLIENT_TIMEOUTS.labels("body").inc()
@@ -299,7 +299,7 @@ class RequestBodyLimitsMiddleware:
         while more and size <= self.discard_bytes:
             message = await receive()
             if message["type"] != "http.request":
-                raise ClientGone
+                raise UploadAbandoned
             chunk = message.get("body", b"")
             size += len(chunk)
             if size <= self.max_bytes:

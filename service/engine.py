@@ -185,7 +185,7 @@ class Engine:
         else:
             self.precision = resolve_precision(settings.precision, self.device)
             max_batch_tokens = self._untuned_budget()
-        self.policy = self._batching_policy(max_length, pad_multiple, max_batch_tokens)
+        self.policy = self._batching_policy(max_length, longest, pad_multiple, max_batch_tokens)
         pad_token_id = self.loaded.tokenizer.pad_token_id or 0
         self.runner = ModelRunner(self.loaded.model, self.device, self.precision, pad_token_id)
         metrics.MODEL_INFO.info({"model": self.model_id, "device": str(self.device), "precision": self.precision})
@@ -226,12 +226,14 @@ class Engine:
             precision, budget, precision_trials, budget_trials, len(calibration), time.perf_counter() - started
         )
 
-    def _batching_policy(self, max_length: int, pad_multiple: int, max_batch_tokens: int) -> BatchingPolicy:
+    def _batching_policy(
+        self, max_length: int, longest: int, pad_multiple: int, max_batch_tokens: int
+    ) -> BatchingPolicy:
+        """`longest`: the model's maximum length padded to `pad_multiple`, what one text can take."""
         settings = self.settings
         bounds = tuple(settings.bucket_bounds or default_bucket_bounds(max_length, pad_multiple))
         if bounds[-1] < max_length:
             bounds = bounds + (max_length,)
-        longest = -(-max_length // pad_multiple) * pad_multiple
         if max_batch_tokens < longest:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) is below the model's maximum length ({longest})")
         if settings.max_queue_tokens < settings.max_texts_per_request * max_length:
