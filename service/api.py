@@ -15,12 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.batcher import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
-from service.engine import Classified, Engine
-from service.postprocess import rank
-from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, LabelScoreOut, TextResult
+from service.engine import EngineSlot
+from service.errors import ClassifierError, LoadFailed
+from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 from service.settings import Settings
-from service.tokenization import TextTooLong
 
 # nginx's status for a client that closed its connection before the response: not a server error, not a success.
 CLIENT_CLOSED_REQUEST = 499
@@ -28,24 +26,24 @@ CLIENT_CLOSED_REQUEST = 499
 DISCARD_FACTOR = 16
 
 
-class ApiError(Exception):
-    """An error answered with its status code, a message, and optional headers."""
+class ApiError(ClassifierError):
+    """A refusal of the HTTP layer itself (the engine's own are its ClassifierErrors): status, message, headers."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        super().__init__(message, headers)
+        self.status = status
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI application serving `settings.model`; the model loads in the background after start-up."""
-    engine = Engine(settings)
+    engines = EngineSlot(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loading = asyncio.create_task(engine.start(), name="load-model")
+        loading = asyncio.create_task(engines.load(), name="load-model")
         yield
         await loading
-        await engine.stop()
+        await engines.stop()
 
     app = FastAPI(
         title="Text classification service",
@@ -55,7 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
             status: {"model": ErrorResponse} for status in (400, 408, 422, 429, 503)  # 400: a body that is not UTF-8
         },
     )
-    app.state.engine = engine
+    app.state.engines = engines
     # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
     app.state.draining = threading.Event()
     # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
@@ -65,11 +63,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
-    _add_routes(app, engine, app.state.draining)
+    _add_routes(app, settings, engines, app.state.draining)
     return app
 
 
-def _add_routes(app: FastAPI, engine: Engine, draining: threading.Event) -> None:
+def _add_routes(app: FastAPI, settings: Settings, engines: EngineSlot, draining: threading.Event) -> None:
     @app.post(
         "/classify",
         response_model=ClassifyResponse,
@@ -87,66 +85,42 @@ def _add_routes(app: FastAPI, engine: Engine, draining: threading.Event) -> None
             int | None, Header(ge=1, le=600_000, description="Same as the body's timeout_ms; the smaller wins.")
         ] = None,
     ) -> ClassifyResponse | Response:
-        _require_ready(engine)
-        if len(body.texts) > engine.settings.max_texts_per_request:
+        engine = engines.engine()
+        if len(body.texts) > settings.max_texts_per_request:
             raise ApiError(
                 422,
-                f"too many texts: {len(body.texts)} sent, at most {engine.settings.max_texts_per_request} "
+                f"too many texts: {len(body.texts)} sent, at most {settings.max_texts_per_request} "
                 "per request; split them over several requests",
             )
         timeouts = [t for t in (body.timeout_ms, x_request_timeout_ms) if t is not None]
-        deadline = engine.deadline_after(min(timeouts, default=None))
-        work = asyncio.create_task(_encode_and_classify(engine, body, deadline))
+        deadline = time.monotonic() + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
+        work = asyncio.create_task(
+            engine.classify(body.texts, top_k=body.top_k, truncate=body.truncate, deadline=deadline)
+        )
         if not await _finished_before_client_left(work, request.receive):
             return NoAnswer()  # its queued texts were dropped when `work` was cancelled
-        classified = work.result()  # raises the request's ApiError, if it failed
-        labels = engine.loaded.labels
-        return ClassifyResponse(
-            model=engine.model_id,
-            results=[_text_result(item.scores, labels, body.top_k, item.encoded) for item in classified],
-        )
+        return ClassifyResponse(model=engine.model_id, results=work.result())  # raises its ClassifierError, if any
 
     @app.get("/health", summary="Alive (200), or 503 when the model failed to load")
     async def health() -> dict:
-        if engine.failure:
-            raise ApiError(503, f"model failed to load: {engine.failure}")
+        if engines.failure:
+            raise LoadFailed(engines.failure)
         return {"status": "ok"}
 
     @app.get("/ready", summary="200 once the model is loaded and warmed up; 503 before, and while draining")
     async def ready() -> dict:
-        _require_ready(engine)
+        engines.engine()
         if draining.is_set():
             raise ApiError(503, "draining: this replica is shutting down; send new requests elsewhere", {"Retry-After": "1"})
         return {"status": "ready"}
 
     @app.get("/info", summary="The model, its device and precision, and the batching settings")
     async def info() -> dict:
-        return engine.info()
+        return engines.info()
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-async def _encode_and_classify(engine: Engine, body: ClassifyRequest, deadline: float) -> list[Classified]:
-    try:
-        encoded = await engine.encode(body.texts, body.truncate)
-        return await engine.classify(encoded, deadline)
-    except TextTooLong as error:
-        raise ApiError(413, str(error)) from error
-    except Overloaded as error:
-        raise ApiError(429, str(error), {"Retry-After": f"{error.retry_after:.0f}"}) from error
-    except DeadlineExceeded as error:
-        raise ApiError(
-            504, "the request's deadline passed before the model reached its texts; retry later or allow more time "
-            "(timeout_ms)"
-        ) from error
-    except NotAccepting as error:
-        raise ApiError(503, "the service is shutting down; retry on another replica", {"Retry-After": "1"}) from error
-    except TextTooLargeForDevice as error:  # even alone, the text ran the device out of memory
-        raise ApiError(413, str(error)) from error
-    except InferenceFailed as error:  # the model raised on this text alone; its batch's other texts got answers
-        raise ApiError(500, str(error)) from error
 
 
 async def _finished_before_client_left(work: asyncio.Task, receive: Receive) -> bool:
@@ -180,27 +154,9 @@ class NoAnswer(Response):
         return
 
 
-def _text_result(scores: list[float], labels: tuple[str, ...], top_k: int | None, encoded) -> TextResult:
-    ranked = rank(scores, labels, top_k)
-    return TextResult(
-        label=ranked[0].label,
-        score=ranked[0].score,
-        labels=[LabelScoreOut(label=item.label, score=item.score) for item in ranked],
-        tokens=len(encoded.ids),
-        truncated=encoded.truncated,
-    )
-
-
-def _require_ready(engine: Engine) -> None:
-    if engine.failure:
-        raise ApiError(503, f"model failed to load: {engine.failure}")
-    if not engine.ready:
-        raise ApiError(503, "the model is still loading; retry shortly", {"Retry-After": "5"})
-
-
 def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+    @app.exception_handler(ClassifierError)
+    async def classifier_error(request: Request, error: ClassifierError) -> JSONResponse:
         return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(HTTPException)

@@ -1,45 +1,38 @@
-"""Runs the queue: admits encoded texts from the event loop, runs batches on the one inference thread, and
-resolves every caller's future with its own scores. The batching decisions themselves live in `scheduler`."""
+"""Runs the queue: admits encoded texts from the event loop, builds each batch's inputs on a collation thread,
+runs batches on the one inference thread, and resolves every caller's future with its own scores. The batching
+decisions themselves live in `scheduler`."""
 
 import asyncio
 import logging
 import math
+from queue import Queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from service import metrics
+from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
 from service.scheduler import Batch, BatchQueue, QueuedText
-from service.tokenization import EncodedText
 from service.tuning import MemoryBudget
 
 log = logging.getLogger(__name__)
 
-# Scores for each sequence of a batch padded to the given length; raises OutOfMemory when the device ran out.
-Infer = Callable[[list[list[int]], int], list[list[float]]]
+
+class BatchModel(Protocol):
+    """What the batcher runs batches on: building a batch's inputs, and scoring them."""
+
+    def collate(self, sequences: list[list[int]], padded_length: int) -> Any:
+        """The inputs for `sequences` padded to `padded_length`; called on the collation thread."""
+
+    def run(self, inputs: Any) -> list[list[float]]:
+        """Scores per sequence of collated inputs; raises OutOfMemory when the device ran out of memory."""
 
 
 class OutOfMemory(Exception):
     """The device ran out of memory running a batch (the engine turns the framework's own error into this)."""
-
-
-class TextTooLargeForDevice(Exception):
-    """One text, run alone, ran the device out of memory: it cannot be answered at this length."""
-
-    def __init__(self, tokens: int) -> None:
-        super().__init__(
-            f"a text of {tokens} tokens does not fit in the device's memory even alone; send it shorter"
-        )
-        self.tokens = tokens
-
-
-class InferenceFailed(Exception):
-    """The model raised on one text even when it ran alone."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(f"the model failed on a text: {type(cause).__name__}: {cause}")
 
 
 @dataclass(slots=True)
@@ -51,6 +44,24 @@ class Pending:
 
 
 @dataclass(frozen=True, slots=True)
+class Collated:
+    """A batch taken from the queue and its inputs, built on the collation thread (None when that failed)."""
+
+    batch: Batch
+    inputs: Any
+    taken_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RanBatch:
+    """A batch the inference thread ran: its real tokens, and when it started and ended."""
+
+    real_tokens: int
+    started: float
+    ended: float
+
+
+@dataclass(frozen=True, slots=True)
 class Submission:
     """One request's queued texts, in order: await their futures, or `Batcher.cancel` them."""
 
@@ -59,23 +70,6 @@ class Submission:
     @property
     def futures(self) -> list[asyncio.Future]:
         return [item.handle.future for item in self.items]
-
-
-class Overloaded(Exception):
-    """The queue cannot take these texts now: it would exceed its token limit (`queue_full`), or it would not reach
-    them before their deadline (`predicted_wait`)."""
-
-    def __init__(self, reason: str, message: str, retry_after: float) -> None:
-        super().__init__(f"{message}; retry in about {retry_after:.0f} s")
-        self.reason, self.retry_after = reason, retry_after
-
-
-class DeadlineExceeded(Exception):
-    """The texts' deadline passed before the model reached them."""
-
-
-class NotAccepting(Exception):
-    """The batcher is draining for shutdown and takes no new texts."""
 
 
 class ThroughputMeter:
@@ -95,29 +89,30 @@ class ThroughputMeter:
 
 
 class Batcher:
-    """Owns the queue: `submit` texts from the event loop; one inference thread takes batches and runs them.
+    """Owns the queue: `submit` texts from the event loop; one inference thread runs batches back to back.
 
-    The thread pulls its next batch itself, back to back, without a round trip through the event loop. The queue
-    is guarded by one lock; scores go back to the callers' futures on the event loop.
+    A collation thread takes the next batch from the queue and builds its inputs while the current batch runs, then
+    hands it over (one batch at most waits ready), so the inference thread only runs the model. The queue is guarded
+    by one lock; scores go back to the callers' futures on the event loop.
     """
 
     def __init__(
         self,
         queue: BatchQueue,
-        infer: Infer,
+        model: BatchModel,
         max_queue_tokens: int,
         meter: ThroughputMeter,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
-        self.infer = infer
+        self.model = model
         self.max_queue_tokens = max_queue_tokens
         self.meter = meter
         # Tokens per second of wall time while batches run back to back: what the model, the tokenizer, HTTP and
         # the rest of the process sharing the CPU together really drain. Admission and Retry-After use it once it
         # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
         self.backlog_meter = ThroughputMeter()
-        self._previous_batch: tuple[int, float] | None = None  # real tokens and start of the last batch taken
+        self._previous_batch: RanBatch | None = None
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -126,19 +121,22 @@ class Batcher:
         self._accepting = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worked: asyncio.Future | None = None
+        # The collated batch waiting for the inference thread; None once draining has emptied the queue.
+        self._ready: Queue[Collated | None] = Queue(maxsize=1)
 
     def start(self, inference_thread: Executor) -> None:
         """Run batches on `inference_thread` (a one-thread executor) until drained; futures resolve on this loop."""
         self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._collate_batches, name="collate", daemon=True).start()
         self._worked = self._loop.run_in_executor(inference_thread, self._work)
 
-    def submit(self, texts: list[EncodedText], deadline: float = math.inf) -> Submission:
-        """Queue the texts, to be answered by `deadline` (on this batcher's clock); one future per text.
+    def submit(self, texts: list[list[int]], deadline: float = math.inf) -> Submission:
+        """Queue the texts (token ids), to be answered by `deadline` (on this batcher's clock); one future per text.
 
         Raises NotAccepting while draining, DeadlineExceeded when the deadline has already passed, and Overloaded
         when the queue is full or its measured drain time plus these texts' own would pass the deadline.
         """
-        tokens = sum(len(text.ids) for text in texts)
+        tokens = sum(len(ids) for ids in texts)
         with self._changed:
             now = self.clock()
             if not self._accepting:
@@ -147,8 +145,7 @@ class Batcher:
                 raise DeadlineExceeded()
             self._admit(len(texts), tokens, deadline - now)
             items = [
-                QueuedText(len(text.ids), now, Pending(text.ids, self._loop.create_future()), deadline)
-                for text in texts
+                QueuedText(len(ids), now, Pending(ids, self._loop.create_future()), deadline) for ids in texts
             ]
             for item in items:
                 self.queue.append(item)
@@ -185,6 +182,11 @@ class Batcher:
             item.handle.future.cancel()
         return len(removed)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether `submit` admits texts (false once draining)."""
+        return self._accepting
+
     def drain(self) -> None:
         """Stop admitting; the inference thread finishes every text already queued, then ends."""
         with self._changed:
@@ -196,35 +198,50 @@ class Batcher:
         if self._worked is not None:
             await self._worked
 
+    def _collate_batches(self) -> None:
+        """Take each batch once the inference thread has taken the previous one, and build its inputs."""
+        try:
+            while (batch := self._next_batch()) is not None:
+                taken_at = self.clock()
+                self._ready.put(Collated(batch, self._collate(batch.items), taken_at))
+                self._ready.join()  # taken: the next batch is chosen while this one runs, not before
+        finally:
+            self._ready.put(None)
+
+    def _collate(self, items: list[QueuedText]) -> Any:
+        try:
+            return self.model.collate([item.handle.ids for item in items], self._padded_length(items))
+        except Exception:  # the inference thread collates it again and fails only the texts that fail alone
+            log.exception("collating a batch failed")
+            return None
+
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run(batch)
+        while (collated := self._ready.get()) is not None:
+            self._ready.task_done()
+            self._run(collated)
 
     def _next_batch(self) -> Batch | None:
         """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
         with self._changed:
-            backlogged = True
             while True:
                 now = self.clock()
                 self._expire(now)
                 batch = self.queue.next_batch(now)
                 if batch is not None:
-                    self._measure_backlog(batch, now, backlogged)
                     self._publish_queue_state()
                     return batch
-                backlogged = False
                 if not self._accepting and not len(self.queue):
                     return None
                 deadline = self.queue.next_deadline()
                 self._changed.wait(None if deadline is None else max(0.0, deadline - self.clock()))
 
-    def _measure_backlog(self, batch: Batch, now: float, backlogged: bool) -> None:
-        """A batch ready the moment the previous one ended means the queue was backlogged all along: the previous
-        batch's tokens over the wall time since it started is the rate the queue really drains at."""
-        if backlogged and self._previous_batch is not None:
-            tokens, started = self._previous_batch
-            self.backlog_meter.record(tokens, now - started)
-        self._previous_batch = (batch.real_tokens, now)
+    def _measure_backlog(self, taken_at: float, started: float) -> None:
+        """A batch taken from the queue before the previous one ended means the queue was backlogged all along: the
+        previous batch's tokens over the wall time from its start to this one's is the rate the queue drains at."""
+        previous = self._previous_batch
+        if previous is not None and taken_at <= previous.ended:
+            with self._changed:  # admission reads the meter under the lock
+                self.backlog_meter.record(previous.real_tokens, started - previous.started)
 
     def _expire(self, now: float) -> None:
         """Fail the queued texts whose deadline has passed, before they cost model time (called under the lock)."""
@@ -234,32 +251,39 @@ class Batcher:
             self._publish_queue_state()
             self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
 
-    def _run(self, batch: Batch) -> None:
+    def _run(self, collated: Collated) -> None:
         # Callers that went away (cancelled futures) do not cost model time.
+        batch = collated.batch
         live = [item for item in batch.items if not item.handle.future.done()]
         if not live:
             return
-        batch = Batch(live, self.queue.policy.padded_length(max(item.tokens for item in live)), batch.reason)
+        inputs = collated.inputs if len(live) == len(batch.items) else None
+        batch = Batch(live, self._padded_length(live), batch.reason)
         started = self.clock()
+        self._measure_backlog(collated.taken_at, started)
         self._observe_batch(batch, started)
-        answered_tokens = self._run_splitting(live)
-        elapsed = self.clock() - started
+        answered_tokens = self._run_splitting(live, inputs)
+        ended = self.clock()
+        self._previous_batch = RanBatch(batch.real_tokens, started, ended)
         if answered_tokens:
-            self.meter.record(answered_tokens, elapsed)
-        metrics.BATCH_INFERENCE.observe(elapsed)
+            self.meter.record(answered_tokens, ended - started)
+        metrics.BATCH_INFERENCE.observe(ended - started)
         with self._changed:
             self._publish_queue_state()
 
-    def _run_splitting(self, items: list[QueuedText]) -> int:
-        """Run `items` as one batch; when it fails, retry its halves (shortest texts first), down to single texts,
-        so every text that can run gets its answer and only a text that fails alone fails. An out-of-memory also
-        lowers the token budget. The batch's first error is logged once. Returns the real tokens answered."""
+    def _run_splitting(self, items: list[QueuedText], inputs: Any) -> int:
+        """Run `items` as one batch (on `inputs` when collated already); when it fails, retry its halves (shortest
+        texts first), down to single texts, so every text that can run gets its answer and only a text that fails
+        alone fails. An out-of-memory also lowers the token budget. The batch's first error is logged once. Returns
+        the real tokens answered."""
         groups, answered, logged = [items], 0, False
         while groups:
             group = groups.pop()
-            padded_length = self.queue.policy.padded_length(max(item.tokens for item in group))
+            padded_length = self._padded_length(group)
             try:
-                scores = self.infer([item.handle.ids for item in group], padded_length)
+                if group is not items or inputs is None:
+                    inputs = self.model.collate([item.handle.ids for item in group], padded_length)
+                scores = self.model.run(inputs)
             except Exception as error:  # a failed batch fails at most its culprits, never the thread
                 out_of_memory = isinstance(error, OutOfMemory)
                 if out_of_memory:
@@ -280,6 +304,9 @@ class Batcher:
             self._loop.call_soon_threadsafe(_resolve, group, scores)
             answered += sum(item.tokens for item in group)
         return answered
+
+    def _padded_length(self, items: list[QueuedText]) -> int:
+        return self.queue.policy.padded_length(max(item.tokens for item in items))
 
     def _log_failure(self, error: Exception, texts: int, group: int, padded_length: int) -> None:
         if isinstance(error, OutOfMemory):

@@ -1,9 +1,12 @@
-"""From logits to answers: the activation each problem type calls for, computed in fp32, and top-k ranking."""
+"""From logits to answers: the activation each problem type calls for (computed in fp32, by the scorer), then
+top-k ranking into each text's finished result (by the engine's front)."""
 
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from service.schemas import LabelScoreOut, TextResult
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 
@@ -41,3 +44,15 @@ def rank(scores: list[float], labels: tuple[str, ...], top_k: int | None) -> lis
     """Labels ordered by score, best first, cut to top_k (all of them when top_k is None)."""
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     return [LabelScore(labels[i], scores[i]) for i in order[:top_k]]
+
+
+def text_result(scores: list[float], labels: tuple[str, ...], top_k: int | None, tokens: int, truncated: bool) -> TextResult:
+    """One text's finished answer: its best label and score, the ranked labels, and how it was read."""
+    ranked = rank(scores, labels, top_k)
+    return TextResult(
+        label=ranked[0].label,
+        score=ranked[0].score,
+        labels=[LabelScoreOut(label=item.label, score=item.score) for item in ranked],
+        tokens=tokens,
+        truncated=truncated,
+    )

@@ -41,17 +41,26 @@ class BatchingPolicy:
     merge_min_efficiency: float = 0.9
 
     def __post_init__(self) -> None:
-        if not self.bucket_bounds or list(self.bucket_bounds) != sorted(set(self.bucket_bounds)):
-            raise ValueError("bucket_bounds must be non-empty and strictly ascending")
-        if self.max_batch_tokens < self.padded_length(self.bucket_bounds[-1]):
-            raise ValueError(
-                f"max_batch_tokens ({self.max_batch_tokens}) must hold at least one text of the longest "
-                f"bucket ({self.padded_length(self.bucket_bounds[-1])} tokens)"
-            )
+        check_bucket_bounds(self.bucket_bounds)
+        longest = self.padded_length(self.bucket_bounds[-1])
+        if self.max_batch_tokens < longest:  # one text of the longest bucket must fit in a batch
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) is below the model's maximum length ({longest})")
 
     def padded_length(self, longest: int) -> int:
         """The length a batch whose longest text has `longest` tokens is padded to."""
-        return math.ceil(longest / self.pad_multiple) * self.pad_multiple
+        return padded_length(longest, self.pad_multiple)
+
+
+def padded_length(longest: int, pad_multiple: int) -> int:
+    """`longest` rounded up to a multiple of `pad_multiple`: the length a batch with that longest text is padded to."""
+    return math.ceil(longest / pad_multiple) * pad_multiple
+
+
+def check_bucket_bounds(bounds: Iterable[int]) -> None:
+    """Raises ValueError unless `bounds` is a non-empty, strictly ascending sequence of positive token counts."""
+    bounds = list(bounds)
+    if not bounds or bounds[0] <= 0 or bounds != sorted(set(bounds)):
+        raise ValueError("bucket_bounds must be a non-empty, strictly ascending list of positive token counts")
 
 
 @dataclass
@@ -231,10 +240,10 @@ class BatchQueue:
                 full.append(index)
         if expired:
             seed = min(expired, key=lambda i: self._buckets[i][0].arrived_at)
-            return self._take(seed, default_reason="window")
+            return self._take(seed)
         if full:
             seed = min(full, key=lambda i: self._buckets[i][0].arrived_at)
-            return self._take(seed, default_reason="window")
+            return self._take(seed)
         return None
 
     def _fills_a_batch(self, bucket: deque[QueuedText]) -> bool:
@@ -245,15 +254,16 @@ class BatchQueue:
             draft.add(item)
         return False
 
-    def _take(self, seed: int, default_reason: FlushReason) -> Batch:
-        """Assemble a batch from bucket `seed` (oldest first), then from its neighbours, and dequeue it."""
+    def _take(self, seed: int) -> Batch:
+        """Assemble a batch from bucket `seed` (oldest first), then from its neighbours, and dequeue it; flushed by
+        its window unless a limit filled it."""
         draft = _Draft(self.policy)
         reason = self._fill_from_seed(draft, self._buckets[seed])
         if reason is None:
             reason = self._fill_from_neighbours(draft, seed)
         self._texts -= len(draft.items)
         self._tokens -= draft.real_tokens
-        return Batch(draft.items, self.policy.padded_length(draft.longest), reason or default_reason)
+        return Batch(draft.items, self.policy.padded_length(draft.longest), reason or "window")
 
     def _fill_from_seed(self, draft: _Draft, bucket: deque[QueuedText]) -> FlushReason | None:
         while bucket:

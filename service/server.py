@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
-from service.engine import Engine
+from service.engine import EngineSlot
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ClassifierServer(uvicorn.Server):
                 timeout_graceful_shutdown=0.8 * (settings.shutdown_grace_seconds - settings.drain_delay_seconds),
             )
         )
-        self.engine: Engine = app.state.engine
+        self.engines: EngineSlot = app.state.engines
         self.draining: threading.Event = app.state.draining
         self.settings = settings
         self.drain_ends: float | None = None
@@ -103,14 +103,14 @@ class ClassifierServer(uvicorn.Server):
     @property
     def failure(self) -> str | None:
         """Why the model could not be loaded, if it could not."""
-        return self.engine.failure
+        return self.engines.failure
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not recorded in `_captured_signals`: uvicorn would re-raise it at the end, and a clean drain exits 0.
         if self.drain_ends is not None:
             log.warning("second signal %d: exiting at once, without draining", sig)
             os._exit(1)
-        delay = self.settings.drain_delay_seconds if self.engine.ready else 0.0
+        delay = self.settings.drain_delay_seconds if self.engines.ready else 0.0
         log.info("signal %d: /ready answers 503 for %g s, then the listener closes and the queue drains", sig, delay)
         self.draining.set()
         self.drain_ends = time.monotonic() + delay
@@ -119,7 +119,7 @@ class ClassifierServer(uvicorn.Server):
         watchdog.start()
 
     async def on_tick(self, counter: int) -> bool:
-        if self.engine.failure is not None:
+        if self.engines.failure is not None:
             self.should_exit = True
         if self.drain_ends is not None and time.monotonic() >= self.drain_ends:
             self.should_exit = True

@@ -5,6 +5,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.scheduler import check_bucket_bounds
+
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
@@ -88,9 +90,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_bucket_bounds(self) -> "Settings":
-        bounds = self.bucket_bounds
-        if bounds is not None and (not bounds or any(b <= 0 for b in bounds) or sorted(set(bounds)) != bounds):
-            raise ValueError("bucket_bounds must be a non-empty, strictly ascending list of positive token counts")
+        if self.bucket_bounds is not None:
+            check_bucket_bounds(self.bucket_bounds)
         return self
 
     @model_validator(mode="after")

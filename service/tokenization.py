@@ -7,6 +7,8 @@ from queue import SimpleQueue
 
 from transformers import PreTrainedTokenizerBase
 
+from service.errors import TextTooLong
+
 
 @dataclass(frozen=True, slots=True)
 class EncodedText:
@@ -14,18 +16,6 @@ class EncodedText:
 
     ids: list[int]
     truncated: bool
-
-
-class TextTooLong(ValueError):
-    """A text exceeds the model's maximum length and the request asked not to truncate."""
-
-    def __init__(self, index: int, tokens: int, max_length: int, exact: bool = True) -> None:
-        counted = f"{tokens}" if exact else f"more than {tokens - 1}"
-        super().__init__(
-            f"texts[{index}] has {counted} tokens but the model takes at most {max_length}; "
-            "shorten it or send truncate=true"
-        )
-        self.index, self.tokens, self.max_length = index, tokens, max_length
 
 
 class TextEncoder:

@@ -2,7 +2,6 @@
 back) and a poisoned text, driven in-process with fake models and an injected clock."""
 
 import asyncio
-import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -12,10 +11,9 @@ import torch
 from prometheus_client import REGISTRY
 
 from service.batcher import Batcher, InferenceFailed, TextTooLargeForDevice, ThroughputMeter
-from service.engine import batch_scores
 from service.runner import ModelRunner
+from service.scorer import ScoringModel
 from service.scheduler import BatchingPolicy, BatchQueue
-from service.tokenization import EncodedText
 
 POISON = 666
 
@@ -57,13 +55,13 @@ def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int 
         merge_min_efficiency=0.01,  # every text joins one batch, so the failure has innocent neighbours
     )
     runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=0)
-    infer = functools.partial(batch_scores, runner, "single_label_classification")
-    return Batcher(BatchQueue(policy), infer, max_queue_tokens=100_000, meter=ThroughputMeter(), clock=clock)
+    scoring = ScoringModel(runner, "single_label_classification")
+    return Batcher(BatchQueue(policy), scoring, max_queue_tokens=100_000, meter=ThroughputMeter(), clock=clock)
 
 
 async def classify_together(batcher: Batcher, texts: list[list[int]]) -> list:
     """Submit the texts at once and wait for every answer (scores or the exception)."""
-    submission = batcher.submit([EncodedText(ids, False) for ids in texts])
+    submission = batcher.submit(texts)
     return await asyncio.gather(*submission.futures, return_exceptions=True)
 
 

@@ -9,7 +9,6 @@ from prometheus_client import REGISTRY
 
 from service.batcher import Batcher, DeadlineExceeded, Overloaded, ThroughputMeter
 from service.scheduler import BatchingPolicy, BatchQueue
-from service.tokenization import EncodedText
 
 
 class FakeClock:
@@ -24,8 +23,23 @@ def counter(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def texts(*lengths: int) -> list[EncodedText]:
-    return [EncodedText(list(range(length)), False) for length in lengths]
+def texts(*lengths: int) -> list[list[int]]:
+    return [list(range(length)) for length in lengths]
+
+
+class FakeModel:
+    """Records the lengths of the texts it runs; each batch advances the clock by `batch_seconds`."""
+
+    def __init__(self, clock: FakeClock, ran: list, batch_seconds: float) -> None:
+        self.clock, self.ran, self.batch_seconds = clock, ran, batch_seconds
+
+    def collate(self, sequences, padded_length):
+        return sequences
+
+    def run(self, sequences):
+        self.clock.now += self.batch_seconds  # wall time a batch takes, model and everything else on the CPU
+        self.ran.extend(len(ids) for ids in sequences)
+        return [[0.5, 0.5] for _ in sequences]
 
 
 def make_batcher(clock: FakeClock, ran: list, policy: BatchingPolicy, batch_seconds: float):
@@ -33,12 +47,7 @@ def make_batcher(clock: FakeClock, ran: list, policy: BatchingPolicy, batch_seco
     meter.record(1000, 1.0)  # the model alone: 1000 tokens/s
     max_queue_tokens = 10_000
 
-    def infer(sequences, padded_length):
-        clock.now += batch_seconds  # wall time a batch takes, model and everything else on the CPU
-        ran.extend(len(ids) for ids in sequences)
-        return [[0.5, 0.5] for _ in sequences]
-
-    return Batcher(BatchQueue(policy), infer, max_queue_tokens, meter, clock)
+    return Batcher(BatchQueue(policy), FakeModel(clock, ran, batch_seconds), max_queue_tokens, meter, clock)
 
 
 WAITING = BatchingPolicy(bucket_bounds=(16, 64, 128), max_batch_tokens=512, max_batch_size=8, window=30.0)

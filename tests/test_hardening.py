@@ -64,14 +64,16 @@ def test_wrong_method_and_unknown_path_answer_with_the_error_body(service_url):
 
 def test_an_unexpected_exception_is_a_json_500(tiny_model_dir):
     app = create_app(Settings(model=str(tiny_model_dir)))
-    engine = app.state.engine
-    engine.ready = True  # as if loaded: the request reaches encode, which fails like a bug would
 
-    async def broken_encode(texts, truncate):
-        raise RuntimeError("a bug")
+    class BrokenEngine:
+        """As if loaded: the request reaches classify, which fails like a bug would."""
 
-    engine.encode = broken_encode
-    engine.deadline_after = lambda timeout_ms: float("inf")  # no batcher clock without a loaded model
+        ready, model_id = True, "broken"
+
+        async def classify(self, texts, *, top_k, truncate, deadline):
+            raise RuntimeError("a bug")
+
+    app.state.engines.state = BrokenEngine()
     response = TestClient(app, raise_server_exceptions=False).post("/classify", json={"texts": ["hi"]})
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}

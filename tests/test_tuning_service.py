@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
 
 from service.api import create_app
 from service.runner import ModelRunner
@@ -111,13 +112,15 @@ def test_texts_that_fail_alone_get_clear_errors_and_the_rest_answers(tiny_model_
     settings = Settings(model=str(tiny_model_dir), tune=False, torch_threads=1)
     app = create_app(settings)
     with TestClient(app) as client:
-        engine = app.state.engine
+        engines = app.state.engines
         deadline = time.monotonic() + 60
-        while not engine.ready and time.monotonic() < deadline:
+        while not engines.ready and time.monotonic() < deadline:
             time.sleep(0.05)
-        poison = engine.loaded.tokenizer.convert_tokens_to_ids("boring")
-        failing = FailingClassifier(engine.loaded.model, max_tokens=40, poison=poison)
-        engine.runner = ModelRunner(failing, engine.device, "fp32", engine.runner.pad_token_id)
+        scoring = engines.engine().scorer.model
+        runner = scoring.runner
+        poison = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids("boring")
+        failing = FailingClassifier(runner.model, max_tokens=40, poison=poison)
+        scoring.runner = ModelRunner(failing, runner.device, "fp32", runner.pad_token_id)
 
         fine = client.post("/classify", json={"texts": ["good film", "bad"]})
         assert fine.status_code == 200, fine.text
