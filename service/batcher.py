@@ -113,6 +113,8 @@ class Batcher:
         # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
         self.backlog_meter = ThroughputMeter()
         self._previous_batch: RanBatch | None = None
+        # Texts of the batch collated and waiting to run: still cancellable, still expiring.
+        self._taken: list[QueuedText] = []
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -170,17 +172,26 @@ class Batcher:
             )
 
     def cancel(self, submission: Submission, reason: str) -> int:
-        """Drop the submission's texts still queued (`reason`: client_gone, deadline), so the model never runs them,
-        and cancel their futures. Texts already in a running batch are left to finish. Returns how many were dropped.
+        """Drop the submission's texts still queued or in the batch waiting to run (`reason`: client_gone, deadline),
+        so the model never runs them, and cancel their futures. Texts already in a running batch are left to finish.
+        Returns how many were dropped.
         """
         with self._changed:
-            removed = self.queue.remove(submission.items)
+            removed = self.queue.remove(submission.items) + self._untake(submission.items)
             if removed:
                 metrics.CANCELLED_TEXTS.labels(reason).inc(len(removed))
                 self._publish_queue_state()
         for item in removed:
             item.handle.future.cancel()
         return len(removed)
+
+    def _untake(self, items: list[QueuedText]) -> list[QueuedText]:
+        """Remove those of `items` taken for the next batch, not yet running, and return them (under the lock)."""
+        wanted = {id(item) for item in items}
+        untaken = [item for item in self._taken if id(item) in wanted]
+        if untaken:
+            self._taken = [item for item in self._taken if id(item) not in wanted]
+        return untaken
 
     @property
     def accepting(self) -> bool:
@@ -228,6 +239,7 @@ class Batcher:
                 self._expire(now)
                 batch = self.queue.next_batch(now)
                 if batch is not None:
+                    self._taken = list(batch.items)
                     self._publish_queue_state()
                     return batch
                 if not self._accepting and not len(self.queue):
@@ -252,13 +264,11 @@ class Batcher:
             self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
 
     def _run(self, collated: Collated) -> None:
-        # Callers that went away (cancelled futures) do not cost model time.
-        batch = collated.batch
-        live = [item for item in batch.items if not item.handle.future.done()]
+        live = self._start_running()
         if not live:
             return
-        inputs = collated.inputs if len(live) == len(batch.items) else None
-        batch = Batch(live, self._padded_length(live), batch.reason)
+        inputs = collated.inputs if len(live) == len(collated.batch.items) else None
+        batch = Batch(live, self._padded_length(live), collated.batch.reason)
         started = self.clock()
         self._measure_backlog(collated.taken_at, started)
         self._observe_batch(batch, started)
@@ -270,6 +280,18 @@ class Batcher:
         metrics.BATCH_INFERENCE.observe(ended - started)
         with self._changed:
             self._publish_queue_state()
+
+    def _start_running(self) -> list[QueuedText]:
+        """The taken texts that still need their answer, now running; those past their deadline fail unrun."""
+        with self._changed:
+            now = self.clock()
+            # Callers that went away (cancelled futures) do not cost model time.
+            taken, self._taken = [item for item in self._taken if not item.handle.future.done()], []
+        expired = [item for item in taken if item.deadline <= now]
+        if expired:
+            metrics.CANCELLED_TEXTS.labels("deadline").inc(len(expired))
+            self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
+        return [item for item in taken if item.deadline > now]
 
     def _run_splitting(self, items: list[QueuedText], inputs: Any) -> int:
         """Run `items` as one batch (on `inputs` when collated already); when it fails, retry its halves (shortest

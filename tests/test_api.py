@@ -93,6 +93,14 @@ def test_batching_does_not_change_answers(tiny_model_dir):
         assert by_label == pytest.approx({"NEGATIVE": scores[0], "POSITIVE": scores[1]}, abs=1e-4)
 
 
+async def _until(condition, what: str, timeout: float = 30) -> None:
+    """Wait until `condition()` (which may block briefly) holds; events are ordered by what the service shows."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
 def _metric(url: str, name: str, labels: str = "") -> float:
     """The value of one sample in the service's /metrics."""
     for line in httpx.get(f"{url}/metrics").text.splitlines():
@@ -233,7 +241,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir):
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 first = asyncio.create_task(client.post("/classify", json={"texts": [long_text] * 4}))
-                await asyncio.sleep(0.5)
+                await _until(lambda: _metric(url, "classifier_queue_texts") == 4, "the first request queued")
                 second = await client.post("/classify", json={"texts": ["short"]})
                 return await first, second
 
@@ -252,7 +260,8 @@ def test_shutdown_answers_every_accepted_text(tiny_model_dir):
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 pending = asyncio.create_task(client.post("/classify", json={"texts": REVIEWS}))
-                await asyncio.sleep(0.5)
+                # Encoded texts are queued in the same step, before the event loop can answer /metrics.
+                await _until(lambda: _metric(url, "classifier_input_tokens_count") == len(REVIEWS), "texts queued")
                 process.send_signal(signal.SIGTERM)
                 return await pending
 

@@ -1,0 +1,192 @@
+"""The batcher in process, with a fake model and the injected clock: cancellation, inference failure, drain, answer
+order and the neighbour merge. Events are ordered by waiting on the model's own progress, never by sleeping."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batcher import Batcher, ThroughputMeter
+from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting
+from service.scheduler import BatchingPolicy, BatchQueue
+
+WAIT = 60  # seconds any awaited event may take on a loaded machine: a hang fails, a slow machine does not
+
+ONE_TEXT_BATCHES = BatchingPolicy(bucket_bounds=(64,), max_batch_tokens=64, max_batch_size=1, window=0.0)
+SHARED_BATCHES = BatchingPolicy(bucket_bounds=(16, 32, 64), max_batch_tokens=512, max_batch_size=8, window=0.0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeModel:
+    """Scores a text as [its length, its first token id], so every answer names its text. While `held`, a batch
+    that starts running waits for `release()`; a batch holding the token `poison` raises."""
+
+    def __init__(self, held: bool = False, poison: int | None = None) -> None:
+        self.ran: list[list[list[int]]] = []  # the batches, in the order they ran
+        self.poison = poison
+        self._started = threading.Condition()
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
+
+    def collate(self, sequences: list[list[int]], padded_length: int) -> list[list[int]]:
+        assert all(len(ids) <= padded_length for ids in sequences)
+        return [list(ids) for ids in sequences]
+
+    def run(self, sequences: list[list[int]]) -> list[list[float]]:
+        with self._started:
+            self.ran.append(sequences)
+            self._started.notify_all()
+        assert self._released.wait(WAIT)
+        if self.poison is not None and any(self.poison in ids for ids in sequences):
+            raise ValueError("poisoned batch")
+        return [[float(len(ids)), float(ids[0])] for ids in sequences]
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def running(self, batches: int) -> None:
+        """Returns once `batches` batches have started."""
+
+        def wait() -> bool:
+            with self._started:
+                return self._started.wait_for(lambda: len(self.ran) >= batches, WAIT)
+
+        assert await asyncio.to_thread(wait), f"{batches} batches did not start"
+
+
+def text(name: int, length: int) -> list[int]:
+    return [name] * length
+
+
+def scores_of(ids: list[int]) -> list[float]:
+    return [float(len(ids)), float(ids[0])]
+
+
+def run(scenario, model: FakeModel, policy: BatchingPolicy):
+    """Run `scenario(batcher, clock)` with the batcher's threads started; it drains at the end."""
+
+    async def main():
+        clock = FakeClock()
+        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens=100_000, meter=ThroughputMeter(), clock=clock)
+        with ThreadPoolExecutor(1) as inference_thread:
+            batcher.start(inference_thread)
+            try:
+                return await scenario(batcher, clock)
+            finally:
+                model.release()
+                batcher.drain()
+                await asyncio.wait_for(batcher.drained(), WAIT)
+
+    return asyncio.run(main())
+
+
+def test_cancel_drops_the_queued_and_waiting_texts_and_the_running_batch_finishes():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        running = batcher.submit([text(1, 10)])
+        await model.running(1)
+        gone = batcher.submit([text(2, 20), text(3, 30)])  # one is taken as the next batch, the other queued
+        assert batcher.cancel(running, "client_gone") == 0  # running: left to finish
+        assert batcher.cancel(gone, "client_gone") == 2
+        assert all(future.cancelled() for future in gone.futures)
+        model.release()
+        assert await asyncio.wait_for(running.futures[0], WAIT) == scores_of(text(1, 10))
+        batcher.drain()
+        await asyncio.wait_for(batcher.drained(), WAIT)
+        assert model.ran == [[text(1, 10)]]  # the cancelled texts never reached the model
+
+    run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_a_text_past_its_deadline_while_waiting_to_run_fails_without_running():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        batcher.submit([text(1, 10)])
+        await model.running(1)
+        late = batcher.submit([text(2, 20)], deadline=clock.now + 1)
+        patient = batcher.submit([text(3, 30)])
+        clock.now += 1  # `late` is the next batch, taken and collated: its deadline passes before it runs
+        model.release()
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(late.futures[0], WAIT)
+        assert await asyncio.wait_for(patient.futures[0], WAIT) == scores_of(text(3, 30))
+        assert [batch[0][0] for batch in model.ran] == [1, 3]
+
+    run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_a_failing_batch_is_split_and_only_the_text_that_fails_alone_fails():
+    model = FakeModel(poison=666)
+    texts = [text(name, 10) for name in range(1, 8)]
+    texts.insert(3, [666] * 10)
+
+    async def scenario(batcher, clock):
+        submission = batcher.submit(texts)
+        return await asyncio.wait_for(asyncio.gather(*submission.futures, return_exceptions=True), WAIT)
+
+    answers = run(scenario, model, SHARED_BATCHES)
+    assert isinstance(answers[3], InferenceFailed) and "ValueError: poisoned batch" in str(answers[3])
+    assert [answer for index, answer in enumerate(answers) if index != 3] == [
+        scores_of(ids) for index, ids in enumerate(texts) if index != 3
+    ]
+    assert len(model.ran[0]) == 8 and [len(batch) for batch in model.ran].count(1) >= 1  # split down to one
+
+
+def test_drain_refuses_new_texts_and_answers_everything_queued_before_returning():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        first = batcher.submit([text(1, 10)])
+        await model.running(1)
+        queued = batcher.submit([text(name, 10 + name) for name in range(2, 6)])
+        batcher.drain()
+        with pytest.raises(NotAccepting):
+            batcher.submit([text(9, 10)])
+        drained = asyncio.ensure_future(batcher.drained())
+        model.release()
+        await asyncio.wait_for(drained, WAIT)
+        # Everything queued before the drain was answered by the time it returned.
+        assert all(future.done() for future in first.futures + queued.futures)
+        assert [future.result() for future in queued.futures] == [scores_of(text(n, 10 + n)) for n in range(2, 6)]
+        assert len(batcher.queue) == 0
+
+    run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_answers_match_their_texts_whatever_order_the_batches_run_in():
+    model = FakeModel()
+    lengths = [50, 3, 17, 64, 9, 33, 12, 60, 2, 31, 16, 45]
+    texts = [text(100 + index, length) for index, length in enumerate(lengths)]
+
+    async def scenario(batcher, clock):
+        submission = batcher.submit(texts)
+        return await asyncio.wait_for(asyncio.gather(*submission.futures), WAIT)
+
+    answers = run(scenario, model, SHARED_BATCHES)
+    assert answers == [scores_of(ids) for ids in texts]
+    assert len(model.ran) > 1  # the texts really ran in several batches
+    assert sorted(ids[0] for batch in model.ran for ids in batch) == [ids[0] for ids in texts]
+
+
+def test_a_mergeable_text_behind_a_non_mergeable_one_joins_the_batch():
+    """Seed 30 tokens; the next bucket holds 60 (would pad the batch to 75% efficiency) and then 33 (95%)."""
+    model = FakeModel()
+
+    async def scenario(batcher, clock):
+        submission = batcher.submit([text(1, 30), text(2, 60), text(3, 33)])
+        return await asyncio.wait_for(asyncio.gather(*submission.futures), WAIT)
+
+    run(scenario, model, SHARED_BATCHES)
+    assert [[ids[0] for ids in batch] for batch in model.ran] == [[1, 3], [2]]
+
