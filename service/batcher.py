@@ -5,12 +5,12 @@ decisions themselves live in `scheduler`."""
 import asyncio
 import logging
 import math
-from queue import Queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from queue import Queue
 from typing import Any, Protocol
 
 from service import metrics
@@ -228,8 +228,9 @@ class Batcher:
 
     def _work(self) -> None:
         while (collated := self._ready.get()) is not None:
-            self._ready.task_done()
-            self._run(collated)
+            live = self._start_running()
+            self._ready.task_done()  # only now may the collation thread take the next batch
+            self._run(collated, live)
 
     def _next_batch(self) -> Batch | None:
         """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
@@ -263,8 +264,7 @@ class Batcher:
             self._publish_queue_state()
             self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
 
-    def _run(self, collated: Collated) -> None:
-        live = self._start_running()
+    def _run(self, collated: Collated, live: list[QueuedText]) -> None:
         if not live:
             return
         inputs = collated.inputs if len(live) == len(collated.batch.items) else None
