@@ -34,6 +34,16 @@ def test_a_padded_batch_gives_each_text_its_unpadded_logits(model_and_tokenizer)
     torch.testing.assert_close(logits, unpadded_logits(model, tokenizer, TEXTS), atol=1e-4, rtol=1e-4)
 
 
+def test_collate_pads_each_row_to_the_batch_length_and_masks_the_padding(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=7)
+    inputs = runner.collate([[1, 2, 3], [4], [5, 6, 8, 9]], padded_length=5)
+    assert inputs["input_ids"].tolist() == [[1, 2, 3, 7, 7], [4, 7, 7, 7, 7], [5, 6, 8, 9, 7]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert inputs["token_type_ids"].tolist() == [[0] * 5] * 3  # the tiny BERT takes them
+    assert all(tensor.dtype == torch.long and not tensor.is_pinned() for tensor in inputs.values())  # pinned on CUDA only
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_runs_under_autocast_and_still_returns_fp32(model_and_tokenizer, precision):
     """The GPU's code path (autocast, fp32 outputs), exercised on the CPU."""
