@@ -113,8 +113,10 @@ class Batcher:
         # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
         self.backlog_meter = ThroughputMeter()
         self._previous_batch: RanBatch | None = None
-        # Texts of the batch collated and waiting to run: still cancellable, still expiring.
+        # Texts of the batch collated while another runs, waiting their turn: still cancellable. A batch taken while
+        # the inference thread is idle counts as running at once, as it did before collation had its own thread.
         self._taken: list[QueuedText] = []
+        self._inference_idle = True
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -228,9 +230,11 @@ class Batcher:
 
     def _work(self) -> None:
         while (collated := self._ready.get()) is not None:
-            live = self._start_running()
+            live = self._start_running(collated.batch)
             self._ready.task_done()  # only now may the collation thread take the next batch
             self._run(collated, live)
+            with self._changed:
+                self._inference_idle = True
 
     def _next_batch(self) -> Batch | None:
         """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
@@ -240,7 +244,7 @@ class Batcher:
                 self._expire(now)
                 batch = self.queue.next_batch(now)
                 if batch is not None:
-                    self._taken = list(batch.items)
+                    self._taken = [] if self._inference_idle else list(batch.items)
                     self._publish_queue_state()
                     return batch
                 if not self._accepting and not len(self.queue):
@@ -281,17 +285,11 @@ class Batcher:
         with self._changed:
             self._publish_queue_state()
 
-    def _start_running(self) -> list[QueuedText]:
-        """The taken texts that still need their answer, now running; those past their deadline fail unrun."""
+    def _start_running(self, batch: Batch) -> list[QueuedText]:
+        """The batch's texts that still need their answer (cancelled ones do not cost model time), now running."""
         with self._changed:
-            now = self.clock()
-            # Callers that went away (cancelled futures) do not cost model time.
-            taken, self._taken = [item for item in self._taken if not item.handle.future.done()], []
-        expired = [item for item in taken if item.deadline <= now]
-        if expired:
-            metrics.CANCELLED_TEXTS.labels("deadline").inc(len(expired))
-            self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
-        return [item for item in taken if item.deadline > now]
+            self._taken, self._inference_idle = [], False
+            return [item for item in batch.items if not item.handle.future.done()]
 
     def _run_splitting(self, items: list[QueuedText], inputs: Any) -> int:
         """Run `items` as one batch (on `inputs` when collated already); when it fails, retry its halves (shortest

@@ -16,6 +16,17 @@ class ClassifierError(Exception):
         self.headers = headers or {}
         super().__init__(self.message)
 
+    def __reduce__(self):
+        """Pickled by its fields, whatever its subclass's constructor takes, so it crosses a process boundary."""
+        return _restore, (type(self), self.__dict__)
+
+
+def _restore(cls: type[ClassifierError], fields: dict) -> ClassifierError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, fields["message"])
+    error.__dict__.update(fields)
+    return error
+
 
 class TextTooLong(ClassifierError):
     """A text exceeds the model's maximum length and the request asked not to truncate."""

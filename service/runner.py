@@ -115,8 +115,9 @@ class ModelRunner:
     def collate(self, sequences: list[list[int]], padded_length: int) -> dict[str, torch.Tensor]:
         """The model's inputs for `sequences` padded to `padded_length`, on the host.
 
-        Vectorised in numpy and safe to call off the inference thread: it runs no torch operator, so the calling
-        thread starts no OpenMP team of its own to compete with the inference thread's for the cores.
+        Vectorised in numpy and safe to call off the inference thread: it runs no parallel torch operator (only
+        allocations), so the calling thread starts no OpenMP team of its own to compete with the inference thread's
+        for the cores.
         """
         shape = (len(sequences), padded_length)
         lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
