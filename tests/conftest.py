@@ -7,15 +7,15 @@ import string
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+from loadtest.probe import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MAX_LENGTH = 64
@@ -122,7 +122,7 @@ def run_service(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, process, log, timeout)
+        wait_until_ready(url, timeout, process, log)
         yield url, process
     finally:
         process.terminate()
@@ -132,24 +132,6 @@ def run_service(
             process.kill()
             process.wait()
         log.close()
-
-
-def _read(log) -> str:
-    log.seek(0)
-    return log.read()
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, log, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service exited with {process.returncode}:\n{_read(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"service not ready within {timeout} s:\n{_read(log)}")
 
 
 @pytest.fixture(scope="session")

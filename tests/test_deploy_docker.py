@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_until_ready
+from loadtest.probe import wait_until_ready
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -94,7 +95,7 @@ def test_entrypoint_serves_and_the_healthcheck_follows_readiness(tiny_model_dir,
     log = (tmp_path / "service.log").open("w+")
     process = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, log, timeout=90)
+        wait_until_ready(f"http://127.0.0.1:{port}", 90, process, log)
         assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 0
         # What `docker stop` and Kubernetes send. The entrypoint exec'd, so the service itself gets it and
         # shuts down gracefully and exits 0.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.run_locust import histogram_quantile, verdict
+from loadtest.run_locust import verdict
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +70,3 @@ def test_refuses_to_run_against_a_service_that_is_not_up(tmp_path):
 )
 def test_verdict(client, locust_exit, problems):
     assert verdict(client, locust_exit, max_p99_ms=100) == problems
-
-
-def test_histogram_quantile_interpolates_like_prometheus():
-    buckets = {0.1: 0.0, 0.2: 50.0, 0.4: 100.0, float("inf"): 100.0}
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.2)
-    assert histogram_quantile(0.75, buckets) == pytest.approx(0.3)
-    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 4.0}) == 0.1  # open-ended bucket: its lower bound
-    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None  # no observations

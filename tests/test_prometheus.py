@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from loadtest.corpus import load_texts
+from loadtest.probe import wait_for
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,22 +89,12 @@ def prometheus(service_url, tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 30, "Prometheus ready")
+        wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 30, "Prometheus ready", 0.25)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
         log.close()
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if result := condition():
-                return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
@@ -120,7 +110,7 @@ def value_of(prometheus: str, expr: str, timeout: float = 20) -> float:
         values = [float(sample["value"][1]) for sample in query(prometheus, expr)]
         return next(([v] for v in values if not math.isnan(v)), None)
 
-    return wait_for(number, timeout, expr)[0]
+    return wait_for(number, timeout, expr, interval=0.25)[0]
 
 
 @contextlib.contextmanager
