@@ -15,6 +15,8 @@ from service.api import create_app
 from service.settings import Settings
 from tests.conftest import TINY_MAX_LENGTH, run_service, start_service
 
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
+
 REVIEWS = [
     "I loved this film",
     "What a waste of two hours",

@@ -19,6 +19,8 @@ from service.api import create_app
 from service.settings import Settings
 from tests.conftest import ROOT, free_port, run_service, start_service
 
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
+
 STALLED_UPLOAD = (
     b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
     b'{"texts": ["part of a body'

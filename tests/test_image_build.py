@@ -24,6 +24,8 @@ import pytest
 from tests.conftest import ROOT, build_tiny_model, free_port
 from tests.test_deploy_docker import tool
 
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
+
 IMAGE = "localhost/classifier-service:cpu-image-test"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 REVIEWS = ["I loved this film", "What a waste of two hours", "the acting was brilliant"]

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
+
 OPERATIONS = ["POST /classify", "GET /health", "GET /ready", "GET /info"]
 
 

@@ -51,6 +51,7 @@ def slow_window_url(tiny_model_dir):
         yield url
 
 
+@pytest.mark.integration
 def test_texts_of_a_client_that_left_are_dropped_before_the_model(slow_window_url):
     url = slow_window_url
     real_before = metric(url, "classifier_real_tokens_total")
@@ -65,6 +66,7 @@ def test_texts_of_a_client_that_left_are_dropped_before_the_model(slow_window_ur
     assert metric(url, "classifier_real_tokens_total") == real_before + tokens
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["body", "header"])
 def test_texts_still_queued_at_their_deadline_are_dropped_and_the_request_gets_504(slow_window_url, how):
     url = slow_window_url
@@ -84,6 +86,7 @@ def test_texts_still_queued_at_their_deadline_are_dropped_and_the_request_gets_5
     assert metric(url, "classifier_queue_texts") == 0
 
 
+@pytest.mark.integration
 def test_the_deadline_is_in_the_openapi_schema(service_url):
     operation = httpx.get(f"{service_url}/openapi.json").json()["paths"]["/classify"]["post"]
     assert any(parameter["name"] == "x-request-timeout-ms" for parameter in operation["parameters"])
@@ -92,6 +95,7 @@ def test_the_deadline_is_in_the_openapi_schema(service_url):
     assert "timeout_ms" in schema["properties"]
 
 
+@pytest.mark.integration
 def test_a_2_mb_text_costs_bounded_memory_and_a_short_text_beside_it_is_answered(tiny_model_dir):
     huge = "!" * 2_000_000  # 2 million tokens when tokenized whole
     with run_service(tiny_model_dir) as (url, process):

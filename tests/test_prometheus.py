@@ -2,7 +2,6 @@
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import shutil
@@ -17,6 +16,9 @@ import yaml
 from loadtest.corpus import load_texts
 from loadtest.probe import wait_for
 from tests.conftest import free_port
+from tests.test_grafana_dashboard import dashboard, queries
+
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -135,13 +137,6 @@ def traffic(service_url: str):
         sender.join(timeout=10)
 
 
-def dashboard_exprs() -> list[str]:
-    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "classifier.json").read_text())
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    # Grafana's variables, as Grafana would fill them in.
-    return [expr.replace("$__rate_interval", "1m").replace("$job", ".*") for expr in exprs]
-
-
 def test_prometheus_scrapes_the_service_and_evaluates_the_rules(prometheus, service_url):
     with traffic(service_url):
         efficiency = value_of(
@@ -171,7 +166,7 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(prometheus, serv
 def test_dashboard_and_autoscaler_queries_run_in_prometheus(prometheus):
     scaled_object = yaml.safe_load((ROOT / "deploy" / "k8s" / "scaledobject.yaml").read_text())
     autoscaler_query = scaled_object["spec"]["triggers"][0]["metadata"]["query"]
-    for expr in [*dashboard_exprs(), autoscaler_query]:
+    for expr in [*queries(dashboard()), autoscaler_query]:
         query(prometheus, expr)  # a parse or evaluation error fails here
     # Once scraped, the dashboard's queue panel has data.
     assert value_of(prometheus, 'sum(classifier_queue_texts{job=~".*"})') >= 0
