@@ -57,6 +57,13 @@ class Scrape:
         """Sum over the series called `name` with these labels (0 when there is none): a gauge's current value."""
         return sum(self.matching(name, labels).values())
 
+    def exported(self, name: str, **labels: str) -> float:
+        """Like value, but raises KeyError when no series matches (a metric renamed or never exported)."""
+        series = self.matching(name, labels)
+        if not series:
+            raise KeyError(f"no series {name} with labels {labels} in /metrics")
+        return sum(series.values())
+
 
 def scrape(url: str, timeout: float = 10) -> Scrape:
     """Read `url`/metrics."""
@@ -144,7 +151,7 @@ class ServiceNotReady(RuntimeError):
     """The service exited, or did not answer 200 on /ready, before the timeout."""
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+def wait_for(condition: Callable[[], T], timeout: float = 30, what: str = "the condition", interval: float = 0.05) -> T:
     """Poll `condition()` until it returns something true, and return that; an httpx error counts as not yet (the
     server may still be starting). Raises TimeoutError naming `what` after `timeout` seconds. Events are ordered by
     what the service shows, never by sleeping a fixed time."""

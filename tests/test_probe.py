@@ -45,7 +45,10 @@ def test_interval_diffs_counters_and_histograms_of_a_real_exposition():
     assert change.delta_by("app_requests_total", "status", route="/a") == {"200": 3, "429": 2}
     assert change.delta_by("app_requests_total", "route", status="429") == {"/a": 2}  # zero increases left out
     assert change.delta("app_missing_total") == 0
-    assert after.value("app_queue_texts") == 4
+    assert after.value("app_queue_texts") == 4 == after.exported("app_queue_texts")
+    assert after.value("app_queue_texts_typo") == 0
+    with pytest.raises(KeyError, match="app_queue_texts_typo"):
+        after.exported("app_queue_texts_typo")
 
     histogram = change.histogram("app_latency_seconds", route="/a")
     assert histogram.count == 5 and histogram.sum == pytest.approx(1.9) and histogram.mean == pytest.approx(0.38)
