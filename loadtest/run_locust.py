@@ -14,102 +14,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
+from loadtest.probe import HistogramChange, Interval, is_ready, scrape
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 CLASSIFY = "/classify"
 
-Samples = dict[tuple[str, frozenset], float]
-
-
 # ---------------------------------------------------------------- server metrics
 
 
-def scrape(host: str) -> Samples:
-    text = httpx.get(f"{host}/metrics", timeout=10).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def counts(increases: dict[str, float]) -> dict[str, int]:
+    return {key: round(value) for key, value in increases.items()}
 
 
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    """Increase of a counter (summed over series matching labels) between two scrapes."""
-    wanted = set(labels.items())
-    return sum(value - before.get(key, 0.0) for key, value in after.items() if key[0] == name and wanted <= key[1])
-
-
-def delta_by(before: Samples, after: Samples, name: str, by: str, **labels: str) -> dict[str, float]:
-    """Non-zero counter increases per value of the label `by`, over series matching labels."""
-    wanted = set(labels.items())
-    totals: dict[str, float] = defaultdict(float)
-    for key, value in after.items():
-        if key[0] == name and wanted <= key[1]:
-            totals[dict(key[1])[by]] += value - before.get(key, 0.0)
-    return {k: round(v) for k, v in sorted(totals.items()) if v}
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus' estimate from cumulative bucket counts {upper bound: count}: linear within a bucket."""
-    bounds = sorted(buckets)
-    total = buckets[bounds[-1]] if bounds else 0
-    if total <= 0:
-        return None
-    rank, lower, below = q * total, 0.0, 0.0
-    for bound in bounds:
-        if buckets[bound] >= rank:
-            if math.isinf(bound):
-                return lower  # in the open-ended bucket: the highest finite bound is the best estimate
-            return lower + (bound - lower) * (rank - below) / (buckets[bound] - below)
-        lower, below = bound, buckets[bound]
-    return lower
-
-
-def histogram(before: Samples, after: Samples, name: str, **labels: str) -> dict:
+def histogram(change: HistogramChange) -> dict:
     """Count, mean, p50 and p99 of the observations made between two scrapes."""
-    wanted = set(labels.items())
-    buckets: dict[float, float] = defaultdict(float)
-    for key, value in after.items():
-        if key[0] == f"{name}_bucket" and wanted <= key[1]:
-            buckets[float(dict(key[1])["le"])] += value - before.get(key, 0.0)
-    count = delta(before, after, f"{name}_count", **labels)
-    total = delta(before, after, f"{name}_sum", **labels)
-    return {
-        "count": round(count),
-        "mean": total / count if count else None,
-        "p50": histogram_quantile(0.5, buckets),
-        "p99": histogram_quantile(0.99, buckets),
-    }
+    return {"count": round(change.count), "mean": change.mean, "p50": change.quantile(0.5), "p99": change.quantile(0.99)}
 
 
-def server_summary(before: Samples, after: Samples, seconds: float) -> dict:
-    real = delta(before, after, "classifier_real_tokens_total")
-    padded = delta(before, after, "classifier_padded_tokens_total")
-    texts = delta(before, after, "classifier_classified_texts_total")
+def server_summary(change: Interval, seconds: float) -> dict:
+    real = change.delta("classifier_real_tokens_total")
+    padded = change.delta("classifier_padded_tokens_total")
+    texts = change.delta("classifier_classified_texts_total")
     return {
         "texts_classified": round(texts),
         "texts_per_second": texts / seconds if seconds else None,
-        "requests_by_status": delta_by(before, after, "classifier_requests_total", "status", route=CLASSIFY),
-        "request_seconds": histogram(before, after, "classifier_request_duration_seconds", route=CLASSIFY),
-        "queue_wait_seconds": histogram(before, after, "classifier_queue_wait_seconds"),
-        "batch_inference_seconds": histogram(before, after, "classifier_batch_inference_seconds"),
-        "batch_size": histogram(before, after, "classifier_batch_size"),
-        "batch_padding_efficiency": histogram(before, after, "classifier_batch_padding_efficiency"),
+        "requests_by_status": counts(change.delta_by("classifier_requests_total", "status", route=CLASSIFY)),
+        "request_seconds": histogram(change.histogram("classifier_request_duration_seconds", route=CLASSIFY)),
+        "queue_wait_seconds": histogram(change.histogram("classifier_queue_wait_seconds")),
+        "batch_inference_seconds": histogram(change.histogram("classifier_batch_inference_seconds")),
+        "batch_size": histogram(change.histogram("classifier_batch_size")),
+        "batch_padding_efficiency": histogram(change.histogram("classifier_batch_padding_efficiency")),
         "padding_efficiency": real / padded if padded else None,
-        "input_tokens": histogram(before, after, "classifier_input_tokens"),
-        "batch_flushes_by_reason": delta_by(before, after, "classifier_batch_flushes_total", "reason"),
-        "truncated_texts": round(delta(before, after, "classifier_truncated_texts_total")),
-        "rejected_texts_by_reason": delta_by(before, after, "classifier_rejected_texts_total", "reason"),
-        "cancelled_texts_by_reason": delta_by(before, after, "classifier_cancelled_texts_total", "reason"),
-        "unanswered_tokens": round(delta(before, after, "classifier_unanswered_tokens_total")),
+        "input_tokens": histogram(change.histogram("classifier_input_tokens")),
+        "batch_flushes_by_reason": counts(change.delta_by("classifier_batch_flushes_total", "reason")),
+        "truncated_texts": round(change.delta("classifier_truncated_texts_total")),
+        "rejected_texts_by_reason": counts(change.delta_by("classifier_rejected_texts_total", "reason")),
+        "cancelled_texts_by_reason": counts(change.delta_by("classifier_cancelled_texts_total", "reason")),
+        "unanswered_tokens": round(change.delta("classifier_unanswered_tokens_total")),
         "real_tokens": round(real),
     }
 
@@ -227,11 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.host = args.host.rstrip("/")
-    try:
-        ready = httpx.get(f"{args.host}/ready", timeout=10).status_code == 200
-    except httpx.HTTPError:
-        ready = False
-    if not ready:
+    if not is_ready(args.host, timeout=10):
         print(f"{args.host}/ready does not answer 200: start the service first", file=sys.stderr)
         return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_p99_ms": args.max_p99_ms,
         "problems": verdict(client, locust_exit, args.max_p99_ms),
         "client": client,
-        "server": server_summary(before, after, seconds),
+        "server": server_summary(Interval(before, after), seconds),
     }
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = markdown(summary)

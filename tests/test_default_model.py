@@ -104,6 +104,7 @@ def test_without_the_extra_ensure_says_in_one_line_which_extra_to_install(missin
     assert not any(tmp_path.iterdir())  # nothing half-built
 
 
+@pytest.mark.integration
 def test_first_start_without_model_or_extra_names_the_extra_and_exits_1(tmp_path):
     # The extra's packages are hidden from this one process (a None in sys.modules makes them unimportable
     # and invisible to find_spec), as in an environment installed without [default-model].

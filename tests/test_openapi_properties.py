@@ -6,9 +6,24 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
+
 OPERATIONS = ["POST /classify", "GET /health", "GET /ready", "GET /info"]
+# A deadline this short may pass while the texts are still queued on a busy machine: the documented answer is 504.
+SHORT_DEADLINE_MS = 1000
+
+
+def _asked_for_a_short_deadline(case) -> bool:
+    timeouts = [
+        (case.headers or {}).get("x-request-timeout-ms"),
+        case.body.get("timeout_ms") if isinstance(case.body, dict) else None,
+    ]
+    return any(isinstance(t, int) and not isinstance(t, bool) and 0 < t <= SHORT_DEADLINE_MS for t in timeouts) or any(
+        isinstance(t, str) and t.isdigit() and 0 < int(t) <= SHORT_DEADLINE_MS for t in timeouts
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +48,10 @@ def test_no_5xx_and_every_answer_matches_the_schema(published_schema, label):
     def check(case):
         # A schema-valid text may still be refused with a 422 (only zero-width characters, say): the schema's
         # description states that rule, which JSON Schema cannot express, so "valid data is accepted" is skipped.
-        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        response = case.call()
+        case.validate_response(response, excluded_checks=[positive_data_acceptance, not_a_server_error])
+        # No 5xx, except the 504 a deadline of a few milliseconds can earn: that one is the documented answer.
+        deadline_missed = response.status_code == 504 and _asked_for_a_short_deadline(case)
+        assert response.status_code < 500 or deadline_missed, f"{response.status_code}: {response.text}"
 
     check()

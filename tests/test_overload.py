@@ -4,31 +4,21 @@ import asyncio
 import json
 import socket
 import threading
-import time
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from loadtest.probe import scrape, wait_for
 from service.tokenization import EncoderPool
 from tests.conftest import TINY_MAX_LENGTH, build_tiny_tokenizer, run_service, start_service
 
 LONG = "the film was long and the plot was slow " * 3
 
 
-def metric(url: str, name: str, labels: str = "") -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f"{name}{labels} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+def metric(url: str, name: str, **labels: str) -> float:
+    return scrape(url).value(name, **labels)
 
 
 def send_and_leave(url: str, body: dict, queued_texts: int) -> None:
@@ -51,12 +41,13 @@ def slow_window_url(tiny_model_dir):
         yield url
 
 
+@pytest.mark.integration
 def test_texts_of_a_client_that_left_are_dropped_before_the_model(slow_window_url):
     url = slow_window_url
     real_before = metric(url, "classifier_real_tokens_total")
-    gone_before = metric(url, "classifier_cancelled_texts_total", '{reason="client_gone"}')
+    gone_before = metric(url, "classifier_cancelled_texts_total", reason="client_gone")
     send_and_leave(url, {"texts": [LONG] * 5}, queued_texts=5)
-    wait_for(lambda: metric(url, "classifier_cancelled_texts_total", '{reason="client_gone"}') == gone_before + 5)
+    wait_for(lambda: metric(url, "classifier_cancelled_texts_total", reason="client_gone") == gone_before + 5)
     assert metric(url, "classifier_queue_texts") == 0 and metric(url, "classifier_queue_tokens") == 0
     # A later request runs alone: the model spends tokens on it and on nothing else.
     answered = httpx.post(f"{url}/classify", json={"texts": ["fine"]}, timeout=30)
@@ -65,11 +56,12 @@ def test_texts_of_a_client_that_left_are_dropped_before_the_model(slow_window_ur
     assert metric(url, "classifier_real_tokens_total") == real_before + tokens
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["body", "header"])
 def test_texts_still_queued_at_their_deadline_are_dropped_and_the_request_gets_504(slow_window_url, how):
     url = slow_window_url
     real_before = metric(url, "classifier_real_tokens_total")
-    expired_before = metric(url, "classifier_cancelled_texts_total", '{reason="deadline"}')
+    expired_before = metric(url, "classifier_cancelled_texts_total", reason="deadline")
     body = {"texts": [LONG, "short"]}
     headers = {}
     if how == "body":
@@ -79,11 +71,12 @@ def test_texts_still_queued_at_their_deadline_are_dropped_and_the_request_gets_5
     response = httpx.post(f"{url}/classify", json=body, headers=headers, timeout=30)
     assert response.status_code == 504, response.text
     assert "deadline" in response.json()["error"]
-    assert metric(url, "classifier_cancelled_texts_total", '{reason="deadline"}') == expired_before + 2
+    assert metric(url, "classifier_cancelled_texts_total", reason="deadline") == expired_before + 2
     assert metric(url, "classifier_real_tokens_total") == real_before
     assert metric(url, "classifier_queue_texts") == 0
 
 
+@pytest.mark.integration
 def test_the_deadline_is_in_the_openapi_schema(service_url):
     operation = httpx.get(f"{service_url}/openapi.json").json()["paths"]["/classify"]["post"]
     assert any(parameter["name"] == "x-request-timeout-ms" for parameter in operation["parameters"])
@@ -92,6 +85,7 @@ def test_the_deadline_is_in_the_openapi_schema(service_url):
     assert "timeout_ms" in schema["properties"]
 
 
+@pytest.mark.integration
 def test_a_2_mb_text_costs_bounded_memory_and_a_short_text_beside_it_is_answered(tiny_model_dir):
     huge = "!" * 2_000_000  # 2 million tokens when tokenized whole
     with run_service(tiny_model_dir) as (url, process):

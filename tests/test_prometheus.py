@@ -2,13 +2,11 @@
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +14,11 @@ import pytest
 import yaml
 
 from loadtest.corpus import load_texts
+from loadtest.probe import wait_for
 from tests.conftest import free_port
+from tests.test_grafana_dashboard import dashboard, queries
+
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -89,22 +91,12 @@ def prometheus(service_url, tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 30, "Prometheus ready")
+        wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 30, "Prometheus ready", 0.25)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
         log.close()
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if result := condition():
-                return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
@@ -120,7 +112,7 @@ def value_of(prometheus: str, expr: str, timeout: float = 20) -> float:
         values = [float(sample["value"][1]) for sample in query(prometheus, expr)]
         return next(([v] for v in values if not math.isnan(v)), None)
 
-    return wait_for(number, timeout, expr)[0]
+    return wait_for(number, timeout, expr, interval=0.25)[0]
 
 
 @contextlib.contextmanager
@@ -143,13 +135,6 @@ def traffic(service_url: str):
     finally:
         stop.set()
         sender.join(timeout=10)
-
-
-def dashboard_exprs() -> list[str]:
-    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "classifier.json").read_text())
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    # Grafana's variables, as Grafana would fill them in.
-    return [expr.replace("$__rate_interval", "1m").replace("$job", ".*") for expr in exprs]
 
 
 def test_prometheus_scrapes_the_service_and_evaluates_the_rules(prometheus, service_url):
@@ -181,7 +166,7 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(prometheus, serv
 def test_dashboard_and_autoscaler_queries_run_in_prometheus(prometheus):
     scaled_object = yaml.safe_load((ROOT / "deploy" / "k8s" / "scaledobject.yaml").read_text())
     autoscaler_query = scaled_object["spec"]["triggers"][0]["metadata"]["query"]
-    for expr in [*dashboard_exprs(), autoscaler_query]:
+    for expr in [*queries(dashboard()), autoscaler_query]:
         query(prometheus, expr)  # a parse or evaluation error fails here
     # Once scraped, the dashboard's queue panel has data.
     assert value_of(prometheus, 'sum(classifier_queue_texts{job=~".*"})') >= 0

@@ -15,6 +15,7 @@ import sys
 import tomllib
 from functools import cache
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -86,6 +87,7 @@ def test_static_scan_sees_imports_inside_functions():
     assert imported_top_level_names(source) - modules_of_runtime() == {"pandas", "scattertext"}
 
 
+@pytest.mark.integration
 def test_every_service_module_imports_with_only_the_runtime_installed():
     # Every installed top-level module outside the runtime is hidden (None in sys.modules: imports raise
     # ImportError, find_spec answers None), so this interpreter sees what a runtime-only install holds; libraries

@@ -18,6 +18,8 @@ from service.tuning import BudgetTrial, PrecisionTrial, budget_ladder, choose_bu
 from tests.conftest import start_service
 from tests.test_api import REVIEWS, _metric, reference_scores
 
+pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
+
 
 def test_info_reports_what_tuning_measured_and_chose(tiny_model_dir):
     with start_service(tiny_model_dir) as url:

@@ -1,0 +1,125 @@
+"""loadtest/probe.py: /metrics parsed and diffed as Prometheus would, percentiles, and the one readiness wait."""
+
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from loadtest.probe import (
+    Interval,
+    Scrape,
+    ServiceNotReady,
+    histogram_quantile,
+    is_ready,
+    percentile,
+    wait_for,
+    wait_until_ready,
+)
+
+
+def test_interval_diffs_counters_and_histograms_of_a_real_exposition():
+    registry = CollectorRegistry()
+    requests = Counter("app_requests", "requests", ["route", "status"], registry=registry)
+    latency = Histogram("app_latency_seconds", "latency", ["route"], buckets=(0.1, 0.2, 0.4), registry=registry)
+    queue = Gauge("app_queue_texts", "queue", registry=registry)
+    requests.labels("/a", "200").inc(5)
+    latency.labels("/a").observe(0.05)  # before the interval: must not count
+    before = Scrape.parse(generate_latest(registry).decode())
+
+    requests.labels("/a", "200").inc(3)
+    requests.labels("/a", "429").inc(2)
+    requests.labels("/b", "200").inc(7)
+    for seconds in (0.15, 0.15, 0.3, 0.3, 1.0):
+        latency.labels("/a").observe(seconds)
+    latency.labels("/b").observe(0.01)
+    queue.set(4)
+    after = Scrape.parse(generate_latest(registry).decode())
+    change = Interval(before, after)
+
+    assert change.delta("app_requests_total") == 12
+    assert change.delta("app_requests_total", route="/a") == 5
+    assert change.delta_by("app_requests_total", "status", route="/a") == {"200": 3, "429": 2}
+    assert change.delta_by("app_requests_total", "route", status="429") == {"/a": 2}  # zero increases left out
+    assert change.delta("app_missing_total") == 0
+    assert after.value("app_queue_texts") == 4 == after.exported("app_queue_texts")
+    assert after.value("app_queue_texts_typo") == 0
+    with pytest.raises(KeyError, match="app_queue_texts_typo"):
+        after.exported("app_queue_texts_typo")
+
+    histogram = change.histogram("app_latency_seconds", route="/a")
+    assert histogram.count == 5 and histogram.sum == pytest.approx(1.9) and histogram.mean == pytest.approx(0.38)
+    assert histogram.buckets == {0.1: 0, 0.2: 2, 0.4: 4, float("inf"): 5}
+    assert histogram.quantile(0.5) == pytest.approx(0.2 + 0.2 * 0.5 / 2)  # rank 2.5 of 5, inside (0.2, 0.4]
+    assert change.histogram("app_latency_seconds").count == 6  # both routes
+    assert change.histogram("app_latency_seconds", route="/c").quantile(0.5) is None
+
+
+def test_histogram_quantile_interpolates_like_prometheus():
+    buckets = {0.1: 0.0, 0.2: 50.0, 0.4: 100.0, float("inf"): 100.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.2)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.3)
+    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 4.0}) == 0.1  # open-ended bucket: its lower bound
+    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None  # no observations
+
+
+def test_percentile_interpolates_between_closest_ranks_like_numpy():
+    values = [0.013, 0.2, 0.011, 5.0, 0.4, 0.09, 0.3]
+    for p in (1, 50, 90, 99):
+        assert percentile(values, p) == pytest.approx(numpy.percentile(values, p))
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_wait_for_returns_the_condition_s_value_and_names_what_timed_out():
+    attempts = iter([None, 0, "ready"])
+    assert wait_for(lambda: next(attempts), timeout=5, what="the third try", interval=0) == "ready"
+    with pytest.raises(TimeoutError, match=r"timed out after 0.2 s waiting for the queue to empty"):
+        wait_for(lambda: False, timeout=0.2, what="the queue to empty", interval=0.01)
+
+
+class Readiness(BaseHTTPRequestHandler):
+    """/ready answers 503 until the server's `ready` event is set."""
+
+    def do_GET(self):
+        ready = self.path == "/ready" and self.server.ready.is_set()
+        self.send_response(200 if ready else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def readiness_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Readiness)
+    server.ready = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_wait_until_ready_waits_for_200_and_times_out_with_a_clear_error(readiness_server):
+    server, url = readiness_server
+    assert not is_ready(url)
+    with pytest.raises(ServiceNotReady, match=r"waiting for http://127\.0\.0\.1:\d+/ready to answer 200"):
+        wait_until_ready(url, timeout=0.3)
+    threading.Timer(0.2, server.ready.set).start()
+    wait_until_ready(url, timeout=30)
+    assert is_ready(url)
+
+
+def test_wait_until_ready_reports_a_process_that_exited_with_its_log(tmp_path):
+    log = (tmp_path / "service.log").open("w+")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "print('ValueError: no model here'); raise SystemExit(3)"], stdout=log
+    )
+    process.wait(timeout=30)
+    with pytest.raises(ServiceNotReady, match=r"exited with status 3(.|\n)*ValueError: no model here"):
+        wait_until_ready("http://127.0.0.1:9", timeout=30, process=process, log=log)
