@@ -11,6 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from service import metrics
+from service.admission import Backlog, refusal
 from service.scheduler import Batch, BatchQueue, QueuedText
 from service.tokenization import EncodedText
 from service.tuning import MemoryBudget
@@ -118,6 +119,7 @@ class Batcher:
         # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
         self.backlog_meter = ThroughputMeter()
         self._previous_batch: tuple[int, float] | None = None  # real tokens and start of the last batch taken
+        self._running: tuple[int, float] = (0, 0.0)  # real tokens and start of the batch running now (0: none)
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -145,7 +147,7 @@ class Batcher:
                 raise NotAccepting()
             if now >= deadline:
                 raise DeadlineExceeded()
-            self._admit(len(texts), tokens, deadline - now)
+            self._admit(len(texts), tokens, now, deadline - now)
             items = [
                 QueuedText(len(text.ids), now, Pending(text.ids, self._loop.create_future()), deadline)
                 for text in texts
@@ -156,21 +158,15 @@ class Batcher:
             self._changed.notify()
         return Submission(items)
 
-    def _admit(self, texts: int, tokens: int, time_left: float) -> None:
-        """Refuse at once what the queue cannot take, rather than accept it to time out later."""
-        retry_after = max(1.0, math.ceil(self._drain_seconds(self.queue.tokens)))
-        if self.queue.tokens + tokens > self.max_queue_tokens:
-            metrics.REJECTED_TEXTS.labels("queue_full").inc(texts)
-            raise Overloaded("queue_full", "the queue is full", retry_after)
-        predicted = self._drain_seconds(self.queue.tokens + tokens)
-        if predicted > time_left:
-            metrics.REJECTED_TEXTS.labels("predicted_wait").inc(texts)
-            raise Overloaded(
-                "predicted_wait",
-                f"the queue would take about {predicted:.1f} s to reach these texts, longer than the "
-                f"{time_left:.1f} s left before their deadline",
-                retry_after,
-            )
+    def _admit(self, texts: int, tokens: int, now: float, time_left: float) -> None:
+        """Refuse at once what the queue cannot take, rather than accept it to time out later (`admission` decides,
+        counting the batch running now as well as the queue)."""
+        running_tokens, running_since = self._running
+        backlog = Backlog(self.queue.tokens, running_tokens, now - running_since)
+        refused = refusal(backlog, tokens, time_left, self.max_queue_tokens, self._drain_rate())
+        if refused is not None:
+            metrics.REJECTED_TEXTS.labels(refused.reason).inc(texts)
+            raise Overloaded(refused.reason, refused.message, refused.retry_after)
 
     def cancel(self, submission: Submission, reason: str) -> int:
         """Drop the submission's texts still queued (`reason`: client_gone, deadline), so the model never runs them,
@@ -210,6 +206,7 @@ class Batcher:
                 batch = self.queue.next_batch(now)
                 if batch is not None:
                     self._measure_backlog(batch, now, backlogged)
+                    self._running = (batch.real_tokens, now)
                     self._publish_queue_state()
                     return batch
                 backlogged = False
@@ -238,6 +235,8 @@ class Batcher:
         # Callers that went away (cancelled futures) do not cost model time.
         live = [item for item in batch.items if not item.handle.future.done()]
         if not live:
+            with self._changed:
+                self._running = (0, 0.0)
             return
         batch = Batch(live, self.queue.policy.padded_length(max(item.tokens for item in live)), batch.reason)
         started = self.clock()
@@ -248,6 +247,7 @@ class Batcher:
             self.meter.record(answered_tokens, elapsed)
         metrics.BATCH_INFERENCE.observe(elapsed)
         with self._changed:
+            self._running = (0, 0.0)
             self._publish_queue_state()
 
     def _run_splitting(self, items: list[QueuedText]) -> int:
@@ -311,8 +311,12 @@ class Batcher:
         metrics.QUEUE_DRAIN.set(self._drain_seconds(self.queue.tokens))
 
     def _drain_seconds(self, tokens: int) -> float:
-        meter = self.backlog_meter if self.backlog_meter.tokens_per_second else self.meter
-        return meter.seconds_for(tokens)
+        rate = self._drain_rate()
+        return tokens / rate if rate else 0.0
+
+    def _drain_rate(self) -> float | None:
+        """Tokens per second the queue drains at: measured back to back once it has been, else model time."""
+        return self.backlog_meter.tokens_per_second or self.meter.tokens_per_second
 
 
 def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:
