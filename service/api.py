@@ -95,7 +95,7 @@ def _add_routes(app: FastAPI, engine: Engine, draining: threading.Event) -> None
                 "per request; split them over several requests",
             )
         timeouts = [t for t in (body.timeout_ms, x_request_timeout_ms) if t is not None]
-        deadline = engine.deadline_after(min(timeouts, default=None))
+        deadline = engine.deadline_after(min(timeouts, default=None), getattr(request.state, "arrived_at", None))
         work = asyncio.create_task(_encode_and_classify(engine, body, deadline))
         if not await _finished_before_client_left(work, request.receive):
             return NoAnswer()  # its queued texts were dropped when `work` was cancelled

@@ -91,9 +91,6 @@ class ThroughputMeter:
         previous = self.tokens_per_second
         self.tokens_per_second = rate if previous is None else previous + self.smoothing * (rate - previous)
 
-    def seconds_for(self, tokens: int) -> float:
-        return tokens / self.tokens_per_second if self.tokens_per_second else 0.0
-
 
 class Batcher:
     """Owns the queue: `submit` texts from the event loop; one inference thread takes batches and runs them.

@@ -108,9 +108,11 @@ class Engine:
             self.encoders.shutdown()
         self._inference_thread.shutdown(wait=False)
 
-    def deadline_after(self, timeout_ms: float | None) -> float:
-        """The deadline, on the batcher's clock, of a request arriving now (the server default when unset)."""
-        return self.batcher.clock() + (timeout_ms or self.settings.request_timeout_ms) / 1000
+    def deadline_after(self, timeout_ms: float | None, arrived_at: float | None = None) -> float:
+        """The deadline, on the batcher's clock, of a request that arrived at `arrived_at` (now when unknown), with
+        the server default when `timeout_ms` is unset."""
+        start = self.batcher.clock() if arrived_at is None else arrived_at
+        return start + (timeout_ms or self.settings.request_timeout_ms) / 1000
 
     async def encode(self, texts: list[str], truncate: bool) -> list[EncodedText]:
         """Token ids for the texts, computed off the event loop by a free tokenizer worker; raises TextTooLong."""

@@ -24,7 +24,8 @@ def header_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
 
     uvicorn bounds idle keep-alive connections but not a request whose headers trickle in (or never come), so a
     stalled client holds its connection and memory forever. The clock starts when the connection opens and at each
-    request's first byte; when it runs out the client gets a 408 and the connection closes.
+    request's first byte; when it runs out the client gets a 408 and the connection closes. That first byte's time
+    (monotonic) is also the request's `request.state.arrived_at`, where its deadline starts.
     """
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -36,6 +37,9 @@ def header_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            # A request's deadline counts from its first bytes, not from when its handler runs: under load the
+            # event loop may reach the handler much later, and the client has been waiting since.
+            self.scope["state"]["arrived_at"] = time.monotonic()
             self._start_header_clock()
 
         def on_headers_complete(self) -> None:
