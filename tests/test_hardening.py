@@ -71,7 +71,7 @@ def test_an_unexpected_exception_is_a_json_500(tiny_model_dir):
         raise RuntimeError("a bug")
 
     engine.encode = broken_encode
-    engine.deadline_after = lambda timeout_ms: float("inf")  # no batcher clock without a loaded model
+    engine.deadline_after = lambda timeout_ms, arrived_at=None: float("inf")  # no batcher clock without a model
     response = TestClient(app, raise_server_exceptions=False).post("/classify", json={"texts": ["hi"]})
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}

@@ -1,11 +1,13 @@
 """Property-based run over the OpenAPI schema (schemathesis): generated requests, valid ones and deliberately
-invalid ones, never get a 5xx, and every answer matches the schema the service publishes."""
+invalid ones, never get a 5xx other than the documented 504 for a deadline that passed, and every answer matches
+the schema the service publishes."""
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 OPERATIONS = ["POST /classify", "GET /health", "GET /ready", "GET /info"]
@@ -33,6 +35,11 @@ def test_no_5xx_and_every_answer_matches_the_schema(published_schema, label):
     def check(case):
         # A schema-valid text may still be refused with a 422 (only zero-width characters, say): the schema's
         # description states that rule, which JSON Schema cannot express, so "valid data is accepted" is skipped.
-        case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        # A deadline of a few milliseconds (timeout_ms >= 1 is valid) passes before the texts are queued: that 504
+        # is the documented answer, every other 5xx fails.
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance, not_a_server_error])
+        if response.status_code >= 500:
+            assert response.status_code == 504, response.text
+            assert "deadline passed" in response.json()["error"]
 
     check()
