@@ -7,11 +7,13 @@ Starts the service itself, then:
 2. measures the saturation rate (a closed loop of single-text requests on keep-alive connections);
 3. sends Poisson arrivals at --overload x that rate for --duration seconds: patient clients (5 s deadline),
    impatient ones (500 ms), clients that leave 50 ms after sending, and 2 MB texts; waits for every answer and
-   measures RSS again;
-4. resumes the same arrivals, sends SIGTERM 5 s in while arrivals go on for 3 more seconds, and times the exit.
+   measures RSS again, at once and after a few idle seconds;
+4. runs the same arrivals a second time (--runs 2, the default) and measures RSS again: a cache or a fragmented
+   heap levels off, a leak grows again by about as much;
+5. resumes the same arrivals, sends SIGTERM 5 s in while arrivals go on for 3 more seconds, and times the exit.
 It prints status counts per kind of client, p50/p99 of answered requests against their deadline, model tokens
-spent on answers nobody received (against all model tokens), RSS before and after, and whether every request
-accepted before SIGTERM got its answer. Not a test: numbers depend on the machine; run it alone.
+spent on answers nobody received (against all model tokens), RSS after warm-up and after each run, and whether
+every request accepted before SIGTERM got its answer. Not a test: numbers depend on the machine; run it alone.
 """
 
 from __future__ import annotations
@@ -112,11 +114,20 @@ class Client:
         return status_line.split()[1].decode(), headers
 
 
+# RSS is read this long after the last answer (and after the warm-up), once the service has had its idle second
+# to give free heap pages back (CLASSIFIER_IDLE_HEAP_TRIM_SECONDS); the reading at once is printed too.
+SETTLE_SECONDS = 3.0
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+            return round(int(line.split()[1]) / 1024, 1)
     raise RuntimeError("no VmRSS")
+
+
+def growth(rss: float, baseline: float) -> str:
+    return f"{100 * (rss - baseline) / baseline:+.1f}%"
 
 
 async def timed(client: Client, body: dict, leave_after: float | None = None) -> tuple[str, float]:
@@ -208,6 +219,10 @@ def report_overload(outcomes: list[Outcome], cut_at: float) -> dict:
             "answered_p99_ms": _ms(percentile(answered, 99)),
             "deadline_ms": timeout_ms,
             "answered_after_deadline": sum(s * 1000 > timeout_ms for s in answered) if timeout_ms else None,
+            # When the late ones were sent (seconds into the run): a cluster at the start is a cold estimate.
+            "late_sent_at_s": sorted(
+                round(o.sent_at, 1) for o in mine if o.status in ("200", "504") and o.seconds * 1000 > timeout_ms
+            )[:20] if timeout_ms else None,
         }
     answered = [o.seconds for o in before if o.status == "200"]
     return {
@@ -250,7 +265,9 @@ async def chaos(args: argparse.Namespace) -> dict:
     result: dict = {"model": httpx.get(f"{url}/info").json()["model"]}
     try:
         await saturation_rate(client, texts, 5)  # warm-up: allocator, caches, the throughput meter
-        result["rss_after_warm_up_mib"] = round(rss_mib(process.pid), 1)
+        await asyncio.sleep(SETTLE_SECONDS)
+        warm = rss_mib(process.pid)
+        rss = result["rss_mib"] = {"after_warm_up": warm}
         alone = await short_text_latencies(client, 30, beside_huge=False)
         beside = await short_text_latencies(client, 30, beside_huge=True)
         result["short_text_ms"] = {
@@ -265,9 +282,18 @@ async def chaos(args: argparse.Namespace) -> dict:
         before = scrape(url)
         outcomes, _ = await overload(client, texts, rate * args.overload, args.duration, None, 0.0)
         change = Interval(before, scrape(url))  # every request has its answer by now: the queue is empty
-        result["rss_after_run_mib"] = round(rss_mib(process.pid), 1)
+        rss["at_once_after_run"] = rss_mib(process.pid)
+        await asyncio.sleep(SETTLE_SECONDS)
+        rss["after_run"] = rss_mib(process.pid)
+        rss["growth_after_run"] = growth(rss["after_run"], warm)
         result["overload"] = report_overload(outcomes, args.duration)
         result["server_counters"] = server_counters(change)
+        for run in range(2, args.runs + 1):
+            outcomes, _ = await overload(client, texts, rate * args.overload, args.duration, None, 0.0)
+            await asyncio.sleep(SETTLE_SECONDS)
+            rss[f"after_run_{run}"] = rss_mib(process.pid)
+            rss[f"growth_after_run_{run}"] = growth(rss[f"after_run_{run}"], warm)
+            result[f"overload_run_{run}"] = report_overload(outcomes, args.duration)
         signalled: list[float] = []
 
         def sigterm() -> None:
@@ -310,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60)
     parser.add_argument("--overload", type=float, default=3, help="arrival rate as a multiple of saturation")
     parser.add_argument("--saturation-rps", type=float, help="skip measuring it")
+    parser.add_argument("--runs", type=int, default=2, help="overload runs before the SIGTERM one (RSS after each)")
     parser.add_argument("--grace", type=float, default=30, help="seconds the process may take to exit after SIGTERM")
     return parser.parse_args(argv)
 

@@ -10,6 +10,7 @@ import os
 
 from pydantic import ValidationError
 
+from service import memory
 from service.api import create_app
 from service.server import ClassifierServer
 from service.settings import Settings
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as error:
         raise SystemExit(f"invalid settings:\n{error}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    memory.cap_primitive_cache(settings.onednn_primitive_cache_capacity)
     server = ClassifierServer(create_app(settings), settings)
     server.run()
     if server.failure is not None:

@@ -93,7 +93,9 @@ def _add_routes(app: FastAPI, settings: Settings, engines: EngineSlot, draining:
                 "per request; split them over several requests",
             )
         timeouts = [t for t in (body.timeout_ms, x_request_timeout_ms) if t is not None]
-        deadline = time.monotonic() + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
+        # The deadline counts from the request's first bytes (set by service.server's protocol), not from now.
+        arrived_at = getattr(request.state, "arrived_at", None) or time.monotonic()
+        deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
         work = asyncio.create_task(
             engine.classify(body.texts, top_k=body.top_k, truncate=body.truncate, deadline=deadline)
         )

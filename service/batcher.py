@@ -14,6 +14,7 @@ from queue import Queue
 from typing import Any, Protocol
 
 from service import metrics
+from service.admission import Backlog, refusal
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
 from service.scheduler import Batch, BatchQueue, QueuedText
 from service.tuning import MemoryBudget
@@ -84,9 +85,6 @@ class ThroughputMeter:
         previous = self.tokens_per_second
         self.tokens_per_second = rate if previous is None else previous + self.smoothing * (rate - previous)
 
-    def seconds_for(self, tokens: int) -> float:
-        return tokens / self.tokens_per_second if self.tokens_per_second else 0.0
-
 
 class Batcher:
     """Owns the queue: `submit` texts from the event loop; one inference thread runs batches back to back.
@@ -117,6 +115,7 @@ class Batcher:
         # the inference thread is idle counts as running at once, as it did before collation had its own thread.
         self._taken: list[QueuedText] = []
         self._inference_idle = True
+        self._running: tuple[int, float] = (0, 0.0)  # real tokens and start of the batch running now (0: none)
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -147,7 +146,7 @@ class Batcher:
                 raise NotAccepting()
             if now >= deadline:
                 raise DeadlineExceeded()
-            self._admit(len(texts), tokens, deadline - now)
+            self._admit(len(texts), tokens, now, deadline - now)
             items = [
                 QueuedText(len(ids), now, Pending(ids, self._loop.create_future()), deadline) for ids in texts
             ]
@@ -157,21 +156,16 @@ class Batcher:
             self._changed.notify()
         return Submission(items)
 
-    def _admit(self, texts: int, tokens: int, time_left: float) -> None:
-        """Refuse at once what the queue cannot take, rather than accept it to time out later."""
-        retry_after = max(1.0, math.ceil(self._drain_seconds(self.queue.tokens)))
-        if self.queue.tokens + tokens > self.max_queue_tokens:
-            metrics.REJECTED_TEXTS.labels("queue_full").inc(texts)
-            raise Overloaded("queue_full", "the queue is full", retry_after)
-        predicted = self._drain_seconds(self.queue.tokens + tokens)
-        if predicted > time_left:
-            metrics.REJECTED_TEXTS.labels("predicted_wait").inc(texts)
-            raise Overloaded(
-                "predicted_wait",
-                f"the queue would take about {predicted:.1f} s to reach these texts, longer than the "
-                f"{time_left:.1f} s left before their deadline",
-                retry_after,
-            )
+    def _admit(self, texts: int, tokens: int, now: float, time_left: float) -> None:
+        """Refuse at once what the queue cannot take, rather than accept it to time out later (`admission` decides,
+        counting the batch running now as well as the queue)."""
+        running_tokens, running_since = self._running
+        waiting_tokens = sum(item.tokens for item in self._taken)  # collated, waiting for the running batch
+        backlog = Backlog(self.queue.tokens + waiting_tokens, running_tokens, now - running_since)
+        refused = refusal(backlog, tokens, time_left, self.max_queue_tokens, self._drain_rate())
+        if refused is not None:
+            metrics.REJECTED_TEXTS.labels(refused.reason).inc(texts)
+            raise Overloaded(refused.reason, refused.message, refused.retry_after)
 
     def cancel(self, submission: Submission, reason: str) -> int:
         """Drop the submission's texts still queued or in the batch waiting to run (`reason`: client_gone, deadline),
@@ -270,6 +264,8 @@ class Batcher:
 
     def _run(self, collated: Collated, live: list[QueuedText]) -> None:
         if not live:
+            with self._changed:
+                self._running = (0, 0.0)
             return
         inputs = collated.inputs if len(live) == len(collated.batch.items) else None
         batch = Batch(live, self._padded_length(live), collated.batch.reason)
@@ -283,13 +279,16 @@ class Batcher:
             self.meter.record(answered_tokens, ended - started)
         metrics.BATCH_INFERENCE.observe(ended - started)
         with self._changed:
+            self._running = (0, 0.0)
             self._publish_queue_state()
 
     def _start_running(self, batch: Batch) -> list[QueuedText]:
         """The batch's texts that still need their answer (cancelled ones do not cost model time), now running."""
         with self._changed:
             self._taken, self._inference_idle = [], False
-            return [item for item in batch.items if not item.handle.future.done()]
+            live = [item for item in batch.items if not item.handle.future.done()]
+            self._running = (sum(item.tokens for item in live), self.clock())
+            return live
 
     def _run_splitting(self, items: list[QueuedText], inputs: Any) -> int:
         """Run `items` as one batch (on `inputs` when collated already); when it fails, retry its halves (shortest
@@ -358,8 +357,12 @@ class Batcher:
         metrics.QUEUE_DRAIN.set(self._drain_seconds(self.queue.tokens))
 
     def _drain_seconds(self, tokens: int) -> float:
-        meter = self.backlog_meter if self.backlog_meter.tokens_per_second else self.meter
-        return meter.seconds_for(tokens)
+        rate = self._drain_rate()
+        return tokens / rate if rate else 0.0
+
+    def _drain_rate(self) -> float | None:
+        """Tokens per second the queue drains at: measured back to back once it has been, else model time."""
+        return self.backlog_meter.tokens_per_second or self.meter.tokens_per_second
 
 
 def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:

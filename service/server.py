@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service import metrics
+from service import memory, metrics
 from service.engine import EngineSlot
 from service.settings import Settings
 
@@ -24,7 +24,8 @@ def header_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
 
     uvicorn bounds idle keep-alive connections but not a request whose headers trickle in (or never come), so a
     stalled client holds its connection and memory forever. The clock starts when the connection opens and at each
-    request's first byte; when it runs out the client gets a 408 and the connection closes.
+    request's first byte; when it runs out the client gets a 408 and the connection closes. That first byte's time
+    (monotonic) is also the request's `request.state.arrived_at`, where its deadline starts.
     """
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -36,6 +37,9 @@ def header_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            # A request's deadline counts from its first bytes, not from when its handler runs: under load the
+            # event loop may reach the handler much later, and the client has been waiting since.
+            self.scope["state"]["arrived_at"] = time.monotonic()
             self._start_header_clock()
 
         def on_headers_complete(self) -> None:
@@ -79,6 +83,7 @@ class ClassifierServer(uvicorn.Server):
       load balancers take the replica out before its listener closes. Then uvicorn's graceful shutdown: the listener
       closes, idle connections close, open requests finish (their texts are still run), and the queue drains.
     - A second signal, or `shutdown_grace_seconds` after the first: exit 1 at once, whatever is still open.
+    - After `idle_heap_trim_seconds` without requests, glibc's free heap pages go back to the OS (`memory`).
     """
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
@@ -99,6 +104,7 @@ class ClassifierServer(uvicorn.Server):
         self.draining: threading.Event = app.state.draining
         self.settings = settings
         self.drain_ends: float | None = None
+        self.idle_trim = memory.IdleTrim(settings.idle_heap_trim_seconds)
 
     @property
     def failure(self) -> str | None:
@@ -123,7 +129,15 @@ class ClassifierServer(uvicorn.Server):
             self.should_exit = True
         if self.drain_ends is not None and time.monotonic() >= self.drain_ends:
             self.should_exit = True
+        state = self.server_state
+        if self.idle_trim.due(time.monotonic(), state.total_requests, len(state.tasks)):
+            asyncio.get_running_loop().run_in_executor(None, self._release_free_heap)
         return await super().on_tick(counter)
+
+    @staticmethod
+    def _release_free_heap() -> None:
+        # Off the event loop: trimming walks every heap (a few milliseconds after a burst).
+        log.debug("released free heap pages in %.1f ms", 1000 * memory.release_free_heap())
 
     def _grace_period_over(self) -> None:
         log.error(

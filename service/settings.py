@@ -67,6 +67,17 @@ class Settings(BaseSettings):
         2, ge=1, description="Threads tokenizing requests, each with its own tokenizer, so a big request holds up no other."
     )
 
+    # Native memory (service/memory.py): what the process keeps after a burst.
+    onednn_primitive_cache_capacity: int = Field(
+        64,
+        ge=0,
+        description="Compiled oneDNN primitives kept (CPU bf16 matmuls, one per batch shape, ~180 KB each); "
+        "oneDNN's own default of 1024 held ~180 MiB once full.",
+    )
+    idle_heap_trim_seconds: float = Field(
+        1.0, ge=0, description="After this long without requests, free heap pages go back to the OS; 0 = never."
+    )
+
     max_texts_per_request: int = Field(256, ge=1)
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     log_level: str = "info"

@@ -1,5 +1,6 @@
 """Property-based run over the OpenAPI schema (schemathesis): generated requests, valid ones and deliberately
-invalid ones, never get a 5xx, and every answer matches the schema the service publishes."""
+invalid ones, never get a 5xx other than the documented 504 for a deadline that passed, and every answer matches
+the schema the service publishes."""
 
 import pytest
 import schemathesis
@@ -12,18 +13,6 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
 OPERATIONS = ["POST /classify", "GET /health", "GET /ready", "GET /info"]
-# A deadline this short may pass while the texts are still queued on a busy machine: the documented answer is 504.
-SHORT_DEADLINE_MS = 1000
-
-
-def _asked_for_a_short_deadline(case) -> bool:
-    timeouts = [
-        (case.headers or {}).get("x-request-timeout-ms"),
-        case.body.get("timeout_ms") if isinstance(case.body, dict) else None,
-    ]
-    return any(isinstance(t, int) and not isinstance(t, bool) and 0 < t <= SHORT_DEADLINE_MS for t in timeouts) or any(
-        isinstance(t, str) and t.isdigit() and 0 < int(t) <= SHORT_DEADLINE_MS for t in timeouts
-    )
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +37,11 @@ def test_no_5xx_and_every_answer_matches_the_schema(published_schema, label):
     def check(case):
         # A schema-valid text may still be refused with a 422 (only zero-width characters, say): the schema's
         # description states that rule, which JSON Schema cannot express, so "valid data is accepted" is skipped.
-        response = case.call()
-        case.validate_response(response, excluded_checks=[positive_data_acceptance, not_a_server_error])
-        # No 5xx, except the 504 a deadline of a few milliseconds can earn: that one is the documented answer.
-        deadline_missed = response.status_code == 504 and _asked_for_a_short_deadline(case)
-        assert response.status_code < 500 or deadline_missed, f"{response.status_code}: {response.text}"
+        # A deadline of a few milliseconds (timeout_ms >= 1 is valid) passes before the texts are queued: that 504
+        # is the documented answer, every other 5xx fails.
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance, not_a_server_error])
+        if response.status_code >= 500:
+            assert response.status_code == 504, response.text
+            assert "deadline passed" in response.json()["error"]
 
     check()

@@ -4,6 +4,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -137,3 +138,27 @@ def test_a_slow_request_in_the_tokenizer_does_not_hold_up_the_next_one():
         GatedTokenizer.gate.set()
         pool.shutdown()
     assert slow.result(timeout=30)[0].ids
+
+
+@pytest.mark.integration
+def test_a_deadline_counts_from_the_request_s_first_bytes_not_from_its_handler(service_url):
+    """A client that took 1 s to upload its body has waited 1 s already: with a 300 ms deadline it gets 504 at once
+    (counted from when its handler ran, the text would be answered in time)."""
+    url = service_url
+    parts = urlsplit(url)
+    first, rest = b'{"texts": ["an upload that pauses"], ', b'"timeout_ms": 300}'
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(first) + len(rest)}\r\n\r\n".encode()
+            + first
+        )
+        wait_for(lambda: metric(url, "classifier_requests_in_flight") >= 1)
+        time.sleep(1.0)  # the slow client itself, not a wait for the service
+        sock.sendall(rest)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 504 "), answer[:200]
+    assert b"deadline passed" in answer
+    assert httpx.post(f"{url}/classify", json={"texts": ["on time"], "timeout_ms": 2000}, timeout=30).status_code == 200
