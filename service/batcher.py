@@ -278,6 +278,8 @@ class Batcher:
         if answered_tokens:
             self.meter.record(answered_tokens, ended - started)
         metrics.BATCH_INFERENCE.observe(ended - started)
+        for item in live:
+            metrics.TEXT_LATENCY.labels(metrics.length_class(item.tokens)).observe(ended - item.arrived_at)
         with self._changed:
             self._running = (0, 0.0)
             self._publish_queue_state()
@@ -345,8 +347,10 @@ class Batcher:
     def _observe_batch(self, batch: Batch, started: float) -> None:
         for item in batch.items:
             metrics.QUEUE_WAIT.observe(started - item.arrived_at)
+            metrics.TEXT_QUEUE_WAIT.labels(metrics.length_class(item.tokens)).observe(started - item.arrived_at)
         metrics.BATCH_FLUSHES.labels(batch.reason).inc()
         metrics.BATCH_SIZE.observe(len(batch.items))
+        metrics.BATCH_PADDED_LENGTH.observe(batch.padded_length)
         metrics.REAL_TOKENS.inc(batch.real_tokens)
         metrics.PADDED_TOKENS.inc(batch.padded_tokens)
         metrics.BATCH_PADDING_EFFICIENCY.observe(batch.padding_efficiency)

@@ -206,6 +206,7 @@ class _Loading:
         model_id = settings.model or "default"
         metrics.MODEL_INFO.info({"model": model_id, "device": str(device), "precision": precision})
         metrics.MAX_BATCH_TOKENS.set(max_batch_tokens)
+        metrics.BATCHING_INFO.info({"padding": policy.padding, "batching": policy.batching})
         off_reason = "CLASSIFIER_TUNE=false" if not settings.tune else "precision and budget both forced"
         return _Loaded(model_id, loaded, encoders, runner, policy, tuning, off_reason, build_report)
 
@@ -222,6 +223,8 @@ class _Loading:
             window=settings.batch_window_ms / 1000,
             pad_multiple=pad_multiple,
             merge_min_efficiency=settings.merge_min_efficiency,
+            padding=settings.padding,
+            batching=settings.batching,
         )
 
     def _tune(self, loaded: LoadedModel, device: torch.device, encoders: EncoderPool, longest: int) -> TuningReport:

@@ -85,6 +85,41 @@ UNANSWERED_TOKENS = Counter(
     "Real tokens the model ran for texts whose caller had left or given up by the time their batch finished.",
 )
 MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")
+BATCHING_INFO = Info(
+    "classifier_batching", "How batches are formed: padding (dynamic, fixed) and batching (buckets, arrival)."
+)
+
+# Latency by text length. The label is a length class from a small fixed set (powers of two, model-independent), so
+# its cardinality never grows with traffic: 7 series per histogram.
+LENGTH_CLASS_BOUNDS = (16, 32, 64, 128, 256, 512)
+LENGTH_CLASSES = tuple(f"<={bound}" for bound in LENGTH_CLASS_BOUNDS) + (f">{LENGTH_CLASS_BOUNDS[-1]}",)
+
+
+def length_class(tokens: int) -> str:
+    """The `length` label of a text of `tokens` tokens: `<=16`, `<=32`, ... `<=512`, or `>512`."""
+    for bound, name in zip(LENGTH_CLASS_BOUNDS, LENGTH_CLASSES):
+        if tokens <= bound:
+            return name
+    return LENGTH_CLASSES[-1]
+
+
+TEXT_QUEUE_WAIT = Histogram(
+    "classifier_text_queue_wait_seconds",
+    "Time each text waited in the queue before its batch started, by length class (tokens, special ones included).",
+    ["length"],
+    buckets=LATENCY_BUCKETS,
+)
+TEXT_LATENCY = Histogram(
+    "classifier_text_latency_seconds",
+    "Time from a text's queueing to its scores (queue wait and its batch's inference), by length class.",
+    ["length"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_PADDED_LENGTH = Histogram(
+    "classifier_batch_padded_length",
+    "Length in tokens every text of a batch is padded to, per batch.",
+    buckets=TOKEN_BUCKETS,
+)
 
 # Start-up tuning and run-time out-of-memory handling.
 MAX_BATCH_TOKENS = Gauge(

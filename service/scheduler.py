@@ -4,6 +4,9 @@ Pure logic: no torch, no I/O, no sleeping. Time comes in as the `now` argument, 
 with a fake clock. Texts wait in length buckets; a batch is seeded from one bucket, may take texts from
 neighbouring buckets while its padding efficiency stays high, is padded only to its own longest text, and is
 flushed when it meets its token budget or size limit, or when its oldest text has waited the time window.
+Two older strategies stay available as modes, so a report can show what each step buys on the same code path:
+`batching="arrival"` (one queue in arrival order, no buckets) and `padding="fixed"` (every batch padded to the
+longest bucket's bound, the model's maximum length).
 Texts also carry their caller's deadline: the queue hands back those whose deadline has passed, and those whose
 caller has gone, so they never reach the model.
 """
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FlushReason = Literal["budget", "size", "window"]
+Padding = Literal["dynamic", "fixed"]
+Batching = Literal["buckets", "arrival"]
 
 
 @dataclass(slots=True)
@@ -31,7 +36,9 @@ class QueuedText:
 
 @dataclass(frozen=True)
 class BatchingPolicy:
-    """The limits that shape batches: bucket bounds, token budget, size cap, time window, padding granularity."""
+    """The limits that shape batches: bucket bounds, token budget, size cap, time window, padding granularity, and
+    the strategy: `padding` dynamic (each batch to its own longest text) or fixed (to the last bucket bound), and
+    `batching` buckets (texts of similar length together) or arrival (arrival order, one queue)."""
 
     bucket_bounds: tuple[int, ...]
     max_batch_tokens: int
@@ -39,16 +46,21 @@ class BatchingPolicy:
     window: float
     pad_multiple: int = 1
     merge_min_efficiency: float = 0.9
+    padding: Padding = "dynamic"
+    batching: Batching = "buckets"
 
     def __post_init__(self) -> None:
         check_bucket_bounds(self.bucket_bounds)
+        if self.padding not in ("dynamic", "fixed") or self.batching not in ("buckets", "arrival"):
+            raise ValueError(f"unknown strategy: padding {self.padding!r}, batching {self.batching!r}")
         longest = self.padded_length(self.bucket_bounds[-1])
         if self.max_batch_tokens < longest:  # one text of the longest bucket must fit in a batch
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) is below the model's maximum length ({longest})")
 
     def padded_length(self, longest: int) -> int:
-        """The length a batch whose longest text has `longest` tokens is padded to."""
-        return padded_length(longest, self.pad_multiple)
+        """The length a batch whose longest text has `longest` tokens is padded to (under fixed padding, always
+        the last bucket bound)."""
+        return padded_length(self.bucket_bounds[-1] if self.padding == "fixed" else longest, self.pad_multiple)
 
 
 def padded_length(longest: int, pad_multiple: int) -> int:
@@ -129,6 +141,7 @@ class _Draft:
 
 class BatchQueue:
     """Length-bucketed queue. It alone owns the waiting texts: callers `append` and ask for the `next_batch`.
+    With `batching="arrival"` it holds one bucket, so batches take texts strictly in arrival order.
 
     It also keeps a smoothed gap between arrivals: a bucket stops waiting for partners once, at that rate, the
     next text is not expected before its window runs out. At light load a text then starts at once instead of
@@ -139,7 +152,8 @@ class BatchQueue:
 
     def __init__(self, policy: BatchingPolicy) -> None:
         self.policy = policy
-        self._buckets: list[deque[QueuedText]] = [deque() for _ in policy.bucket_bounds]
+        bucket_count = len(policy.bucket_bounds) if policy.batching == "buckets" else 1
+        self._buckets: list[deque[QueuedText]] = [deque() for _ in range(bucket_count)]
         self._texts = 0
         self._tokens = 0
         self._last_arrival: float | None = None
@@ -162,6 +176,8 @@ class BatchQueue:
 
     def bucket_of(self, tokens: int) -> int:
         """Index of the narrowest bucket whose bound holds `tokens` (longer texts go to the last bucket)."""
+        if len(self._buckets) == 1:
+            return 0
         for index, bound in enumerate(self.policy.bucket_bounds):
             if tokens <= bound:
                 return index
@@ -306,7 +322,9 @@ class BatchQueue:
             item = bucket.popleft()
             if limit is None:
                 limit = draft.room_for(item)
-            if limit is None and draft.efficiency_with(item) >= self.policy.merge_min_efficiency:
+            # Under fixed padding every batch costs the same whichever texts join it.
+            pads_the_same = self.policy.padding == "fixed"
+            if limit is None and (pads_the_same or draft.efficiency_with(item) >= self.policy.merge_min_efficiency):
                 draft.add(item)
             else:
                 kept.append(item)

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.scheduler import check_bucket_bounds
+from service.scheduler import Batching, Padding, check_bucket_bounds
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     )
     merge_min_efficiency: float = Field(
         0.9, gt=0, le=1, description="A batch takes texts from neighbouring buckets while its padding efficiency stays this high."
+    )
+    padding: Padding = Field(
+        "dynamic",
+        description="dynamic = each batch padded to its own longest text; fixed = every batch padded to the maximum "
+        "length (the classic strategy, kept for comparison).",
+    )
+    batching: Batching = Field(
+        "buckets",
+        description="buckets = texts of similar length batched together; arrival = batches in arrival order, no "
+        "buckets (kept for comparison).",
     )
     max_queue_tokens: int = Field(
         1_000_000, ge=1, description="Admission stops (429 with Retry-After) when the queued tokens would exceed this."
