@@ -1,0 +1,563 @@
+"""What each batching strategy buys, measured on real service processes and written up as a report with plots.
+
+    python -m loadtest.report [--out report/] [--model DIR] [--texts FILE [--column NAME]] [--duration 30]
+
+Starts, one after another, each strategy as its own server process on a loopback port, on the same texts (the
+packaged long-tailed corpus of `loadtest/corpus.py` by default, or a file: one text per line, or a CSV column):
+
+  the ladder, each rung changing one thing (the first three in fp32, tuning off, batches of at most
+  `--classic-batch-size` texts under a token budget that never binds, as a classic server batches):
+    1. fixed padding: arrival order, every batch padded to the maximum length (CLASSIFIER_PADDING=fixed,
+       CLASSIFIER_BATCHING=arrival);
+    2. dynamic padding: arrival order, each batch padded to its own longest text (CLASSIFIER_BATCHING=arrival);
+    3. dynamic padding + length buckets (the service's batching, in fp32);
+    4. the service as it ships: buckets, with the precision and token budget start-up tuning measures (reduced
+       precision where the device gains from it);
+  and two baselines: the service with batching off (CLASSIFIER_MAX_BATCH_SIZE=1) and a plain one-forward-per-request
+  server (`loadtest/plain_server.py`).
+
+Each is saturated by wrk (a closed loop of `--concurrency` clients, one text per request, in `--repeats` runs, so
+every number has a spread); the service, batching off and the plain server are then driven by Poisson arrivals at
+fractions of their own saturation rate (the knee). Padding, padded lengths and latency by length class come from
+the service's /metrics; peak RSS from /proc. Writes report.md, results.json (every number), plots.json (the data
+each plot draws) and PNG plots to --out, and prints where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.benchmark import Connection, saturate  # noqa: E402
+from service.metrics import LENGTH_CLASSES, length_class  # noqa: E402
+
+DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
+
+
+# --- the texts ---
+
+
+def read_texts(path: Path, column: str | None = None) -> list[str]:
+    """Texts from a user's file: a CSV column (`column`, default `text`) for .csv files, else one text per line."""
+    if path.suffix.lower() == ".csv":
+        column = column or "text"
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if column not in (reader.fieldnames or []):
+                raise SystemExit(f"{path} has no column {column!r} (columns: {reader.fieldnames}); pass --column")
+            texts = [row[column].strip() for row in reader]
+    else:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [text for text in texts if text]
+    if not texts:
+        raise SystemExit(f"{path} holds no non-empty text")
+    return texts
+
+
+def load_report_texts(path: str | None, column: str | None, count: int) -> tuple[list[str], str]:
+    """The texts to measure on, and a sentence saying where they came from."""
+    if path:
+        texts = read_texts(Path(path), column)[:count]
+        return texts, f"{len(texts)} texts from `{path}`" + (f", column `{column}`" if column else "")
+    from loadtest.corpus import load_texts
+
+    return load_texts(count), f"{count} texts of the packaged long-tailed corpus (`loadtest/corpus.py`, seed 0)"
+
+
+# --- server processes ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class ServerProcess:
+    """A server subprocess on a free loopback port: ready once /ready answers 200, its peak RSS read from /proc."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [*command, str(self.port)],  # every command ends where its port goes
+            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> ServerProcess:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.process.args} exited {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.url} not ready in 600 s; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+    def rss_mib(self) -> float:
+        return proc_status_kib(self.process.pid, "VmRSS") / 1024
+
+    def reset_peak_rss(self) -> bool:
+        """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs); False where that is not allowed."""
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def peak_rss_mib(self) -> float:
+        return proc_status_kib(self.process.pid, "VmHWM") / 1024
+
+
+# --- the server's own view, from /metrics ---
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by name and sorted labels (histogram buckets included)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def histogram_delta(before: dict, after: dict, name: str, **labels: str) -> list[tuple[float, float]]:
+    """(upper bound, observations in that bucket alone) between two scrapes, ascending, +Inf last."""
+    les = [
+        dict(key[1])["le"] for key in after
+        if key[0] == f"{name}_bucket" and {k: v for k, v in key[1] if k != "le"} == labels
+    ]
+    les.sort(key=float)
+    cumulative = [delta(before, after, f"{name}_bucket", **labels, le=le) for le in les]
+    return [
+        (float(le), count - previous) for le, count, previous in zip(les, cumulative, [0.0] + cumulative[:-1])
+    ]
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The q-quantile of bucketed observations, linear within a bucket as Prometheus interpolates (None if empty)."""
+    total = sum(count for _, count in buckets)
+    if total <= 0:
+        return None
+    rank, seen, lower = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if seen + count >= rank and count > 0:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - seen) / count
+        seen += count
+        lower = bound if not math.isinf(bound) else lower
+    return lower
+
+
+def server_view(before: dict, after: dict) -> dict:
+    """Padding, batch shapes, padded lengths and latency by length class between two scrapes of the service."""
+    batches = delta(before, after, "classifier_batch_size_count")
+    by_length = {}
+    for name in LENGTH_CLASSES:
+        buckets = histogram_delta(before, after, "classifier_text_latency_seconds", length=name)
+        texts = sum(count for _, count in buckets)
+        if texts:
+            by_length[name] = {
+                "texts": texts,
+                "p50_ms": 1000 * histogram_quantile(0.5, buckets),
+                "p99_ms": 1000 * histogram_quantile(0.99, buckets),
+            }
+    return {
+        "padding_efficiency": delta(before, after, "classifier_real_tokens_total")
+        / max(1.0, delta(before, after, "classifier_padded_tokens_total")),
+        "batches": batches,
+        "mean_batch_size": delta(before, after, "classifier_batch_size_sum") / max(1.0, batches),
+        "padded_length_histogram": histogram_delta(before, after, "classifier_batch_padded_length"),
+        "latency_by_length": by_length,
+    }
+
+
+def wait_for_empty_queue(url: str, has_metrics: bool, fallback_seconds: float) -> None:
+    """Let the backlog a closed loop left behind finish, so it does not spill into the next measurement."""
+    if not has_metrics:
+        time.sleep(fallback_seconds)
+        return
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if scrape(url).get(("classifier_queue_texts", ()), 0.0) == 0:
+            return
+        time.sleep(0.2)
+
+
+# --- load: the open loop (Poisson arrivals) ---
+
+
+async def open_loop(
+    url: str, bodies: list[bytes], lengths: list[int], rate: float, duration: float, seed: int
+) -> dict:
+    """Poisson arrivals at `rate` requests/s for `duration` s, one text per request, whatever the server's speed.
+    Returns throughput, p50/p99 and, per length class, p50/p99 of the answered requests."""
+    host, port = url.removeprefix("http://").split(":")
+    rng = random.Random(seed)
+    idle: list[tuple[Connection, float]] = []
+    answered: list[tuple[int, float]] = []  # (tokens, seconds)
+    failures = 0
+
+    async def send(index: int) -> None:
+        nonlocal failures
+        while idle and idle[-1][1] < time.perf_counter() - 4:  # uvicorn closes keep-alive connections idle for 5 s
+            idle.pop()[0].close()
+        connection = idle.pop()[0] if idle else Connection(host, int(port))
+        started = time.perf_counter()
+        try:
+            status, _ = await asyncio.wait_for(connection.post("/classify", bodies[index]), timeout=120)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            connection.close()
+            failures += 1
+            return
+        if status == 200:
+            answered.append((lengths[index], time.perf_counter() - started))
+        else:
+            failures += 1
+        idle.append((connection, time.perf_counter()))
+
+    tasks, index = [], rng.randrange(len(bodies))
+    started = time.perf_counter()
+    next_at = started
+    while next_at < started + duration:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(send(index % len(bodies))))
+        index += 1
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    for connection, _ in idle:
+        connection.close()
+    by_length = {}
+    for name in LENGTH_CLASSES:
+        latencies = [seconds for tokens, seconds in answered if length_class(tokens) == name]
+        if latencies:
+            by_length[name] = {"texts": len(latencies), **percentiles(latencies)}
+    return {
+        "offered_rps": rate,
+        "sent": len(tasks),
+        "answered": len(answered),
+        "failures": failures,
+        "texts_per_second": len(answered) / elapsed,
+        **percentiles([seconds for _, seconds in answered]),
+        "latency_by_length": by_length,
+    }
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ordered = sorted(seconds)
+    if not ordered:
+        return {"p50_ms": None, "p99_ms": None}
+    return {
+        "p50_ms": 1000 * ordered[len(ordered) // 2],
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+    }
+
+
+# --- what is measured ---
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One server configuration: its key and title, its service settings (None: the plain server), and whether it is
+    a rung of the ladder and gets a latency-against-load curve."""
+
+    key: str
+    title: str
+    env: dict[str, str] | None
+    ladder: bool
+    load_curve: bool
+
+
+def strategies(classic_batch_size: int, max_length: int) -> list[Strategy]:
+    classic = {
+        "CLASSIFIER_TUNE": "false",
+        "CLASSIFIER_PRECISION": "fp32",
+        "CLASSIFIER_MAX_BATCH_SIZE": str(classic_batch_size),
+        "CLASSIFIER_MAX_BATCH_TOKENS": str(classic_batch_size * max_length),
+    }
+    return [
+        Strategy("fixed", "fixed padding", {**classic, "CLASSIFIER_PADDING": "fixed", "CLASSIFIER_BATCHING": "arrival"}, True, False),
+        Strategy("dynamic", "dynamic padding", {**classic, "CLASSIFIER_BATCHING": "arrival"}, True, False),
+        Strategy("buckets", "dynamic + buckets", classic, True, False),
+        Strategy("service", "dynamic + buckets + tuned (the service)", {}, True, True),
+        Strategy("batching_off", "service, batching off", {"CLASSIFIER_MAX_BATCH_SIZE": "1"}, False, True),
+        Strategy("plain", "plain server (one forward per request)", None, False, True),
+    ]
+
+
+def model_max_length_of(model_dir: str) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from service.tokenization import model_max_length
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return model_max_length(AutoTokenizer.from_pretrained(model_dir), config.max_position_embeddings)
+
+
+def token_lengths(model_dir: str, texts: list[str], max_length: int) -> list[int]:
+    """Tokens per text as the service counts them (special tokens included, truncated to the maximum length)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+
+
+@dataclass
+class Run:
+    """Everything one report run needs: options, texts, where files go, and the progress bar."""
+
+    args: argparse.Namespace
+    model_dir: str
+    texts: list[str]
+    lengths: list[int]
+    bodies_path: Path
+    work_dir: Path
+    progress: tqdm
+
+    def step(self, what: str) -> None:
+        self.progress.set_description(what)
+
+    def done(self) -> None:
+        self.progress.update(1)
+
+
+def command_for(strategy: Strategy, model_dir: str) -> list[str]:
+    if strategy.env is None:
+        return [sys.executable, str(ROOT / "loadtest" / "plain_server.py"), model_dir]
+    return [sys.executable, "-m", "service", "--model", model_dir, "--port"]
+
+
+def env_for(strategy: Strategy, args: argparse.Namespace) -> dict[str, str]:
+    if strategy.env is None:
+        return {"TORCH_THREADS": str(args.threads)}
+    return {
+        "CLASSIFIER_TORCH_THREADS": str(args.threads),
+        "CLASSIFIER_LOG_LEVEL": "warning",
+        # A closed loop sends only as fast as it is answered: no admission refusal for the slow rungs.
+        "CLASSIFIER_REQUEST_TIMEOUT_MS": "120000",
+        "CLASSIFIER_DRAIN_DELAY_SECONDS": "0",
+        **dict(setting.split("=", 1) for setting in args.service_env),
+        **strategy.env,
+    }
+
+
+def measure(strategy: Strategy, run: Run) -> dict:
+    """Start the strategy's server, saturate it `repeats` times, then (if it has one) trace its latency curve."""
+    args = run.args
+    has_metrics = strategy.env is not None
+    run.step(f"{strategy.title}: starting")
+    started = time.monotonic()
+    with ServerProcess(command_for(strategy, run.model_dir), env_for(strategy, args), run.work_dir, strategy.key) as server:
+        ready_seconds = time.monotonic() - started
+        info = httpx.get(f"{server.url}/info").json() if has_metrics else {}
+        run.done()
+        run.step(f"{strategy.title}: warming up")
+        saturate(server.url, run.bodies_path, concurrency=8, duration=args.warmup)
+        wait_for_empty_queue(server.url, has_metrics, fallback_seconds=2)
+        rss_ready = server.rss_mib()
+        peak_reset = server.reset_peak_rss()
+        before = scrape(server.url) if has_metrics else {}
+        saturation = []
+        for repeat in range(args.repeats):
+            run.step(f"{strategy.title}: saturation {repeat + 1}/{args.repeats}")
+            saturation.append(saturate(server.url, run.bodies_path, args.concurrency, args.duration))
+            wait_for_empty_queue(server.url, has_metrics, fallback_seconds=3)
+            run.done()
+        after = scrape(server.url) if has_metrics else {}
+        result = {
+            "key": strategy.key,
+            "title": strategy.title,
+            "settings": strategy.env,
+            "ready_seconds": ready_seconds,
+            "precision": info.get("precision", "fp32"),
+            "max_batch_tokens": info.get("batching", {}).get("max_batch_tokens"),
+            "tuning": _tuning_summary(info),
+            "saturation": saturation,
+            "texts_per_second": [entry["texts_per_second"] for entry in saturation],
+            "rss_ready_mib": rss_ready,
+            "peak_rss_mib": server.peak_rss_mib(),
+            "peak_rss_scope": "during saturation" if peak_reset else "since start (clear_refs not allowed)",
+            "server": server_view(before, after) if has_metrics else None,
+        }
+        if strategy.load_curve:
+            result["load_curve"] = latency_curve(server, strategy, run, statistics.median(result["texts_per_second"]))
+    return result
+
+
+def latency_curve(server: ServerProcess, strategy: Strategy, run: Run, saturation_rps: float) -> list[dict]:
+    bodies = [json.dumps({"texts": text}).encode() for text in run.texts]
+    points = []
+    for index, fraction in enumerate(run.args.rate_fractions):
+        rate = max(0.5, fraction * saturation_rps)
+        run.step(f"{strategy.title}: {rate:.0f} requests/s")
+        point = asyncio.run(open_loop(server.url, bodies, run.lengths, rate, run.args.rate_duration, seed=index))
+        points.append({"fraction_of_saturation": fraction, **point})
+        run.done()
+    return points
+
+
+def _tuning_summary(info: dict) -> str | None:
+    tuning = info.get("tuning") or {}
+    if not tuning or tuning.get("enabled") is False:
+        return None
+    return (
+        f"precision {info.get('precision')}, token budget {info.get('batching', {}).get('max_batch_tokens')} "
+        f"(tuning took {tuning.get('seconds', float('nan')):.1f} s)"
+    )
+
+
+# --- the machine ---
+
+
+def machine() -> dict:
+    cpu, flags = platform.processor() or "unknown", set()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name") and cpu in ("unknown", platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    memory_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "memory_gib": round(memory_kib / 2**20, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "commit": commit,
+        "load_average": os.getloadavg(),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="report", help="directory for report.md, the plots and the data")
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    parser.add_argument("--texts", help="a file of texts: one per line, or a .csv with --column (default: the corpus)")
+    parser.add_argument("--column", help="the CSV column holding the texts (default: text)")
+    parser.add_argument("--max-texts", type=int, default=4000, help="texts used (the first N of a file)")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of each saturation run (wrk: whole seconds)")
+    parser.add_argument("--repeats", type=int, default=3, help="saturation runs per strategy (the spread)")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of light load before measuring (whole seconds)")
+    parser.add_argument("--concurrency", type=int, default=128, help="closed-loop clients at saturation")
+    parser.add_argument("--rate-duration", type=float, default=10, help="seconds at each offered load")
+    parser.add_argument(
+        "--rate-fractions", type=lambda s: [float(x) for x in s.split(",")], default=list(DEFAULT_FRACTIONS),
+        help="offered loads as fractions of each server's own saturation rate, comma-separated",
+    )
+    parser.add_argument("--classic-batch-size", type=int, default=32, help="batch size of the first three rungs")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every server")
+    parser.add_argument(
+        "--service-env", action="append", default=[], metavar="CLASSIFIER_X=VALUE",
+        help="a setting for every service process (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from loadtest.report_output import write_report
+
+    args = parse_args(argv)
+    began = time.monotonic()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model_dir = str(Path(args.model).expanduser())
+    else:
+        from service.default_model import ensure_default_model
+
+        model_dir = str(ensure_default_model())
+    texts, source = load_report_texts(args.texts, args.column, args.max_texts)
+    max_length = model_max_length_of(model_dir)
+    lengths = token_lengths(model_dir, texts, max_length)
+    plan = strategies(args.classic_batch_size, max_length)
+    steps = sum(1 + args.repeats + (len(args.rate_fractions) if s.load_curve else 0) for s in plan)
+    started_at = datetime.now(timezone.utc)
+    results = {
+        "started": started_at.isoformat(timespec="seconds"),
+        "command": "python -m loadtest.report " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "model": model_dir,
+        "max_length": max_length,
+        "texts": {"source": source, "count": len(texts), "token_lengths": lengths},
+        "options": {key: value for key, value in vars(args).items() if key not in ("out",)},
+        "strategies": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="report-") as work:
+        work_dir = Path(work)
+        bodies_path = work_dir / "bodies.jsonl"
+        bodies_path.write_text("".join(json.dumps({"texts": text}) + "\n" for text in texts))
+        with tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
+            run = Run(args, model_dir, texts, lengths, bodies_path, work_dir, progress)
+            for strategy in plan:
+                results["strategies"].append(measure(strategy, run))
+    results["machine"]["load_average_after"] = os.getloadavg()
+    results["seconds"] = time.monotonic() - began
+    written = write_report(results, out)
+    print(f"report written to {out}:")
+    for path in written:
+        print(f"  {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
