@@ -223,15 +223,23 @@ def server_view(before: dict, after: dict) -> dict:
     }
 
 
-def wait_for_empty_queue(url: str, has_metrics: bool, fallback_seconds: float) -> None:
-    """Let the backlog a closed loop left behind finish, so it does not spill into the next measurement."""
-    if not has_metrics:
-        time.sleep(fallback_seconds)
-        return
+def wait_until_idle(url: str, has_metrics: bool) -> None:
+    """Let the backlog a closed loop left behind finish, so it does not spill into the next measurement: for the
+    service, until its queue is empty and every batch it started has ended; for the plain server (no metrics),
+    until a short text is answered within half a second."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if scrape(url).get(("classifier_queue_texts", ()), 0.0) == 0:
-            return
+        if has_metrics:
+            samples = scrape(url)
+            started = sum(value for (name, _), value in samples.items() if name == "classifier_batch_flushes_total")
+            ended = samples.get(("classifier_batch_inference_seconds_count", ()), 0.0)
+            if samples.get(("classifier_queue_texts", ()), 0.0) == 0 and started <= ended:
+                return
+        else:
+            began = time.monotonic()
+            httpx.post(f"{url}/classify", json={"texts": "ready?"}, timeout=300)
+            if time.monotonic() - began < 0.5:
+                return
         time.sleep(0.2)
 
 
@@ -405,7 +413,7 @@ def measure(strategy: Strategy, run: Run) -> dict:
         run.done()
         run.step(f"{strategy.title}: warming up")
         saturate(server.url, run.bodies_path, concurrency=8, duration=args.warmup)
-        wait_for_empty_queue(server.url, has_metrics, fallback_seconds=2)
+        wait_until_idle(server.url, has_metrics)
         rss_ready = server.rss_mib()
         peak_reset = server.reset_peak_rss()
         before = scrape(server.url) if has_metrics else {}
@@ -413,7 +421,7 @@ def measure(strategy: Strategy, run: Run) -> dict:
         for repeat in range(args.repeats):
             run.step(f"{strategy.title}: saturation {repeat + 1}/{args.repeats}")
             saturation.append(saturate(server.url, run.bodies_path, args.concurrency, args.duration))
-            wait_for_empty_queue(server.url, has_metrics, fallback_seconds=3)
+            wait_until_idle(server.url, has_metrics)
             run.done()
         after = scrape(server.url) if has_metrics else {}
         result = {
@@ -495,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--texts", help="a file of texts: one per line, or a .csv with --column (default: the corpus)")
     parser.add_argument("--column", help="the CSV column holding the texts (default: text)")
     parser.add_argument("--max-texts", type=int, default=4000, help="texts used (the first N of a file)")
-    parser.add_argument("--duration", type=int, default=10, help="seconds of each saturation run (wrk: whole seconds)")
+    parser.add_argument("--duration", type=int, default=15, help="seconds of each saturation run (wrk: whole seconds)")
     parser.add_argument("--repeats", type=int, default=3, help="saturation runs per strategy (the spread)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of light load before measuring (whole seconds)")
     parser.add_argument("--concurrency", type=int, default=128, help="closed-loop clients at saturation")

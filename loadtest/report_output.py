@@ -31,10 +31,13 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 
 def ratio_and_range(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
     """Median over median, and the widest range the runs allow (slowest over fastest, fastest over slowest)."""
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else math.inf
+
     return (
-        statistics.median(numerator) / statistics.median(denominator),
-        min(numerator) / max(denominator),
-        max(numerator) / min(denominator),
+        ratio(statistics.median(numerator), statistics.median(denominator)),
+        ratio(min(numerator), max(denominator)),
+        ratio(max(numerator), min(denominator)),
     )
 
 
@@ -130,7 +133,7 @@ def plot_latency_against_load(results: dict, path: Path) -> Series:
 def plot_lengths(results: dict, path: Path) -> Series:
     lengths = results["texts"]["token_lengths"]
     max_length = results["max_length"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [4, 5]})
     bins = _length_bins(max_length)
     counts, edges, _ = left.hist(lengths, bins=bins, color="tab:blue")
     left.set_xscale("log", base=2)
@@ -160,7 +163,7 @@ def plot_lengths(results: dict, path: Path) -> Series:
     right.set_xlabel("padded length of a batch (tokens; histogram bucket bounds)")
     right.set_ylabel("share of batches at or below")
     right.set_title("Padded batch lengths per strategy")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     drawn["text length CDF"] = texts_cdf
     figure.suptitle("Text lengths and padded batch lengths")
     _save(figure, path)
@@ -181,8 +184,9 @@ def plot_memory(results: dict, path: Path) -> Series:
     axis.set_yticks(positions, titles)
     axis.invert_yaxis()
     axis.set_xlabel("MiB (peak RSS of the server process during saturation)")
-    axis.legend(fontsize=8, loc="lower right")
-    figure.suptitle("Peak memory per strategy")
+    axis.set_xlim(0, max(peak) * 1.15)
+    axis.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
+    figure.suptitle("Peak memory per strategy", y=0.99)
     _save(figure, path)
     return {"peak_rss_mib": [[i, value] for i, value in enumerate(peak)], "rss_ready_mib": [[i, v] for i, v in enumerate(ready)]}
 
