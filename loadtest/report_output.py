@@ -339,6 +339,8 @@ def markdown(results: dict) -> str:
         "Verdict: the measurements show the expected order." if ordered else
         "Verdict: **the measurements contradict the expected order** at the step(s) at or below 1.00x above.",
         "",
+        _baselines_sentence(strategies),
+        "",
         "![throughput and padding efficiency](throughput.png)",
         "",
         _throughput_sentence(results),
@@ -392,6 +394,24 @@ def _throughput_sentence(results: dict) -> str:
         f"(right): {fastest['title']} is fastest at {statistics.median(fastest['texts_per_second']):.0f} texts/s, "
         f"{slowest['title']} slowest at {statistics.median(slowest['texts_per_second']):.0f}; fixed padding computes "
         f"{1 / max(fixed_eff, 1e-9):.0f} tokens per real one (efficiency {fixed_eff:.2f}), buckets {buckets_eff:.2f}."
+    )
+
+
+def _baselines_sentence(strategies: dict) -> str:
+    off = statistics.median(strategies["batching_off"]["texts_per_second"])
+    plain = statistics.median(strategies["plain"]["texts_per_second"])
+    classic = {key: statistics.median(strategies[key]["texts_per_second"]) for key in ("fixed", "dynamic")}
+    slower = [strategies[key]["title"] for key, value in classic.items() if value < off]
+    verdict = (
+        f"so on these texts batching in arrival order ({', '.join(slower)}) is slower than no batching at all: padding "
+        "a batch to the maximum length, or to the longest text that arrived with it, costs more than batching saves"
+        if slower else "so every batching rung beats no batching at all"
+    )
+    return (
+        f"For reference, the service with batching off reaches {off:.0f} texts/s and the plain server {plain:.0f}, "
+        f"{verdict}. Strategies run one after another, so ratios between them compare runs minutes apart and carry "
+        "whatever else the machine did meanwhile (see the load average above); the ranges are those of each "
+        "strategy's own back-to-back runs."
     )
 
 
