@@ -29,6 +29,7 @@ def require_wrk() -> None:
         pytest.skip("wrk is not installed")
 
 
+@pytest.mark.integration  # starts six server processes and wrk
 def test_a_shortened_report_writes_every_file_and_every_plot_has_data(tiny_model_dir, tmp_path, capsys):
     require_wrk()
     texts = tmp_path / "texts.txt"

@@ -36,6 +36,7 @@ def test_settings_take_the_modes_from_the_environment_and_refuse_unknown_ones(mo
         Settings()
 
 
+@pytest.mark.integration
 def test_fixed_padding_and_arrival_batching_run_as_modes_of_the_service(tiny_model_dir):
     with start_service(
         tiny_model_dir, {"CLASSIFIER_PADDING": "fixed", "CLASSIFIER_BATCHING": "arrival", "CLASSIFIER_TUNE": "false"}
@@ -66,6 +67,7 @@ def test_fixed_padding_and_arrival_batching_run_as_modes_of_the_service(tiny_mod
     assert metrics.length_class(short) != metrics.length_class(long)
 
 
+@pytest.mark.integration
 def test_the_default_service_reports_dynamic_padding_and_buckets(service_url):
     info = httpx.get(f"{service_url}/info").json()
     assert (info["batching"]["padding"], info["batching"]["batching"]) == ("dynamic", "buckets")
