@@ -440,11 +440,14 @@ def _lengths_sentence(results: dict) -> str:
 
 def _memory_sentence(results: dict) -> str:
     entries = results["strategies"]
-    highest = max(entries, key=lambda entry: entry["peak_rss_mib"] - entry["rss_ready_mib"])
+    growth = {entry["key"]: entry["peak_rss_mib"] - entry["rss_ready_mib"] for entry in entries}
     return (
-        f"Peak resident memory of each server process while saturated (grey: when ready; red: growth under load): "
-        f"{highest['title']} grows most (+{highest['peak_rss_mib'] - highest['rss_ready_mib']:.0f} MiB), since its "
-        "batches' activations scale with texts x padded length; on a GPU that growth is what runs out of memory first. "
+        "Peak resident memory of each server process while saturated (grey: when ready; red: growth under load). "
+        "A batch's activations scale with texts x padded length: fixed padding grew "
+        f"+{growth['fixed']:.0f} MiB, dynamic padding in arrival order +{growth['dynamic']:.0f}, buckets "
+        f"+{growth['buckets']:.0f}, the tuned service +{growth['service']:.0f} (its smaller token budget), batching "
+        f"off +{growth['batching_off']:.0f}; the plain server +{growth['plain']:.0f}, from forward passes running "
+        "at once in its thread pool. On a GPU that growth is what runs out of memory first. "
         f"Scope of the peak: {entries[0]['peak_rss_scope']}."
     )
 
