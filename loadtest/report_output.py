@@ -311,7 +311,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {entry['title']} | {settings} | {budget}{'; ' + entry['tuning'] if entry['tuning'] else ''} |")
     lines += [
         "",
-        f"Every service process also ran with `CLASSIFIER_REQUEST_TIMEOUT_MS=120000` (a closed loop sends only as fast "
+        "Every service process also ran with `CLASSIFIER_REQUEST_TIMEOUT_MS=120000` (a closed loop sends only as fast "
         f"as it is answered, so the slow rungs are measured, not refused), `CLASSIFIER_DRAIN_DELAY_SECONDS=0`"
         + "".join(f", `{setting}`" for setting in results["options"]["service_env"]) + ".",
         "",
@@ -458,7 +458,7 @@ def _by_length_sentence(results: dict) -> str:
     present = [name for name in LENGTH_CLASSES if name in heaviest]
     shortest, longest = present[0], present[-1]
     return (
-        f"The service's p50 and p99 latency per length class, one text per request, at "
+        "The service's p50 and p99 latency per length class, one text per request, at "
         + " and ".join(f"{p['offered_rps']:.0f} requests/s" for p in points)
         + f": at the heavier load, texts of {shortest} tokens see p99 {_ms(heaviest[shortest]['p99_ms'])} ms, texts of "
         f"{longest} tokens {_ms(heaviest[longest]['p99_ms'])} ms. The same view is in `/metrics` as "
