@@ -312,7 +312,7 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "Every service process also ran with `CLASSIFIER_REQUEST_TIMEOUT_MS=120000` (a closed loop sends only as fast "
-        f"as it is answered, so the slow rungs are measured, not refused), `CLASSIFIER_DRAIN_DELAY_SECONDS=0`"
+        "as it is answered, so the slow rungs are measured, not refused), `CLASSIFIER_DRAIN_DELAY_SECONDS=0`"
         + "".join(f", `{setting}`" for setting in results["options"]["service_env"]) + ".",
         "",
         "## At saturation",
