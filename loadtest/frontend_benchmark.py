@@ -92,26 +92,18 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
-    """Per process: its role (from its command line) and user + system CPU seconds so far."""
+    """Per process: its name (comm: clf-engine, clf-api-N, or python for the first process) and user + system CPU
+    seconds so far."""
     seconds = {}
     for pid in pids:
         try:
-            fields = _stat_fields(pid)
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            text = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
         # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        seconds[pid] = (_role(command), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+        seconds[pid] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
     return seconds
-
-
-def _role(command: str) -> str:
-    for role in ("engine", "worker"):
-        if f"--{role}" in command or f"service-{role}" in command:
-            return role
-    if "multiprocessing" in command:
-        return "worker"
-    return "main"
 
 
 # --- the load ---
@@ -213,7 +205,7 @@ def profile(server: Service, bodies: Path, connections: int, seconds: float, out
     load = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds + 4:g}s", "-s", str(WRK_SCRIPT), server.url, "--", str(bodies)], stdout=subprocess.DEVNULL)
     time.sleep(2)
     subprocess.run(
-        ["py-spy", "record", "--pid", str(server.process.pid), "--subprocesses", "--threads", "--native", "--idle",
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.process.pid), "--subprocesses", "--threads", "--native", "--idle",
          "--duration", f"{seconds:g}", "--rate", "200", "--format", "raw", "--output", str(output)],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
