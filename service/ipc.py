@@ -6,10 +6,13 @@ Structs encoded with msgpack, tagged by type, so each side decodes exactly the u
 frame is an error, not a guess. Deadlines are `time.monotonic()` seconds: CLOCK_MONOTONIC is system-wide on Linux,
 so a deadline computed in an API process names the same instant in the engine process.
 
-Liveness: the engine sends its state to every connected client each `heartbeat` seconds (and whenever it changes);
-a client that hears nothing for `peer_timeout` seconds declares the engine gone, fails every pending request with
-`EngineGone` and refuses new ones, so nothing waits forever on a dead peer. The engine forgets a client it has not
-heard from (clients send their own heartbeat) and cancels that client's queued work, as for a client that left.
+Liveness, so nothing waits forever on a dead peer:
+- A client declares the engine gone when its connection drops (the engine process died: the kernel closes the
+  socket, and ZeroMQ's monitor says so at once), or when it has heard nothing for `peer_timeout` seconds (a frozen
+  engine; the engine sends its state each `heartbeat` seconds). Then every pending request fails with `EngineGone`,
+  and so does every new one. A request is also given up `peer_timeout` seconds after its deadline, whatever happens.
+- The engine forgets a client it has not heard from for `peer_timeout` seconds (clients say hello each heartbeat),
+  or that it can no longer send to, and cancels that client's work, as for callers that left.
 """
 
 import asyncio
@@ -24,11 +27,12 @@ from typing import Literal
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 0.5
-PEER_TIMEOUT_SECONDS = 5.0
+PEER_TIMEOUT_SECONDS = 30.0
 
 EngineStatus = Literal["loading", "ready", "draining", "stopped", "failed"]
 
@@ -111,6 +115,7 @@ class EngineClient:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: no send waits on a dead peer
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._socket.connect(address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
@@ -118,7 +123,11 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._heard_at = time.monotonic()
         self._state_changed = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._receive(), name="ipc-receive"), asyncio.create_task(self._beat(), name="ipc-heartbeat")]
+        self._tasks = [
+            asyncio.create_task(self._receive(), name="ipc-receive"),
+            asyncio.create_task(self._beat(), name="ipc-heartbeat"),
+            asyncio.create_task(self._watch_connection(), name="ipc-monitor"),
+        ]
 
     async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
         """Scores per text. Raises RemoteFailure as the engine decided, EngineGone if it stops answering. Cancelling
@@ -130,11 +139,14 @@ class EngineClient:
         self._pending[request_id] = future
         try:
             await self._send(ScoreRequest(request_id, token_ids, deadline))
-            return await future
+            try:
+                async with asyncio.timeout_at(_loop_time_at(deadline) + self.peer_timeout):
+                    return await future
+            except TimeoutError:
+                await self._cancel(request_id)
+                raise EngineGone(f"no answer {self.peer_timeout:g} s after the request's deadline") from None
         except asyncio.CancelledError:
-            if self.gone is None:
-                with contextlib.suppress(zmq.ZMQError):
-                    await self._send(Cancel(request_id))
+            await self._cancel(request_id)
             raise
         finally:
             self._pending.pop(request_id, None)
@@ -157,8 +169,16 @@ class EngineClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail_pending("the connection to the engine was closed")
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
         self._context.term()
+
+    async def _cancel(self, request_id: int) -> None:
+        """Tell the engine to drop the request's texts still queued (nothing to do if it is gone)."""
+        if self.gone is None:
+            with contextlib.suppress(zmq.ZMQError, EngineGone):
+                await self._send(Cancel(request_id))
 
     async def _send(self, message: ToEngine) -> None:
         try:
@@ -195,12 +215,23 @@ class EngineClient:
                 await self._socket.send(self._encoder.encode(hello), flags=zmq.NOBLOCK)
             await asyncio.sleep(self.heartbeat)
             silent = time.monotonic() - self._heard_at
-            if silent > self.peer_timeout:
-                self.gone = f"the engine has not answered for {silent:.1f} s"
-                log.error("%s: failing %d pending requests", self.gone, len(self._pending))
-                self._fail_pending(self.gone)
-                self._state_changed.set()
+            if self.state is not None and silent > self.peer_timeout:  # the clock starts at first contact
+                self._declare_gone(f"the engine has not answered for {silent:.1f} s")
                 return
+
+    async def _watch_connection(self) -> None:
+        """The engine's end of the connection closed: its process has exited."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._declare_gone("the engine closed its connection")
+                return
+
+    def _declare_gone(self, reason: str) -> None:
+        self.gone = reason
+        log.error("%s: failing %d pending requests", reason, len(self._pending))
+        self._fail_pending(reason)
+        self._state_changed.set()
 
     def _fail_pending(self, reason: str) -> None:
         for future in self._pending.values():
@@ -318,3 +349,8 @@ class EngineServer:
         for (owner, _), task in list(self._work.items()):
             if owner == identity:
                 task.cancel()
+
+
+def _loop_time_at(monotonic: float) -> float:
+    """A `time.monotonic()` instant on the running event loop's clock (uvloop's is not time.monotonic)."""
+    return asyncio.get_running_loop().time() + (monotonic - time.monotonic())

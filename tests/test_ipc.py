@@ -170,23 +170,27 @@ def _serve_forever(address: str, started) -> None:
     asyncio.run(main())
 
 
-def test_a_dead_engine_fails_pending_and_new_requests_without_hanging(address):
-    asyncio.run(_a_dead_engine_fails_pending_and_new_requests_without_hanging(address))
+def test_a_dead_engine_fails_pending_and_new_requests_at_once(address):
+    asyncio.run(_engine_stops_answering(address, signal.SIGKILL, peer_timeout=600))  # seen by the connection
 
 
-async def _a_dead_engine_fails_pending_and_new_requests_without_hanging(address):
+def test_a_frozen_engine_fails_pending_and_new_requests_after_the_peer_timeout(address):
+    asyncio.run(_engine_stops_answering(address, signal.SIGSTOP, peer_timeout=1.0))  # seen by its silence
+
+
+async def _engine_stops_answering(address: str, how: signal.Signals, peer_timeout: float) -> None:
     context = multiprocessing.get_context("spawn")
     started = context.Event()
     engine = context.Process(target=_serve_forever, args=(address, started), daemon=True)
     engine.start()
-    client = EngineClient(address, heartbeat=0.05, peer_timeout=1.0)
+    client = EngineClient(address, heartbeat=0.05, peer_timeout=peer_timeout)
     try:
         async with asyncio.timeout(BOUND):
             await client.wait_for_state()
             assert await client.score([[1, 1]], time.monotonic() + 5) == [[2.0, 2.0]]
-            pending = asyncio.create_task(client.score([[0]], time.monotonic() + 60))  # held by the engine
+            pending = asyncio.create_task(client.score([[0]], time.monotonic() + 600))  # held by the engine
             await asyncio.sleep(0.1)
-            os.kill(engine.pid, signal.SIGKILL)
+            os.kill(engine.pid, how)
             with pytest.raises(EngineGone):
                 await pending
             with pytest.raises(EngineGone):
@@ -195,7 +199,28 @@ async def _a_dead_engine_fails_pending_and_new_requests_without_hanging(address)
                 await client.wait_for_state()
     finally:
         await client.close()
+        os.kill(engine.pid, signal.SIGKILL)
         engine.join(BOUND)
+
+
+def test_a_request_is_given_up_after_its_deadline_and_the_peer_timeout(address):
+    asyncio.run(_given_up(address))
+
+
+async def _given_up(address):
+    scorer = FakeScorer()
+    server = EngineServer(address, scorer.score, describe, ready_state, heartbeat=0.05)
+    client = EngineClient(address, heartbeat=0.05, peer_timeout=0.5)
+    try:
+        async with asyncio.timeout(BOUND):
+            await client.wait_for_state()
+            with pytest.raises(EngineGone, match="after the request's deadline"):
+                await client.score([[0, 1]], time.monotonic() + 0.2)  # the engine never answers it
+            while not scorer.cancelled:  # and the engine was told to drop it
+                await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+        await server.close()
 
 
 def test_a_silent_client_has_its_work_dropped(address):
