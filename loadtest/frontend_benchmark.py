@@ -1,6 +1,6 @@
 """Front-end capacity: how many requests the service's CPU side answers when the model costs next to nothing.
 
-    python loadtest/frontend_benchmark.py [--duration 15] [--rounds 3] [--workers 1,2] [--baseline DIR]
+    python loadtest/frontend_benchmark.py [--duration 15] [--rounds 3] [--workers 1,2] [--baseline DIR ...]
                                           [--model DIR] [--multi 8] [--connections 64] [--profile SECONDS]
 
 The model is a 1-layer BERT of hidden size 16 with the real default-model tokenizer (MiniLM's WordPiece), built
@@ -193,8 +193,8 @@ class Service:
 def configurations(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, str]]]:
     """(name, source tree, environment) of each service measured."""
     configs = []
-    if args.baseline:
-        configs.append((f"baseline ({args.baseline})", Path(args.baseline), {}))
+    for baseline in args.baseline:
+        configs.append((f"baseline {Path(baseline).name}", Path(baseline), {}))
     for workers in args.workers:
         configs.append((f"this tree, {workers} worker(s)", ROOT, {"CLASSIFIER_WORKERS": str(workers)}))
     return configs
@@ -217,7 +217,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15, help="seconds per saturation run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration, alternating")
     parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[1])
-    parser.add_argument("--baseline", help="another tree holding a service package, measured alongside this one")
+    parser.add_argument(
+        "--baseline", action="append", default=[], help="another tree holding a service package, measured first (repeatable)"
+    )
     parser.add_argument("--model", help="a checkpoint directory instead of the near-zero-cost model")
     parser.add_argument("--multi", type=int, default=8, help="texts per request in the multi-text runs (1: none)")
     parser.add_argument("--connections", type=int, default=64)
