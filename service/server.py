@@ -79,8 +79,8 @@ def header_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
 def freeze_loaded_heap() -> None:
     """Exempt every object alive once the model is loaded (torch, transformers, the model: about a million objects)
     from garbage collection. The collector's full passes otherwise walk them all every few thousand requests: with a
-    near-zero-cost model at saturation they took 26% of the event loop's profile samples, as much as all its Python
-    work (loadtest/frontend_benchmark.py --profile)."""
+    near-zero-cost model at saturation they took 26% of the event loop's profile samples, nearly as much as all its
+    Python work (loadtest/frontend_benchmark.py --profile); 7% after."""
     gc.collect()
     gc.freeze()
 
