@@ -288,6 +288,7 @@ class Supervisor:
             self.stopping_since = time.monotonic()
         if self.signals > 1:
             log.warning("second signal %d: stopping every process at once, without draining", sig)
+            self.engine.kill()  # its queue belongs to API processes that exit now
         for process in self.apis:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)  # a second one makes each exit at once, as in one process

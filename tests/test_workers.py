@@ -240,3 +240,15 @@ def test_a_model_that_cannot_load_exits_1_with_workers(tmp_path):
     )
     assert completed.returncode == 1
     assert f"model directory {missing} does not exist" in completed.stderr + completed.stdout
+
+
+def test_a_second_signal_stops_every_process_at_once_with_status_1(tiny_model_dir):
+    env = {"CLASSIFIER_WORKERS": "2", "CLASSIFIER_DRAIN_DELAY_SECONDS": "30", "CLASSIFIER_SHUTDOWN_GRACE_SECONDS": "120"}
+    with run_service(tiny_model_dir, env) as (url, process):
+        wait_for(lambda: len(api_processes(process.pid)) == 2, "2 API processes")
+        processes = [*api_processes(process.pid), engine_process(process.pid)]
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{url}/ready", timeout=BOUND).status_code == 503, "/ready 503 while draining")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(BOUND) == 1  # stopped, not drained (a drain exits 0)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in processes)
