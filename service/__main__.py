@@ -14,6 +14,7 @@ from service import memory
 from service.api import create_app
 from service.server import ClassifierServer
 from service.settings import Settings
+from service.workers import Supervisor, worker_count
 
 
 def parse_flags(argv: list[str] | None = None) -> dict:
@@ -25,6 +26,9 @@ def parse_flags(argv: list[str] | None = None) -> dict:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--model", help="Hugging Face checkpoint directory or hub id (default: the embedded model)")
+    parser.add_argument(
+        "--workers", type=int, help="API processes in front of one engine process (default: 1 on a CPU, up to 4 on CUDA)"
+    )
     flags = vars(parser.parse_args(argv))
     return {name: value for name, value in flags.items() if value is not None}
 
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"invalid settings:\n{error}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     memory.cap_primitive_cache(settings.onednn_primitive_cache_capacity)
+    workers = worker_count(settings)
+    if workers > 1:
+        raise SystemExit(Supervisor(settings, workers).run())
     server = ClassifierServer(create_app(settings), settings)
     server.run()
     if server.failure is not None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,18 +271,24 @@ class Loading:
     """The model is still loading."""
 
 
+# Builds a complete Engine for the settings, or raises.
+EngineLoader = Callable[[Settings], Awaitable[Engine]]
+
+
 class EngineSlot:
     """The app's engine through its life: Loading, then a ready Engine or Failed. /health, /ready and /classify
     answer 503 until it holds a ready Engine."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, load: EngineLoader = Engine.load) -> None:
+        """`load`: how to get the engine; `service.workers` passes one that connects to the engine process."""
         self.settings = settings
+        self._load = load
         self.state: Loading | Failed | Engine = Loading()
 
     async def load(self) -> None:
         """Load the engine; a failure is kept (and logged), not raised."""
         try:
-            self.state = await Engine.load(self.settings)
+            self.state = await self._load(self.settings)
         except Exception as error:
             self.state = Failed(f"{type(error).__name__}: {error}")
             # One line an operator can act on; the traceback only helps when debugging.

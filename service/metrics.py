@@ -3,9 +3,17 @@
 Names follow Prometheus conventions: one `classifier_` prefix, base units (`_seconds`), `_total` on
 counters. Padding is exported as two counters (real and padded tokens) so PromQL can compute the
 padding efficiency over any window, plus a per-batch histogram for its distribution.
+
+With several processes (`--workers`), each writes its samples under PROMETHEUS_MULTIPROC_DIR and /metrics serves
+their sum: counters and histograms add up; each gauge says how processes combine (`multiprocess_mode`, ignored in
+one process): requests in flight add up, the engine process's gauges are its own (the largest of live processes,
+since the API processes never set them).
 """
 
-from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # `_created` series only double what Prometheus already knows from counter resets.
 disable_created_metrics()
@@ -21,7 +29,9 @@ REQUESTS = Counter(
     ["route", "status"],
 )
 REQUESTS_IN_FLIGHT = Gauge(
-    "classifier_requests_in_flight", "Requests being handled now (counted against max_concurrent_requests)."
+    "classifier_requests_in_flight",
+    "Requests being handled now (counted against max_concurrent_requests).",
+    multiprocess_mode="livesum",
 )
 CLIENT_TIMEOUTS = Counter(
     "classifier_client_timeouts_total",
@@ -60,11 +70,12 @@ BATCH_FLUSHES = Counter(
     "Batches started, by why they were flushed (budget, size, window).",
     ["reason"],
 )
-QUEUE_TEXTS = Gauge("classifier_queue_texts", "Texts waiting in the queue.")
-QUEUE_TOKENS = Gauge("classifier_queue_tokens", "Tokens of the texts waiting in the queue.")
+QUEUE_TEXTS = Gauge("classifier_queue_texts", "Texts waiting in the queue.", multiprocess_mode="livemax")
+QUEUE_TOKENS = Gauge("classifier_queue_tokens", "Tokens of the texts waiting in the queue.", multiprocess_mode="livemax")
 QUEUE_DRAIN = Gauge(
     "classifier_queue_drain_seconds",
     "Estimated time to clear the current queue at the token throughput measured while batches ran back to back.",
+    multiprocess_mode="livemax",
 )
 INPUT_TOKENS = Histogram(
     "classifier_input_tokens", "Tokens per text after truncation, special tokens included.", buckets=TOKEN_BUCKETS
@@ -123,15 +134,34 @@ BATCH_PADDED_LENGTH = Histogram(
 
 # Start-up tuning and run-time out-of-memory handling.
 MAX_BATCH_TOKENS = Gauge(
-    "classifier_max_batch_tokens", "Token budget per batch chosen at start-up (measured, forced, or the default)."
+    "classifier_max_batch_tokens",
+    "Token budget per batch chosen at start-up (measured, forced, or the default).",
+    multiprocess_mode="livemax",
 )
 EFFECTIVE_MAX_BATCH_TOKENS = Gauge(
     "classifier_effective_max_batch_tokens",
     "Token budget per batch in force now: below the chosen one for a while after an out-of-memory.",
+    multiprocess_mode="livemax",
 )
-TUNING_SECONDS = Gauge("classifier_tuning_seconds", "Time start-up tuning took to measure precision and budget.")
+TUNING_SECONDS = Gauge(
+    "classifier_tuning_seconds", "Time start-up tuning took to measure precision and budget.", multiprocess_mode="livemax"
+)
 BATCH_SPLITS = Counter(
     "classifier_batch_splits_total",
     "Failed batches split in halves and retried, by why they failed (out_of_memory, error).",
     ["reason"],
 )
+
+
+def _exposition_registry() -> CollectorRegistry:
+    """What /metrics serves: this process's metrics, or with PROMETHEUS_MULTIPROC_DIR set, every process's summed
+    plus this process's model info (an Info cannot be shared through the multiprocess files)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(MODEL_INFO)
+    return registry
+
+
+EXPOSITION_REGISTRY = _exposition_registry()

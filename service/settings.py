@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         1.0, ge=0, description="After this long without requests, free heap pages go back to the OS; 0 = never."
     )
 
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="API processes (HTTP, validation, tokenization) in front of one engine process that owns the queue "
+        "and the device; 1 = one process, as before; unset = 1 on a CPU (inference needs the cores), up to 4 on CUDA.",
+    )
+
     max_texts_per_request: int = Field(256, ge=1)
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     log_level: str = "info"

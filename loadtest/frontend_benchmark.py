@@ -1,0 +1,293 @@
+"""Front-end capacity: how many requests the service's CPU side answers when the model costs next to nothing.
+
+    python loadtest/frontend_benchmark.py [--duration 15] [--rounds 3] [--workers 1,2] [--baseline DIR ...]
+                                          [--model DIR] [--multi 8] [--connections 64] [--profile SECONDS]
+
+The model is a 1-layer BERT of hidden size 16 with the real default-model tokenizer (MiniLM's WordPiece), built
+locally from a config, so what is measured is HTTP, validation, tokenization, queueing, post-processing and
+responses: the ceiling a fast GPU would hit. `--model DIR` measures a real checkpoint instead.
+
+Each configuration (the service in this tree with each `--workers` count, and the service in `--baseline DIR`,
+e.g. an unpacked copy of an older commit) is started as a real process and driven to saturation by wrk (64
+keep-alive connections; a Lua script posting a long-tailed mix of real texts from loadtest/corpus.py), with one
+text per request and with `--multi` texts per request. Configurations alternate round by round, so ratios come from
+runs made back to back. Reported per run: requests/s, texts/s, and CPU seconds per request of every process of the
+service (from /proc/<pid>/stat, before and after), whose sum is what one request costs the machine.
+`--profile N` records N seconds of py-spy under the single-text load of the first configuration instead.
+Results go to loadtest/results/frontend.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.corpus import load_texts  # noqa: E402
+
+WRK_SCRIPT = ROOT / "loadtest" / "wrk_classify.lua"
+RESULTS = ROOT / "loadtest" / "results"
+DEFAULT_TOKENIZER = Path.home() / ".cache" / "classifier-service" / "default-model-v1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def build_near_zero_cost_model(directory: Path, tokenizer_dir: Path = DEFAULT_TOKENIZER) -> Path:
+    """A 1-layer BERT classifier of hidden size 16 with the real default-model tokenizer; random weights."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=tokenizer.model_max_length,
+        num_labels=2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        problem_type="single_label_classification",
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --- CPU time of every process of the service ---
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = _stat_fields(int(entry))
+            except OSError:
+                continue
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """Per process: its name (comm: clf-engine, clf-api-N, or python for the first process) and user + system CPU
+    seconds so far."""
+    seconds = {}
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        seconds[pid] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return seconds
+
+
+# --- the load ---
+
+
+def write_bodies(texts: list[str], per_request: int) -> Path:
+    """One JSON request body per line, for wrk."""
+    path = RESULTS / f"frontend-bodies-{per_request}.jsonl"
+    groups = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1, per_request)]
+    path.write_text("".join(json.dumps({"texts": group}) + "\n" for group in groups))
+    return path
+
+
+def wrk(url: str, bodies: Path, connections: int, seconds: float) -> dict:
+    command = [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), url, "--",
+        str(bodies),
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+
+
+def saturate(server: "Service", bodies: Path, per_request: int, connections: int, seconds: float) -> dict:
+    pids = process_tree(server.process.pid)
+    before = cpu_seconds(pids)
+    started = time.perf_counter()
+    summary = wrk(server.url, bodies, connections, seconds)
+    elapsed = time.perf_counter() - started
+    after = cpu_seconds(pids)
+    answered = summary["requests"] - summary["non_2xx"]
+    per_process = [
+        {"pid": pid, "role": role, "cpu_seconds": spent - before[pid][1], "cpu_utilisation": (spent - before[pid][1]) / elapsed}
+        for pid, (role, spent) in after.items()
+        if pid in before
+    ]
+    cpu_total = sum(p["cpu_seconds"] for p in per_process)
+    for p in per_process:
+        p["cpu_ms_per_request"] = 1000 * p["cpu_seconds"] / max(1, answered)
+    return {
+        "requests_per_second": answered / (summary["duration_us"] / 1e6),
+        "texts_per_second": answered * per_request / (summary["duration_us"] / 1e6),
+        "failures": summary["non_2xx"] + summary["socket_errors"],
+        "p50_ms": summary["p50_us"] / 1000,
+        "p99_ms": summary["p99_us"] / 1000,
+        "cpu_ms_per_request": 1000 * cpu_total / max(1, answered),
+        "cpu_utilisation": cpu_total / elapsed,
+        "processes": sorted(per_process, key=lambda p: -p["cpu_seconds"]),
+    }
+
+
+class Service:
+    """`python -m service` from `source` (a tree holding the service package) on a loopback port."""
+
+    def __init__(self, source: Path, model: Path, port: int, env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(RESULTS / f"frontend-server-{port}.log", "w")
+        environment = {**os.environ, "CLASSIFIER_LOG_LEVEL": "warning", **env}
+        environment.pop("MODEL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)],
+            cwd=source, env=environment, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> "Service":
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.url} not ready in time; see {self.log.name}")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, str]]]:
+    """(name, source tree, environment) of each service measured."""
+    configs = []
+    for baseline in args.baseline:
+        configs.append((f"baseline {Path(baseline).name}", Path(baseline), {}))
+    for workers in args.workers:
+        configs.append((f"this tree, {workers} worker(s)", ROOT, {"CLASSIFIER_WORKERS": str(workers)}))
+    return configs
+
+
+def profile(server: Service, bodies: Path, connections: int, seconds: float, output: Path) -> None:
+    """py-spy, all processes and threads of the service, native frames included, under the single-text load."""
+    load = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds + 4:g}s", "-s", str(WRK_SCRIPT), server.url, "--", str(bodies)], stdout=subprocess.DEVNULL)
+    time.sleep(2)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.process.pid), "--subprocesses", "--threads", "--native", "--idle",
+         "--duration", f"{seconds:g}", "--rate", "200", "--format", "raw", "--output", str(output)],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    load.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=15, help="seconds per saturation run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration, alternating")
+    parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[1])
+    parser.add_argument(
+        "--baseline", action="append", default=[], help="another tree holding a service package, measured first (repeatable)"
+    )
+    parser.add_argument("--model", help="a checkpoint directory instead of the near-zero-cost model")
+    parser.add_argument("--multi", type=int, default=8, help="texts per request in the multi-text runs (1: none)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--texts", type=int, default=4000, help="texts drawn from the corpus mix")
+    parser.add_argument("--profile", type=float, help="record this many seconds of py-spy instead of measuring")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for every service started")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    model_dir = Path(args.model) if args.model else build_near_zero_cost_model(Path(tempfile.mkdtemp(prefix="frontend-model-")))
+    texts = load_texts(args.texts)
+    loads = [(1, write_bodies(texts, 1))] + ([(args.multi, write_bodies(texts, args.multi))] if args.multi > 1 else [])
+    common_env = {"CLASSIFIER_TUNE": "false"} if not args.model else {}
+    common_env.update(dict(item.split("=", 1) for item in args.env))
+    configs = configurations(args)
+
+    if args.profile:
+        name, source, env = configs[0]
+        with Service(source, model_dir, 8801, {**common_env, **env}) as server:
+            wrk(server.url, loads[0][1], 8, 3)
+            output = RESULTS / "frontend-profile.txt"
+            profile(server, loads[0][1], args.connections, args.profile, output)
+        print(f"py-spy samples of {name}: {output}")
+        return
+
+    runs: dict[str, dict[int, list[dict]]] = {name: {per: [] for per, _ in loads} for name, _, _ in configs}
+    for round_number in range(args.rounds):
+        for index, (name, source, env) in enumerate(configs):
+            with Service(source, model_dir, 8801 + index, {**common_env, **env}) as server:
+                wrk(server.url, loads[0][1], 8, 3)  # warm up connections and caches
+                for per_request, bodies in loads:
+                    result = saturate(server, bodies, per_request, args.connections, args.duration)
+                    runs[name][per_request].append(result)
+                    print(f"round {round_number + 1}, {name}, {per_request} text(s)/request: " + summary_line(result), flush=True)
+    report = {"args": vars(args), "machine": machine(), "runs": runs}
+    (RESULTS / "frontend.json").write_text(json.dumps(report, indent=1))
+    print_summary(runs, configs)
+
+
+def summary_line(result: dict) -> str:
+    processes = ", ".join(f"{p['role']} {p['cpu_ms_per_request']:.2f}" for p in result["processes"] if p["cpu_seconds"] > 0.05)
+    return (
+        f"{result['requests_per_second']:.0f} req/s, {result['texts_per_second']:.0f} texts/s, p50 {result['p50_ms']:.1f} ms, "
+        f"p99 {result['p99_ms']:.1f} ms, failures {result['failures']}, CPU {result['cpu_ms_per_request']:.3f} ms/request "
+        f"({processes}), {result['cpu_utilisation']:.2f} cores busy"
+    )
+
+
+def print_summary(runs: dict, configs: list) -> None:
+    print(f"\n{'configuration':44} {'texts/req':>9} {'req/s median':>12} {'min-max':>13} {'texts/s':>8} {'CPU ms/req':>10}")
+    for name, _, _ in configs:
+        for per_request, results in runs[name].items():
+            rates = [r["requests_per_second"] for r in results]
+            cpu = statistics.median(r["cpu_ms_per_request"] for r in results)
+            texts = statistics.median(r["texts_per_second"] for r in results)
+            print(f"{name:44} {per_request:9d} {statistics.median(rates):12.0f} {min(rates):6.0f}-{max(rates):<6.0f} {texts:8.0f} {cpu:10.3f}")
+    if len(configs) > 1:
+        first = configs[0][0]
+        for name, _, _ in configs[1:]:
+            for per_request in runs[name]:
+                ratios = [b["requests_per_second"] / a["requests_per_second"] for a, b in zip(runs[first][per_request], runs[name][per_request])]
+                print(f"{name} / {first}, {per_request} text(s)/request: median {statistics.median(ratios):.2f} "
+                      f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def machine() -> dict:
+    model_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"cpu": model_name, "cores": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":
+    main()

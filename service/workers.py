@@ -1,0 +1,341 @@
+"""`--workers N` (N > 1): N API processes in front of one engine process, under one supervising process.
+
+- The **engine process** loads the model once and owns the back half of the engine (queue, scheduler, batcher,
+  device), served over `service.ipc` to every API process, so batches form across all callers.
+- Each **API process** runs the HTTP server on the shared listening socket with the engine's front half: request
+  validation, tokenization, ranking into results. Its `Scorer` is `RemoteScorer`, which sends token ids to the
+  engine; the façade (`service.engine.Engine`) is the same object as in one process.
+- The **supervisor** (the process started as `python -m service`) binds the socket, starts the others, forwards
+  SIGTERM and SIGINT, and exits with a status that tells the orchestrator what happened: 0 after a clean drain;
+  1 when the model cannot load, when the engine process dies (the API processes answer 503 meanwhile), when an
+  API process dies, or when a shutdown outlasts its grace period.
+
+Shutdown: the supervisor sends SIGTERM to the API processes, which drain as a single process does (`/ready` 503 for
+the drain delay, listener closed, open requests answered by the engine, still running); once they have all exited,
+the engine process gets SIGTERM and answers whatever is still queued, then exits.
+
+Metrics: every process writes its samples to `PROMETHEUS_MULTIPROC_DIR` (a private temporary directory unless set),
+and every API process serves the sum over all processes at /metrics (`service.metrics.exposition_registry`).
+"""
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.connection import wait as wait_for_exit
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from service import errors, metrics
+from service.default_model import default_model_dir
+from service.engine import Engine, Front
+from service.ipc import EngineClient, EngineGone, EngineServer, EngineState, RemoteFailure
+from service.server import freeze_loaded_heap
+from service.settings import Settings
+from service.tokenization import EncoderPool
+
+log = logging.getLogger(__name__)
+
+# How long an API process waits for the engine process to report its state at all (not to finish loading).
+ENGINE_CONTACT_SECONDS = 60.0
+
+
+def worker_count(settings: Settings) -> int:
+    """`CLASSIFIER_WORKERS`, or the per-device default: 1 on a CPU, where inference needs every core; on CUDA, one
+    API process per core up to 4, since the device then waits on the CPU side."""
+    if settings.workers is not None:
+        return settings.workers
+    import torch
+
+    on_cuda = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+    return min(4, os.cpu_count() or 1) if on_cuda else 1
+
+
+# --- the API processes' side ---
+
+
+class EngineUnavailable(errors.ClassifierError):
+    """The engine process stopped answering: this replica cannot classify until it is restarted."""
+
+    status = 503
+    message = "the inference engine of this replica has stopped; retry on another replica"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
+
+
+class RemoteScorer:
+    """The back half of the engine as the API process sees it: the engine process, reached through `EngineClient`."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+
+    @property
+    def ready(self) -> bool:
+        state = self.client.state
+        return self.client.gone is None and state is not None and state.status == "ready"
+
+    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+        """As `Scorer.score`; raises the engine's ClassifierError, or EngineUnavailable once it has gone."""
+        try:
+            return await self.client.score(token_ids, deadline)
+        except RemoteFailure as failure:
+            raise classifier_error(failure) from None
+        except EngineGone:
+            raise EngineUnavailable() from None
+
+    def info(self) -> dict:
+        return self.client.state.info["batching"]
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+
+def classifier_error(failure: RemoteFailure) -> errors.ClassifierError:
+    """The engine's error again, as the same ClassifierError subclass with the same message and Retry-After."""
+    kind = _error_classes().get(failure.kind, errors.ClassifierError)
+    error = kind.__new__(kind)
+    headers = {"Retry-After": f"{failure.retry_after:.0f}"} if failure.retry_after is not None else None
+    errors.ClassifierError.__init__(error, failure.message, headers)
+    if failure.retry_after is not None:
+        error.retry_after = failure.retry_after
+    return error
+
+
+def _error_classes() -> dict[str, type[errors.ClassifierError]]:
+    found, pending = {}, [errors.ClassifierError]
+    while pending:
+        kind = pending.pop()
+        found[kind.__name__] = kind
+        pending += kind.__subclasses__()
+    return found
+
+
+async def connect_engine(settings: Settings, address: str) -> Engine:
+    """The façade of an API process: its own tokenizers and ranking in front of the engine process's scorer.
+    Raises when the engine process reports that the model could not be loaded."""
+    client = EngineClient(address)
+    try:
+        state = await client.wait_for_state(lambda s: s.status != "loading", timeout=None)
+        if state.status != "ready":
+            raise RuntimeError(state.info.get("failure") or f"the engine process is {state.status}")
+        shared = state.info
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, shared["model_path"], use_fast=True)
+        encoders = EncoderPool(tokenizer, shared["facts"]["max_length"], settings.tokenizer_workers)
+    except BaseException:
+        await client.close()
+        raise
+    facts = shared["facts"]
+    metrics.MODEL_INFO.info({"model": shared["model_id"], "device": facts["device"], "precision": facts["precision"]})
+    return Engine(shared["model_id"], Front(encoders, tuple(shared["labels"])), RemoteScorer(client), facts)
+
+
+def _serve_api(settings: Settings, address: str, listener: socket.socket, index: int) -> None:
+    """An API process: the HTTP server on the shared socket, its engine in the engine process."""
+    from service.api import create_app
+    from service.server import ClassifierServer
+
+    _become(f"clf-api-{index}", settings)
+
+    async def load(settings: Settings) -> Engine:
+        return await connect_engine(settings, address)
+
+    server = ClassifierServer(create_app(settings, load), settings)
+    server.run(sockets=[listener])
+    raise SystemExit(1 if server.failure is not None else 0)
+
+
+# --- the engine process ---
+
+
+def _serve_engine(settings: Settings, address: str) -> None:
+    _become("clf-engine", settings)
+    raise SystemExit(asyncio.run(_engine_main(settings, address)))
+
+
+async def _engine_main(settings: Settings, address: str) -> int:
+    """Load the model, serve scores until SIGTERM, then answer everything queued. Returns the exit status."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    shared: dict = {}
+    status = "loading"
+    engine: Engine | None = None
+
+    async def score(token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+        if engine is None:
+            raise errors.NotReady()
+        return await engine.scorer.score(token_ids, deadline)
+
+    def state() -> EngineState:
+        info = dict(shared)
+        if engine is not None:
+            info["batching"] = engine.scorer.info()
+        return EngineState(status, info)
+
+    server = EngineServer(address, score, describe_error, state)
+    try:
+        try:
+            engine = await Engine.load(settings)
+        except Exception as error:
+            status, shared["failure"] = "failed", f"{type(error).__name__}: {error}"
+            log.error("the model could not be loaded: %s", shared["failure"])
+            log.debug("model loading failed", exc_info=True)
+            await _tell_clients(server)
+            return 1
+        shared.update(
+            model_id=engine.model_id,
+            model_path=settings.model or str(default_model_dir(Path(settings.cache_dir) if settings.cache_dir else None)),
+            labels=list(engine.labels),
+            facts=engine.info(),
+        )
+        freeze_loaded_heap()
+        status = "ready"
+        await server.publish_state()
+        await stop.wait()
+        status = "draining"
+        await server.publish_state()
+        await engine.stop()
+        async with asyncio.timeout(settings.shutdown_grace_seconds):
+            while server.in_progress:  # the last answers are on their way out
+                await asyncio.sleep(0.01)
+        status = "stopped"
+        return 0
+    finally:
+        await server.close()
+
+
+async def _tell_clients(server: EngineServer) -> None:
+    """Give connected API processes a moment to hear the final state before the socket closes."""
+    await server.publish_state()
+    await asyncio.sleep(2 * server.heartbeat)
+    await server.publish_state()
+
+
+def describe_error(error: Exception) -> tuple[str, str, float | None]:
+    """(kind, message, retry_after) of an error for the API process that asked."""
+    if isinstance(error, errors.ClassifierError):
+        retry_after = error.headers.get("Retry-After")
+        return type(error).__name__, error.message, float(retry_after) if retry_after is not None else None
+    log.error("scoring failed unexpectedly", exc_info=error)
+    return "ClassifierError", f"internal error ({type(error).__name__}); the server log has the details", None
+
+
+def _become(name: str, settings: Settings) -> None:
+    """Set up a child process: its own process group (a terminal's Ctrl-C reaches the supervisor alone, which then
+    signals each child once), its name in ps and /proc (comm), and logging."""
+    os.setpgrp()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+
+
+# --- the supervisor ---
+
+
+class Supervisor:
+    """Starts the engine process and the API processes, and ends them together; `run` returns the exit status."""
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.runtime = Path(tempfile.mkdtemp(prefix="classifier-service-"))
+        self.address = f"ipc://{self.runtime}/engine.sock"
+        self.stopping_since: float | None = None
+        self.signals = 0
+
+    def run(self) -> int:
+        settings = self.settings
+        try:
+            listener = socket.create_server((settings.host, settings.port), reuse_port=False, backlog=2048)
+        except OSError as error:
+            log.error("could not listen on %s:%d: %s", settings.host, settings.port, error)
+            return 1
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(self.runtime / "metrics"))
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+        spawn = multiprocessing.get_context("spawn")
+        self.engine = spawn.Process(target=_serve_engine, args=(settings, self.address), name="engine")
+        self.engine.start()
+        self.apis = [
+            spawn.Process(target=_serve_api, args=(settings, self.address, listener, index), name=f"api-{index}")
+            for index in range(self.workers)
+        ]
+        for process in self.apis:
+            process.start()
+        listener.close()  # the API processes hold their own copies
+        log.info("serving on http://%s:%d with %d API processes and one engine process", settings.host, settings.port, self.workers)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            return self._watch()
+        finally:
+            for process in [*self.apis, self.engine]:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def _on_signal(self, sig: int, frame) -> None:
+        self.signals += 1
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        if self.signals > 1:
+            log.warning("second signal %d: stopping every process at once, without draining", sig)
+            self.engine.kill()  # its queue belongs to API processes that exit now
+        for process in self.apis:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)  # a second one makes each exit at once, as in one process
+
+    def _watch(self) -> int:
+        failed = False
+        running = {process.sentinel: process for process in [*self.apis, self.engine]}
+        while any(process.is_alive() for process in self.apis):
+            if self._grace_period_over():
+                return 1
+            for sentinel in wait_for_exit(list(running), timeout=0.2):
+                process = running.pop(sentinel)
+                process.join()
+                _forget(process.pid)
+                if self.stopping_since is None or process is self.engine:
+                    failed = failed or process.exitcode != 0 or process is self.engine
+                    self._stop_after_death(process)
+                elif process.exitcode != 0:
+                    failed = True
+        if self.engine.is_alive():  # every API process has drained: the engine answers what is left, then stops
+            os.kill(self.engine.pid, signal.SIGTERM)
+            while self.engine.is_alive():
+                if self._grace_period_over():
+                    return 1
+                self.engine.join(0.2)
+            _forget(self.engine.pid)
+        return 1 if failed or self.engine.exitcode != 0 else 0
+
+    def _stop_after_death(self, process: multiprocessing.Process) -> None:
+        """One process ended on its own: stop the rest, so the orchestrator restarts the whole replica."""
+        if self.stopping_since is None:
+            log.error("the %s process exited with status %s: stopping the service", process.name, process.exitcode)
+            self.stopping_since = time.monotonic()
+            for api in self.apis:
+                if api.is_alive():
+                    os.kill(api.pid, signal.SIGTERM)
+
+    def _grace_period_over(self) -> bool:
+        if self.stopping_since is None or time.monotonic() - self.stopping_since < self.settings.shutdown_grace_seconds:
+            return False
+        log.error("shutdown took longer than the %g s grace period: stopping every process", self.settings.shutdown_grace_seconds)
+        return True
+
+
+def _forget(pid: int) -> None:
+    """Drop a dead process's live gauges (requests in flight, queue depth) from the summed metrics."""
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(OSError, KeyError):
+        multiprocess.mark_process_dead(pid)
