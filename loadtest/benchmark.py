@@ -32,7 +32,7 @@ WRK_SCRIPT = ROOT / "loadtest" / "wrk_classify.lua"
 sys.path.insert(0, str(ROOT))
 
 from loadtest.corpus import load_texts  # noqa: E402
-from loadtest.probe import Interval, ServiceNotReady, percentile, scrape, wait_for, wait_until_ready  # noqa: E402
+from loadtest.probe import Interval, ServerProcess, percentile, scrape, wait_for  # noqa: E402
 from service.default_model import ensure_default_model  # noqa: E402
 from service.runner import load_classifier  # noqa: E402
 
@@ -168,36 +168,16 @@ def server_view(change: Interval) -> dict:
 # --- processes under test ---
 
 
-class Server:
-    """A server subprocess on a loopback port, ready when its /ready answers 200."""
-
-    def __init__(self, command: list[str], port: int, env: dict[str, str]) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(ROOT / "loadtest" / "results" / f"server-{port}.log", "w")
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def __enter__(self) -> "Server":
-        try:
-            wait_until_ready(self.url, 300, self.process, Path(self.log.name))
-        except ServiceNotReady:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-
-
-def service(model: str, port: int, threads: int, **settings: str) -> Server:
+def service(model: str, port: int, threads: int, **settings: str) -> ServerProcess:
     env = {"CLASSIFIER_TORCH_THREADS": str(threads), "CLASSIFIER_LOG_LEVEL": "warning"}
     env.update({f"CLASSIFIER_{name.upper()}": str(value) for name, value in settings.items()})
-    return Server([sys.executable, "-m", "service", "--model", model, "--port", str(port)], port, env)
+    return server_process([sys.executable, "-m", "service", "--model", model, "--port", str(port)], port, env)
+
+
+def server_process(command: list[str], port: int, env: dict[str, str]) -> ServerProcess:
+    """A server subprocess on a loopback port, its log in loadtest/results/."""
+    log_path = ROOT / "loadtest" / "results" / f"server-{port}.log"
+    return ServerProcess(command, port, log_path, {**os.environ, **env}, cwd=ROOT)
 
 
 # --- the model alone ---
@@ -270,7 +250,7 @@ def wait_for_empty_queue(url: str, has_metrics: bool) -> None:
 
 
 def load_phase(
-    server: Server,
+    server: ServerProcess,
     texts: list[str],
     concurrency: int,
     rates: list[float],
@@ -326,7 +306,7 @@ def main() -> None:
         with service(model, 8701, args.threads, max_batch_tokens=args.max_batch_tokens, **settings) as server:
             report[name] = load_phase(server, texts, args.concurrency, rates, args.duration, args.multi)
     print("plain one-forward-per-request server ...", flush=True)
-    plain = Server([sys.executable, "loadtest/plain_server.py", model, "8702"], 8702, {"OMP_NUM_THREADS": str(args.threads)})
+    plain = server_process([sys.executable, "loadtest/plain_server.py", model, "8702"], 8702, {"OMP_NUM_THREADS": str(args.threads)})
     with plain:
         report["plain"] = load_phase(plain, texts, args.concurrency, rates[:1], args.duration, args.multi, has_metrics=False)
 

@@ -27,12 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.corpus import load_texts  # noqa: E402
+from loadtest.probe import ServerProcess  # noqa: E402
 
 WRK_SCRIPT = ROOT / "loadtest" / "wrk_classify.lua"
 RESULTS = ROOT / "loadtest" / "results"
@@ -154,40 +153,14 @@ def saturate(server: "Service", bodies: Path, per_request: int, connections: int
     }
 
 
-class Service:
+class Service(ServerProcess):
     """`python -m service` from `source` (a tree holding the service package) on a loopback port."""
 
     def __init__(self, source: Path, model: Path, port: int, env: dict[str, str]) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(RESULTS / f"frontend-server-{port}.log", "w")
         environment = {**os.environ, "CLASSIFIER_LOG_LEVEL": "warning", **env}
         environment.pop("MODEL", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)],
-            cwd=source, env=environment, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-
-    def __enter__(self) -> "Service":
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.url} not ready in time; see {self.log.name}")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+        command = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)]
+        super().__init__(command, port, RESULTS / f"frontend-server-{port}.log", environment, source)
 
 
 def configurations(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, str]]]:

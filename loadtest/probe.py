@@ -200,3 +200,37 @@ def _log_text(log: IO[str] | Path | None) -> str:
     log.flush()
     log.seek(0)
     return f"; log:\n{log.read()[-20_000:]}"
+
+
+class ServerProcess:
+    """A server started as a child process on a loopback port, its output in `log_path`: `with` waits until its
+    /ready answers 200 (stopping it and raising ServiceNotReady, with its log, when it does not), and stops it
+    after (SIGTERM, then SIGKILL after a minute)."""
+
+    def __init__(
+        self, command: list[str], port: int, log_path: Path, env: dict[str, str], cwd: Path | None = None,
+        ready_timeout: float = 300,
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.ready_timeout = ready_timeout
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        try:
+            wait_until_ready(self.url, self.ready_timeout, self.process, self.log_path)
+        except ServiceNotReady:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import csv
 import json
-import math
 import os
 import platform
 import random
@@ -44,13 +43,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtest.benchmark import Connection, saturate  # noqa: E402
+from loadtest.probe import Interval, ServerProcess, scrape  # noqa: E402
 from service.metrics import LENGTH_CLASSES, length_class  # noqa: E402
 
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
@@ -102,40 +101,13 @@ def proc_status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-class ServerProcess:
-    """A server subprocess on a free loopback port: ready once /ready answers 200, its peak RSS read from /proc."""
+class StrategyServer(ServerProcess):
+    """A server subprocess on a free loopback port, its peak RSS read from /proc."""
 
     def __init__(self, command: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [*command, str(self.port)],  # every command ends where its port goes
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    def __enter__(self) -> ServerProcess:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args} exited {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.url} not ready in 600 s; see {self.log_path}")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+        port = free_port()
+        # every command ends where its port goes
+        super().__init__([*command, str(port)], port, log_dir / f"{name}.log", {**os.environ, **env}, ROOT, 600)
 
     def rss_mib(self) -> float:
         return proc_status_kib(self.process.pid, "VmRSS") / 1024
@@ -155,69 +127,31 @@ class ServerProcess:
 # --- the server's own view, from /metrics ---
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics, keyed by name and sorted labels (histogram buckets included)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def per_bucket(cumulative: dict[float, float]) -> list[tuple[float, float]]:
+    """(upper bound, observations in that bucket alone), ascending, +Inf last: what the padded-length plot draws."""
+    bounds = sorted(cumulative)
+    below = [0.0] + [cumulative[bound] for bound in bounds[:-1]]
+    return [(bound, cumulative[bound] - previous) for bound, previous in zip(bounds, below)]
 
 
-def delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
-
-
-def histogram_delta(before: dict, after: dict, name: str, **labels: str) -> list[tuple[float, float]]:
-    """(upper bound, observations in that bucket alone) between two scrapes, ascending, +Inf last."""
-    les = [
-        dict(key[1])["le"] for key in after
-        if key[0] == f"{name}_bucket" and {k: v for k, v in key[1] if k != "le"} == labels
-    ]
-    les.sort(key=float)
-    cumulative = [delta(before, after, f"{name}_bucket", **labels, le=le) for le in les]
-    return [
-        (float(le), count - previous) for le, count, previous in zip(les, cumulative, [0.0] + cumulative[:-1])
-    ]
-
-
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """The q-quantile of bucketed observations, linear within a bucket as Prometheus interpolates (None if empty)."""
-    total = sum(count for _, count in buckets)
-    if total <= 0:
-        return None
-    rank, seen, lower = q * total, 0.0, 0.0
-    for bound, count in buckets:
-        if seen + count >= rank and count > 0:
-            if math.isinf(bound):
-                return lower
-            return lower + (bound - lower) * (rank - seen) / count
-        seen += count
-        lower = bound if not math.isinf(bound) else lower
-    return lower
-
-
-def server_view(before: dict, after: dict) -> dict:
+def server_view(change: Interval) -> dict:
     """Padding, batch shapes, padded lengths and latency by length class between two scrapes of the service."""
-    batches = delta(before, after, "classifier_batch_size_count")
+    batches = change.delta("classifier_batch_size_count")
     by_length = {}
     for name in LENGTH_CLASSES:
-        buckets = histogram_delta(before, after, "classifier_text_latency_seconds", length=name)
-        texts = sum(count for _, count in buckets)
-        if texts:
+        latency = change.histogram("classifier_text_latency_seconds", length=name)
+        if latency.count:
             by_length[name] = {
-                "texts": texts,
-                "p50_ms": 1000 * histogram_quantile(0.5, buckets),
-                "p99_ms": 1000 * histogram_quantile(0.99, buckets),
+                "texts": latency.count,
+                "p50_ms": 1000 * latency.quantile(0.5),
+                "p99_ms": 1000 * latency.quantile(0.99),
             }
     return {
-        "padding_efficiency": delta(before, after, "classifier_real_tokens_total")
-        / max(1.0, delta(before, after, "classifier_padded_tokens_total")),
+        "padding_efficiency": change.delta("classifier_real_tokens_total")
+        / max(1.0, change.delta("classifier_padded_tokens_total")),
         "batches": batches,
-        "mean_batch_size": delta(before, after, "classifier_batch_size_sum") / max(1.0, batches),
-        "padded_length_histogram": histogram_delta(before, after, "classifier_batch_padded_length"),
+        "mean_batch_size": change.delta("classifier_batch_size_sum") / max(1.0, batches),
+        "padded_length_histogram": per_bucket(change.histogram("classifier_batch_padded_length").buckets),
         "latency_by_length": by_length,
     }
 
@@ -230,9 +164,9 @@ def wait_until_idle(url: str, has_metrics: bool) -> None:
     while time.monotonic() < deadline:
         if has_metrics:
             samples = scrape(url)
-            started = sum(value for (name, _), value in samples.items() if name == "classifier_batch_flushes_total")
-            ended = samples.get(("classifier_batch_inference_seconds_count", ()), 0.0)
-            if samples.get(("classifier_queue_texts", ()), 0.0) == 0 and started <= ended:
+            started = samples.value("classifier_batch_flushes_total")
+            ended = samples.value("classifier_batch_inference_seconds_count")
+            if samples.value("classifier_queue_texts") == 0 and started <= ended:
                 return
         else:
             began = time.monotonic()
@@ -406,7 +340,7 @@ def measure(strategy: Strategy, run: Run) -> dict:
     has_metrics = strategy.env is not None
     run.step(f"{strategy.title}: starting")
     started = time.monotonic()
-    with ServerProcess(command_for(strategy, run.model_dir), env_for(strategy, args), run.work_dir, strategy.key) as server:
+    with StrategyServer(command_for(strategy, run.model_dir), env_for(strategy, args), run.work_dir, strategy.key) as server:
         ready_seconds = time.monotonic() - started
         info = httpx.get(f"{server.url}/info").json() if has_metrics else {}
         run.done()
@@ -415,14 +349,14 @@ def measure(strategy: Strategy, run: Run) -> dict:
         wait_until_idle(server.url, has_metrics)
         rss_ready = server.rss_mib()
         peak_reset = server.reset_peak_rss()
-        before = scrape(server.url) if has_metrics else {}
+        before = scrape(server.url) if has_metrics else None
         saturation = []
         for repeat in range(args.repeats):
             run.step(f"{strategy.title}: saturation {repeat + 1}/{args.repeats}")
             saturation.append(saturate(server.url, run.bodies_path, args.concurrency, args.duration))
             wait_until_idle(server.url, has_metrics)
             run.done()
-        after = scrape(server.url) if has_metrics else {}
+        after = scrape(server.url) if has_metrics else None
         result = {
             "key": strategy.key,
             "title": strategy.title,
@@ -436,7 +370,7 @@ def measure(strategy: Strategy, run: Run) -> dict:
             "rss_ready_mib": rss_ready,
             "peak_rss_mib": server.peak_rss_mib(),
             "peak_rss_scope": "during saturation" if peak_reset else "since start (clear_refs not allowed)",
-            "server": server_view(before, after) if has_metrics else None,
+            "server": server_view(Interval(before, after)) if has_metrics else None,
         }
         if strategy.load_curve:
             result["load_curve"] = latency_curve(server, strategy, run, statistics.median(result["texts_per_second"]))

@@ -20,7 +20,7 @@ import torch
 from service import metrics
 from service.autotune import Tuner, TuningReport, calibration_texts
 from service.default_model import ensure_default_model, read_build_report
-from service.errors import LoadFailed, NotReady
+from service.errors import LoadFailed, NotAccepting, NotReady
 from service.postprocess import text_result
 from service.runner import (
     LoadedModel,
@@ -305,11 +305,13 @@ class EngineSlot:
         return not isinstance(self.state, (Loading, Failed)) and self.state.ready
 
     def engine(self) -> Engine:
-        """The ready engine; raises LoadFailed or NotReady (both 503) otherwise."""
+        """The ready engine; raises LoadFailed, NotReady or NotAccepting (all 503) otherwise."""
         if isinstance(self.state, Failed):
             raise LoadFailed(self.state.reason)
-        if not self.ready:
+        if isinstance(self.state, Loading):
             raise NotReady()
+        if not self.state.ready:  # stopping, or (with --workers) its engine process is gone: this replica ends
+            raise NotAccepting()
         return self.state
 
     def info(self) -> dict:

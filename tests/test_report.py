@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from loadtest.report import histogram_quantile, main, read_texts
+from loadtest.probe import histogram_quantile
+from loadtest.report import main, per_bucket, read_texts
 from loadtest.report_output import PLOTS, knee, ladder_verdict
 
 STRATEGIES = ("fixed", "dynamic", "buckets", "service", "batching_off", "plain")
@@ -98,12 +99,13 @@ def test_texts_come_from_a_file_one_per_line_or_from_a_csv_column(tmp_path):
 
 
 def test_histogram_quantiles_interpolate_within_buckets_as_prometheus_does():
-    buckets = [(0.1, 50.0), (0.2, 40.0), (0.5, 10.0), (math.inf, 0.0)]
+    buckets = {0.1: 50.0, 0.2: 90.0, 0.5: 100.0, math.inf: 100.0}  # cumulative, as /metrics has them
+    assert per_bucket(buckets) == [(0.1, 50.0), (0.2, 40.0), (0.5, 10.0), (math.inf, 0.0)]
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
     assert histogram_quantile(0.7, buckets) == pytest.approx(0.15)
     assert histogram_quantile(0.99, buckets) == pytest.approx(0.2 + 0.3 * 0.9)
-    assert histogram_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]) is None
-    assert histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 9.0)]) == 0.1  # beyond the last bound: its bound
+    assert histogram_quantile(0.5, {0.1: 0.0, math.inf: 0.0}) is None
+    assert histogram_quantile(0.99, {0.1: 1.0, math.inf: 10.0}) == 0.1  # beyond the last bound: its bound
 
 
 def test_the_ladder_verdict_says_when_a_step_is_not_faster():

@@ -211,17 +211,22 @@ def test_engine_death_answers_503_and_the_service_exits_non_zero(tiny_model_dir)
     env = {"CLASSIFIER_WORKERS": "2"}
     with run_service(tiny_model_dir, env) as (url, process):
         os.kill(engine_process(process.pid), signal.SIGKILL)
-        statuses = []
+        statuses, refusals = [], []
 
         def refused() -> bool:
             try:
-                statuses.append(httpx.post(f"{url}/classify", json={"texts": ["anyone there?"]}, timeout=BOUND).status_code)
+                response = httpx.post(f"{url}/classify", json={"texts": ["anyone there?"]}, timeout=BOUND)
             except httpx.TransportError:
                 return True  # the API processes have closed their listener already
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                refusals.append(response.json()["error"])
             return statuses[-1] == 503
 
         wait_for(refused, "a 503 or a closed listener")
         assert set(statuses) <= {200, 503}
+        # "has stopped" or "shutting down", never "still loading": this replica ends, the client should go elsewhere
+        assert all("retry on another replica" in message for message in refusals), refusals
         assert process.wait(BOUND) != 0
 
 
