@@ -445,7 +445,7 @@ def _memory_sentence(results: dict) -> str:
         "Peak resident memory of each server process while saturated (grey: when ready; red: growth under load). "
         "A batch's activations scale with texts x padded length: fixed padding grew "
         f"+{growth['fixed']:.0f} MiB, dynamic padding in arrival order +{growth['dynamic']:.0f}, buckets "
-        f"+{growth['buckets']:.0f}, the tuned service +{growth['service']:.0f} (its smaller token budget), batching "
+        f"+{growth['buckets']:.0f}, the tuned service +{growth['service']:.0f}, batching "
         f"off +{growth['batching_off']:.0f}; the plain server +{growth['plain']:.0f}, from forward passes running "
         "at once in its thread pool. On a GPU that growth is what runs out of memory first. "
         f"Scope of the peak: {entries[0]['peak_rss_scope']}."
