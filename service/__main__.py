@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as error:
         raise SystemExit(f"invalid settings:\n{error}") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    memory.cap_primitive_cache(settings.onednn_primitive_cache_capacity)
+    memory.cap_primitive_caches(settings.onednn_primitive_cache_capacity, settings.torch_primitive_cache_capacity)
     workers = worker_count(settings)
     if workers > 1:
         raise SystemExit(Supervisor(settings, workers).run())

@@ -83,11 +83,15 @@ class LoadFailed(ClassifierError):
 
 
 class DeadlineExceeded(ClassifierError):
-    """The texts' deadline passed before the model reached them."""
+    """The texts' deadline passed before the model reached them, or would pass before their batch ended."""
 
     status = 504
     message = (
         "the request's deadline passed before the model reached its texts; retry later or allow more time (timeout_ms)"
+    )
+    unreachable_message = (
+        "the request's deadline passed, or would pass before the model finished its texts; retry later or allow "
+        "more time (timeout_ms)"
     )
 
 

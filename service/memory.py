@@ -17,10 +17,14 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-def cap_primitive_cache(capacity: int) -> None:
-    """Cap oneDNN's primitive cache at `capacity` primitives (0 = none cached). oneDNN reads the variable when it
-    creates its first primitive, so this must run before the model does (the command calls it at start)."""
-    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+def cap_primitive_caches(onednn: int, torch: int) -> None:
+    """Cap the two caches of compiled oneDNN primitives: oneDNN's own at `onednn` (0 = none cached), and the one
+    PyTorch keeps in front of it (ideep's LRU cache) at `torch` (at least 1: 0 crashes PyTorch). Both are read when
+    the first primitive is created, so this must run before the model does (the command calls it at start)."""
+    if torch < 1:
+        raise ValueError("PyTorch's primitive cache needs a capacity of at least 1")
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(onednn)
+    os.environ["LRU_CACHE_CAPACITY"] = str(torch)
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:

@@ -88,7 +88,8 @@ REJECTED_TEXTS = Counter(
 )
 CANCELLED_TEXTS = Counter(
     "classifier_cancelled_texts_total",
-    "Queued texts dropped before the model ran them, by reason (client_gone, deadline).",
+    "Queued texts dropped before the model ran them, by reason (client_gone; deadline: passed, or would pass before "
+    "their batch ended).",
     ["reason"],
 )
 UNANSWERED_TOKENS = Counter(

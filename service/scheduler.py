@@ -8,7 +8,8 @@ Two older strategies stay available as modes, so a report can show what each ste
 `batching="arrival"` (one queue in arrival order, no buckets) and `padding="fixed"` (every batch padded to the
 longest bucket's bound, the model's maximum length).
 Texts also carry their caller's deadline: the queue hands back those whose deadline has passed, and those whose
-caller has gone, so they never reach the model.
+caller has gone, so they never reach the model; `unreachable` names the texts of a batch about to start whose
+deadline would pass before it ends.
 """
 
 import dataclasses
@@ -94,6 +95,25 @@ class Batch:
     @property
     def padding_efficiency(self) -> float:
         return self.real_tokens / self.padded_tokens
+
+
+def unreachable(items: list[QueuedText], now: float, tokens_per_second: float | None) -> list[QueuedText]:
+    """The texts of a batch starting at `now` whose deadline would pass before it ends, at `tokens_per_second` real
+    tokens (none before any measurement): their answer would come late, so the model should not run them.
+
+    Earliest deadlines go first, and each text dropped shortens the batch for the rest.
+    """
+    if not tokens_per_second:
+        return []
+    by_deadline = sorted(items, key=lambda item: item.deadline)
+    tokens = sum(item.tokens for item in items)
+    late: list[QueuedText] = []
+    for item in by_deadline:
+        if item.deadline >= now + tokens / tokens_per_second:
+            break
+        late.append(item)
+        tokens -= item.tokens
+    return late
 
 
 def default_bucket_bounds(max_length: int, pad_multiple: int = 1) -> tuple[int, ...]:

@@ -85,7 +85,9 @@ class Scorer:
             self._discard(submission)
             raise
         except DeadlineExceeded:
-            self._discard(submission)  # its queued texts were dropped already
+            # Texts dropped at their batch's start leave the request's others queued: nobody waits for them now.
+            self.batcher.cancel(submission, "deadline")
+            self._discard(submission)
             raise
 
     async def _scores(self, submission: Submission, deadline: float) -> list[list[float]]:

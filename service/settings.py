@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         description="Compiled oneDNN primitives kept (CPU bf16 matmuls, one per batch shape, ~180 KB each); "
         "oneDNN's own default of 1024 held ~180 MiB once full.",
     )
+    torch_primitive_cache_capacity: int = Field(
+        256,
+        ge=1,
+        description="oneDNN primitives PyTorch keeps in its own cache in front of oneDNN's (ideep's LRU_CACHE_CAPACITY; "
+        "its default of 1024 grew the heap ~100 MiB under varied batch shapes; 0 crashes PyTorch).",
+    )
     idle_heap_trim_seconds: float = Field(
         1.0, ge=0, description="After this long without requests, free heap pages go back to the OS; 0 = never."
     )

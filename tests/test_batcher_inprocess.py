@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.batcher import Batcher, ThroughputMeter
-from service.errors import InferenceFailed, NotAccepting
+from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting
 from service.scheduler import BatchingPolicy, BatchQueue
 
 WAIT = 60  # seconds any awaited event may take on a loaded machine: a hang fails, a slow machine does not
@@ -71,12 +71,25 @@ def scores_of(ids: list[int]) -> list[float]:
     return [float(len(ids)), float(ids[0])]
 
 
-def run(scenario, model: FakeModel, policy: BatchingPolicy):
+class FixedRate(ThroughputMeter):
+    """A model rate that batches run on the frozen fake clock do not change."""
+
+    def __init__(self, tokens_per_second: float) -> None:
+        super().__init__()
+        self.tokens_per_second = tokens_per_second
+
+    def record(self, tokens: int, seconds: float) -> None:
+        pass
+
+
+def run(scenario, model: FakeModel, policy: BatchingPolicy, meter: ThroughputMeter | None = None):
     """Run `scenario(batcher, clock)` with the batcher's threads started; it drains at the end."""
 
     async def main():
         clock = FakeClock()
-        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens=100_000, meter=ThroughputMeter(), clock=clock)
+        batcher = Batcher(
+            BatchQueue(policy), model, max_queue_tokens=100_000, meter=meter or ThroughputMeter(), clock=clock
+        )
         with ThreadPoolExecutor(1) as inference_thread:
             batcher.start(inference_thread)
             try:
@@ -124,6 +137,25 @@ def test_a_text_dropped_at_its_deadline_while_waiting_to_run_never_runs():
         assert [batch[0][0] for batch in model.ran] == [1, 3]
 
     run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_a_text_whose_deadline_would_pass_before_its_batch_ends_is_dropped_when_the_batch_starts():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        first = batcher.submit([text(1, 10)])
+        await model.running(1)
+        # Admitted: at 100 tokens/s the running batch and this text take 0.6 s of the 1 s left.
+        late = batcher.submit([text(2, 50)], deadline=clock.now + 1.0)
+        patient = batcher.submit([text(3, 30)], deadline=clock.now + 5.0)
+        clock.now += 0.7  # the running batch took longer: 50 tokens more would end 0.2 s past the deadline
+        model.release()
+        with pytest.raises(DeadlineExceeded, match="would pass"):
+            await asyncio.wait_for(late.futures[0], WAIT)
+        assert await asyncio.wait_for(patient.futures[0], WAIT) == scores_of(text(3, 30))
+        assert text(2, 50) not in [ids for batch in model.ran for ids in batch]  # no model time for a late answer
+
+    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
 
 
 def test_a_failing_batch_is_split_and_only_the_text_that_fails_alone_fails():

@@ -3,7 +3,7 @@
 
 import pytest
 
-from service.scheduler import BatchingPolicy, BatchQueue, QueuedText, default_bucket_bounds
+from service.scheduler import BatchingPolicy, BatchQueue, QueuedText, default_bucket_bounds, unreachable
 
 WINDOW = 0.005
 
@@ -222,3 +222,24 @@ def test_texts_whose_caller_left_are_removed_from_the_queue_and_its_token_count(
     assert queue.remove(mine + [batch_before]) == mine  # one was never (or no longer) queued
     assert (len(queue), queue.tokens) == (1, 11)
     assert [item.handle for item in drain(queue, 1.0)[0].items] == ["other"]
+
+
+def test_texts_whose_deadline_would_pass_before_their_batch_ends_are_named_earliest_first():
+    # 100 tokens/s: the whole batch (60 tokens) would end at 0.6 s.
+    soon = QueuedText(30, 0.0, "soon", deadline=0.39)  # still late once "later" is out (0.4 s)
+    later = QueuedText(20, 0.0, "later", deadline=0.35)
+    patient = QueuedText(10, 0.0, "patient", deadline=5.0)
+    assert [item.handle for item in unreachable([soon, later, patient], 0.0, 100.0)] == ["later", "soon"]
+
+
+def test_dropping_a_late_text_shortens_the_batch_enough_for_the_next():
+    # 60 tokens would end at 0.6 s, past "a" (0.5); without "a" the batch ends at 0.3 s, before "b" (0.45).
+    a = QueuedText(30, 0.0, "a", deadline=0.5)
+    b = QueuedText(20, 0.0, "b", deadline=0.45)
+    c = QueuedText(10, 0.0, "c", deadline=5.0)
+    assert [item.handle for item in unreachable([a, b, c], 0.0, 100.0)] == ["b"]
+    assert unreachable([a, c], 0.0, 100.0) == []  # 40 tokens end at 0.4 s
+
+
+def test_no_text_is_called_unreachable_before_the_rate_is_measured():
+    assert unreachable([QueuedText(500, 0.0, "x", deadline=0.001)], 0.0, None) == []
