@@ -152,6 +152,7 @@ def test_a_text_whose_deadline_would_pass_before_its_batch_ends_is_dropped_when_
         model.release()
         with pytest.raises(DeadlineExceeded, match="would pass"):
             await asyncio.wait_for(late.futures[0], WAIT)
+        assert await asyncio.wait_for(first.futures[0], WAIT) == scores_of(text(1, 10))
         assert await asyncio.wait_for(patient.futures[0], WAIT) == scores_of(text(3, 30))
         assert text(2, 50) not in [ids for batch in model.ran for ids in batch]  # no model time for a late answer
 
