@@ -21,6 +21,8 @@ from service.tuning import MemoryBudget
 
 log = logging.getLogger(__name__)
 
+LAG_SMOOTHING = 0.2  # weight of the newest batch's delivery lag
+
 
 class BatchModel(Protocol):
     """What the batcher runs batches on: building a batch's inputs, and scoring them."""
@@ -116,6 +118,9 @@ class Batcher:
         self._taken: list[QueuedText] = []
         self._inference_idle = True
         self._running: tuple[int, float] = (0, 0.0)  # real tokens and start of the batch running now (0: none)
+        # Seconds from a batch's end until its answers reach the event loop, smoothed: under overload the loop
+        # lags behind arrivals, and an answer that reaches it after the deadline is a late answer.
+        self.delivery_lag = 0.0
         self.clock = clock
         policy = queue.policy
         self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
@@ -162,7 +167,7 @@ class Batcher:
         running_tokens, running_since = self._running
         waiting_tokens = sum(item.tokens for item in self._taken)  # collated, waiting for the running batch
         backlog = Backlog(self.queue.tokens + waiting_tokens, running_tokens, now - running_since)
-        refused = refusal(backlog, tokens, time_left, self.max_queue_tokens, self._drain_rate())
+        refused = refusal(backlog, tokens, time_left - self.delivery_lag, self.max_queue_tokens, self._drain_rate())
         if refused is not None:
             metrics.REJECTED_TEXTS.labels(refused.reason).inc(texts)
             raise Overloaded(refused.reason, refused.message, refused.retry_after)
@@ -293,7 +298,7 @@ class Batcher:
             self._taken, self._inference_idle = [], False
             now = self.clock()
             live = [item for item in batch.items if not item.handle.future.done()]
-            late = unreachable(live, now, self.meter.tokens_per_second)
+            late = unreachable(live, now + self.delivery_lag, self.meter.tokens_per_second)
             if late:
                 dropped = {id(item) for item in late}
                 live = [item for item in live if id(item) not in dropped]
@@ -333,7 +338,7 @@ class Batcher:
                 groups += [ordered[half:], ordered[:half]]  # a stack: the short half runs next
                 continue
             self._set_budget(self.memory_budget.succeeded(self.clock()))
-            self._loop.call_soon_threadsafe(_resolve, group, scores)
+            self._loop.call_soon_threadsafe(self._deliver, group, scores, self.clock())
             answered += sum(item.tokens for item in group)
         return answered
 
@@ -378,6 +383,14 @@ class Batcher:
     def _drain_rate(self) -> float | None:
         """Tokens per second the queue drains at: measured back to back once it has been, else model time."""
         return self.backlog_meter.tokens_per_second or self.meter.tokens_per_second
+
+
+    def _deliver(self, items: list[QueuedText], scores: list[list[float]], ended: float) -> None:
+        """On the event loop: answer the batch's callers, and measure how long the answers took to get here."""
+        lag = max(0.0, self.clock() - ended)
+        metrics.ANSWER_DELIVERY.observe(lag)
+        self.delivery_lag += LAG_SMOOTHING * (lag - self.delivery_lag)
+        _resolve(items, scores)
 
 
 def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:

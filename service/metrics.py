@@ -49,6 +49,11 @@ QUEUE_WAIT = Histogram(
     "Time each text waited in the queue before its batch started.",
     buckets=LATENCY_BUCKETS,
 )
+ANSWER_DELIVERY = Histogram(
+    "classifier_answer_delivery_seconds",
+    "Time from a batch's end to its answers reaching the event loop: the loop's lag, which deadlines allow for.",
+    buckets=LATENCY_BUCKETS,
+)
 BATCH_INFERENCE = Histogram(
     "classifier_batch_inference_seconds",
     "Time the model took to run one batch (forward pass and activation).",

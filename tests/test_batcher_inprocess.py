@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.batcher import Batcher, ThroughputMeter
-from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting
+from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
 
 WAIT = 60  # seconds any awaited event may take on a loaded machine: a hang fails, a slow machine does not
@@ -155,6 +155,27 @@ def test_a_text_whose_deadline_would_pass_before_its_batch_ends_is_dropped_when_
         assert await asyncio.wait_for(first.futures[0], WAIT) == scores_of(text(1, 10))
         assert await asyncio.wait_for(patient.futures[0], WAIT) == scores_of(text(3, 30))
         assert text(2, 50) not in [ids for batch in model.ran for ids in batch]  # no model time for a late answer
+
+    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+
+
+def test_the_event_loops_lag_counts_against_the_deadline():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        first = batcher.submit([text(1, 10)])
+        await model.running(1)
+        late = batcher.submit([text(2, 30)], deadline=clock.now + 0.65)  # admitted: 0.4 s of work ahead
+        batcher._deliver([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
+        assert batcher.delivery_lag == pytest.approx(0.4)  # smoothed
+        with pytest.raises(Overloaded):  # the same text now: 0.4 s of work and 0.4 s of lag exceed the 0.65 s left
+            batcher.submit([text(3, 30)], deadline=clock.now + 0.65)
+        # Its batch would end 0.35 s before the deadline, but its answer would reach the loop 0.05 s after it.
+        model.release()
+        assert await asyncio.wait_for(first.futures[0], WAIT) == scores_of(text(1, 10))
+        with pytest.raises(DeadlineExceeded, match="would pass"):
+            await asyncio.wait_for(late.futures[0], WAIT)
+        assert model.ran == [[text(1, 10)]]
 
     run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
 
