@@ -97,6 +97,10 @@ CANCELLED_TEXTS = Counter(
     "their batch ended).",
     ["reason"],
 )
+LATE_ANSWERS = Counter(
+    "classifier_late_answers_total",
+    "Requests whose scores were ready only after their deadline (their texts were already running): missed SLOs.",
+)
 UNANSWERED_TOKENS = Counter(
     "classifier_unanswered_tokens_total",
     "Real tokens the model ran for texts whose caller had left or given up by the time their batch finished.",

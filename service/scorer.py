@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from service import metrics
 from service.batcher import Batcher, OutOfMemory, Submission, ThroughputMeter
 from service.errors import DeadlineExceeded
 from service.postprocess import ProblemType, activate
@@ -79,7 +80,10 @@ class Scorer:
         """
         submission = self.batcher.submit(token_ids, deadline)
         try:
-            return await self._scores(submission, deadline)
+            scores = await self._scores(submission, deadline)
+            if self.batcher.clock() > deadline:
+                metrics.LATE_ANSWERS.inc()
+            return scores
         except asyncio.CancelledError:
             self.batcher.cancel(submission, "client_gone")
             self._discard(submission)

@@ -6,10 +6,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service.batcher import Batcher, ThroughputMeter
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
+from service.scorer import Scorer
 
 WAIT = 60  # seconds any awaited event may take on a loaded machine: a hang fails, a slow machine does not
 
@@ -178,6 +180,25 @@ def test_the_event_loops_lag_counts_against_the_deadline():
         assert model.ran == [[text(1, 10)]]
 
     run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+
+
+def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        late_before = REGISTRY.get_sample_value("classifier_late_answers_total")
+        scorer = Scorer(batcher, model, inference_thread=None)
+        answer = asyncio.create_task(scorer.score([text(1, 10)], deadline=clock.now + 0.01))
+        await model.running(1)
+        clock.now += 1.0  # the batch ran past the deadline: nothing queued is left to drop, so it finishes
+        model.release()
+        assert await asyncio.wait_for(answer, WAIT) == [scores_of(text(1, 10))]
+        assert REGISTRY.get_sample_value("classifier_late_answers_total") == late_before + 1
+        on_time = await asyncio.wait_for(scorer.score([text(2, 10)], deadline=clock.now + 5.0), WAIT)
+        assert on_time == [scores_of(text(2, 10))]
+        assert REGISTRY.get_sample_value("classifier_late_answers_total") == late_before + 1
+
+    run(scenario, model, ONE_TEXT_BATCHES)
 
 
 def test_a_failing_batch_is_split_and_only_the_text_that_fails_alone_fails():
