@@ -318,7 +318,13 @@ def server_counters(change: Interval) -> dict:
         return round(change.delta(name, **labels))
 
     real, unanswered = grew("classifier_real_tokens_total"), grew("classifier_unanswered_tokens_total")
+    batches = change.delta("classifier_batch_size_count")
     return {
+        # How the backlog batched: texts and real tokens per batch, and the share of computed tokens that were real.
+        "batches": round(batches),
+        "texts_per_batch": round(change.delta("classifier_batch_size_sum") / batches, 1) if batches else None,
+        "real_tokens_per_batch": round(real / batches) if batches else None,
+        "padding_efficiency": round(real / grew("classifier_padded_tokens_total"), 3) if batches else None,
         "model_tokens": real,
         "model_tokens_on_answers_nobody_received": unanswered,
         "share_wasted": round(unanswered / real, 4) if real else None,

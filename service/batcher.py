@@ -14,7 +14,7 @@ from queue import Queue
 from typing import Any, Protocol
 
 from service import metrics
-from service.admission import Backlog, refusal
+from service.admission import Backlog, WaitCalibration, plain_wait, predicted_ends, refusal
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
 from service.scheduler import Batch, BatchQueue, QueuedText, unreachable
 from service.tuning import MemoryBudget
@@ -40,19 +40,24 @@ class OutOfMemory(Exception):
 
 @dataclass(slots=True)
 class Pending:
-    """The caller's side of a queued text: its token ids and the future its scores go to."""
+    """The caller's side of a queued text: its token ids, the future its scores go to, when admission predicted its
+    answer, and, if it opened a batch of its own, its plain predicted wait (None when it joined a queued batch)."""
 
     ids: list[int]
     future: asyncio.Future
+    answer_at: float
+    opening_wait: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class Collated:
-    """A batch taken from the queue and its inputs, built on the collation thread (None when that failed)."""
+    """A batch taken from the queue and its inputs, built on the collation thread (None when that failed), when it
+    was taken, and whether texts were still queued behind it."""
 
     batch: Batch
     inputs: Any
     taken_at: float
+    more_queued: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,7 @@ class Batcher:
         # the rest of the process sharing the CPU together really drain. Admission and Retry-After use it once it
         # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
         self.backlog_meter = ThroughputMeter()
+        self.wait_calibration = WaitCalibration()
         self._previous_batch: RanBatch | None = None
         # Texts of the batch collated while another runs, waiting their turn: still cancellable. A batch taken while
         # the inference thread is idle counts as running at once, as it did before collation had its own thread.
@@ -142,18 +148,18 @@ class Batcher:
         """Queue the texts (token ids), to be answered by `deadline` (on this batcher's clock); one future per text.
 
         Raises NotAccepting while draining, DeadlineExceeded when the deadline has already passed, and Overloaded
-        when the queue is full or its measured drain time plus these texts' own would pass the deadline.
+        when the queue is full or these texts' predicted answer would come after the deadline.
         """
-        tokens = sum(len(ids) for ids in texts)
         with self._changed:
             now = self.clock()
             if not self._accepting:
                 raise NotAccepting()
             if now >= deadline:
                 raise DeadlineExceeded()
-            self._admit(len(texts), tokens, now, deadline - now)
+            predictions = self._admit(texts, now, deadline - now)
             items = [
-                QueuedText(len(ids), now, Pending(ids, self._loop.create_future()), deadline) for ids in texts
+                QueuedText(len(ids), now, Pending(ids, self._loop.create_future(), *prediction), deadline)
+                for ids, prediction in zip(texts, predictions)
             ]
             for item in items:
                 self.queue.append(item)
@@ -161,16 +167,32 @@ class Batcher:
             self._changed.notify()
         return Submission(items)
 
-    def _admit(self, texts: int, tokens: int, now: float, time_left: float) -> None:
+    def _admit(self, texts: list[list[int]], now: float, time_left: float) -> list[tuple[float, float | None]]:
         """Refuse at once what the queue cannot take, rather than accept it to time out later (`admission` decides,
-        counting the batch running now as well as the queue)."""
+        counting the batch running now, the queued batches texts join or wait behind, and how far real waits have
+        strayed from the plain prediction). Returns, per admitted text, when its answer is predicted and, if it opens
+        a batch of its own, its plain predicted wait (what calibrates the next predictions)."""
         running_tokens, running_since = self._running
         waiting_tokens = sum(item.tokens for item in self._taken)  # collated, waiting for the running batch
         backlog = Backlog(self.queue.tokens + waiting_tokens, running_tokens, now - running_since)
-        refused = refusal(backlog, tokens, time_left - self.delivery_lag, self.max_queue_tokens, self._drain_rate())
+        places = [self.queue.place(len(ids)) for ids in texts]
+        follows = [None if place.follows is None else place.follows.handle.answer_at for place in places]
+        ahead = [place.tokens_ahead + waiting_tokens for place in places]
+        tokens, rate = sum(len(ids) for ids in texts), self._drain_rate()
+        ends = predicted_ends(now, backlog, tokens, ahead, follows, rate, self.wait_calibration.factor)
+        refused = refusal(backlog, tokens, time_left - self.delivery_lag, self.max_queue_tokens, rate, max(ends) - now)
         if refused is not None:
-            metrics.REJECTED_TEXTS.labels(refused.reason).inc(texts)
+            metrics.REJECTED_TEXTS.labels(refused.reason).inc(len(texts))
             raise Overloaded(refused.reason, refused.message, refused.retry_after)
+        opening_wait = plain_wait(backlog, tokens, rate)
+        return [(end, opening_wait if after is None else None) for end, after in zip(ends, follows)]
+
+    def _record_waits(self, items: list[QueuedText], now: float) -> None:
+        """Teach the calibration how long those of `items` that opened a batch really waited, until `now` (called
+        under the lock)."""
+        for item in items:
+            if item.handle.opening_wait is not None:
+                self.wait_calibration.record(item.handle.opening_wait, now - item.arrived_at)
 
     def cancel(self, submission: Submission, reason: str) -> int:
         """Drop the submission's texts still queued or in the batch waiting to run (`reason`: client_gone, deadline),
@@ -181,6 +203,8 @@ class Batcher:
             removed = self.queue.remove(submission.items) + self._untake(submission.items)
             if removed:
                 metrics.CANCELLED_TEXTS.labels(reason).inc(len(removed))
+                if reason == "deadline":
+                    self._record_waits(removed, self.clock())
                 self._publish_queue_state()
         for item in removed:
             item.handle.future.cancel()
@@ -213,9 +237,10 @@ class Batcher:
     def _collate_batches(self) -> None:
         """Take each batch once the inference thread has taken the previous one, and build its inputs."""
         try:
-            while (batch := self._next_batch()) is not None:
+            while (taken := self._next_batch()) is not None:
+                batch, more_queued = taken
                 taken_at = self.clock()
-                self._ready.put(Collated(batch, self._collate(batch.items), taken_at))
+                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued))
                 self._ready.join()  # taken: the next batch is chosen while this one runs, not before
         finally:
             self._ready.put(None)
@@ -235,8 +260,9 @@ class Batcher:
             with self._changed:
                 self._inference_idle = True
 
-    def _next_batch(self) -> Batch | None:
-        """Wait until the scheduler hands out a batch; None once draining has emptied the queue."""
+    def _next_batch(self) -> tuple[Batch, bool] | None:
+        """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it; None once
+        draining has emptied the queue."""
         with self._changed:
             while True:
                 now = self.clock()
@@ -245,17 +271,20 @@ class Batcher:
                 if batch is not None:
                     self._taken = [] if self._inference_idle else list(batch.items)
                     self._publish_queue_state()
-                    return batch
+                    return batch, len(self.queue) > 0
                 if not self._accepting and not len(self.queue):
                     return None
                 deadline = self.queue.next_deadline()
                 self._changed.wait(None if deadline is None else max(0.0, deadline - self.clock()))
 
-    def _measure_backlog(self, taken_at: float, started: float) -> None:
-        """A batch taken from the queue before the previous one ended means the queue was backlogged all along: the
-        previous batch's tokens over the wall time from its start to this one's is the rate the queue drains at."""
+    def _measure_backlog(self, collated: Collated, started: float) -> None:
+        """A batch taken from the queue before the previous one ended, with texts still queued behind it, means the
+        queue was backlogged all along: the previous batch's tokens over the wall time from its start to this one's
+        is the rate the queue drains at. Without texts left behind it is one text waiting for another, whose rate
+        says nothing of a backlog's (an 8-token batch followed by a 512-token one measured 300 tokens/s, a twentieth
+        of the rate, and a lone text was then refused as if 10 s of work were queued)."""
         previous = self._previous_batch
-        if previous is not None and taken_at <= previous.ended:
+        if previous is not None and collated.more_queued and collated.taken_at <= previous.ended:
             with self._changed:  # admission reads the meter under the lock
                 self.backlog_meter.record(previous.real_tokens, started - previous.started)
 
@@ -264,6 +293,7 @@ class Batcher:
         expired = self.queue.remove_expired(now)
         if expired:
             metrics.CANCELLED_TEXTS.labels("deadline").inc(len(expired))
+            self._record_waits(expired, now)
             self._publish_queue_state()
             self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
 
@@ -275,7 +305,7 @@ class Batcher:
         inputs = collated.inputs if len(live) == len(collated.batch.items) else None
         batch = Batch(live, self._padded_length(live), collated.batch.reason)
         started = self.clock()
-        self._measure_backlog(collated.taken_at, started)
+        self._measure_backlog(collated, started)
         self._observe_batch(batch, started)
         answered_tokens = self._run_splitting(live, inputs)
         ended = self.clock()
@@ -287,6 +317,8 @@ class Batcher:
             metrics.TEXT_LATENCY.labels(metrics.length_class(item.tokens)).observe(ended - item.arrived_at)
         with self._changed:
             self._running = (0, 0.0)
+            self._record_waits(live, ended)
+            metrics.ADMISSION_WAIT_FACTOR.set(self.wait_calibration.update())
             self._publish_queue_state()
 
     def _start_running(self, batch: Batch) -> list[QueuedText]:
@@ -303,6 +335,7 @@ class Batcher:
                 dropped = {id(item) for item in late}
                 live = [item for item in live if id(item) not in dropped]
                 metrics.CANCELLED_TEXTS.labels("deadline").inc(len(late))
+                self._record_waits(late, now)
                 error = DeadlineExceeded(DeadlineExceeded.unreachable_message)
                 self._loop.call_soon_threadsafe(_fail, late, error)
             self._running = (sum(item.tokens for item in live), now)

@@ -101,6 +101,12 @@ LATE_ANSWERS = Counter(
     "classifier_late_answers_total",
     "Requests whose scores were ready only after their deadline (their texts were already running): missed SLOs.",
 )
+ADMISSION_WAIT_FACTOR = Gauge(
+    "classifier_admission_wait_factor",
+    "How much longer texts that opened a batch really waited than the whole queue's plain prediction (a high "
+    "quantile over recent ones, at least 1): admission scales such predictions by it.",
+    multiprocess_mode="livemax",
+)
 UNANSWERED_TOKENS = Counter(
     "classifier_unanswered_tokens_total",
     "Real tokens the model ran for texts whose caller had left or given up by the time their batch finished.",

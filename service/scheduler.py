@@ -12,6 +12,7 @@ caller has gone, so they never reach the model; `unreachable` names the texts of
 deadline would pass before it ends.
 """
 
+import bisect
 import dataclasses
 import math
 from collections import deque
@@ -131,6 +132,15 @@ def default_bucket_bounds(max_length: int, pad_multiple: int = 1) -> tuple[int, 
     return tuple(bounds)
 
 
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a new text would wait: the queued text it would follow into its bucket's batch (None: it would open a
+    batch of its own, behind every other bucket), and the queued tokens that run before it."""
+
+    follows: QueuedText | None
+    tokens_ahead: int
+
+
 @dataclass
 class _Draft:
     """A batch being assembled: its texts and its longest text."""
@@ -174,6 +184,7 @@ class BatchQueue:
         self.policy = policy
         bucket_count = len(policy.bucket_bounds) if policy.batching == "buckets" else 1
         self._buckets: list[deque[QueuedText]] = [deque() for _ in range(bucket_count)]
+        self._bucket_tokens = [0] * bucket_count  # tokens waiting in each bucket
         self._texts = 0
         self._tokens = 0
         self._last_arrival: float | None = None
@@ -198,13 +209,32 @@ class BatchQueue:
         """Index of the narrowest bucket whose bound holds `tokens` (longer texts go to the last bucket)."""
         if len(self._buckets) == 1:
             return 0
-        for index, bound in enumerate(self.policy.bucket_bounds):
-            if tokens <= bound:
-                return index
-        return len(self.policy.bucket_bounds) - 1
+        return min(bisect.bisect_left(self.policy.bucket_bounds, tokens), len(self.policy.bucket_bounds) - 1)
+
+    def place(self, tokens: int) -> Place:
+        """Where a new text of `tokens` tokens would wait. Under a backlog each batch sweeps its bucket whole, oldest
+        first text first: a text joining a bucket leaves with it, after the buckets whose first text is older, while
+        the bucket and the new text fit one batch (counting every text at the bucket's bound); a text opening an
+        empty bucket, or one that would not fit, waits for every queued token."""
+        index = self.bucket_of(tokens)
+        bucket = self._buckets[index]
+        if not bucket:
+            return Place(None, self._tokens)
+        # In arrival order the one bucket holds every length, up to the last bound.
+        bound = self.policy.bucket_bounds[index if len(self._buckets) > 1 else -1]
+        texts = len(bucket) + 1
+        if texts > self.policy.max_batch_size or texts * self.policy.padded_length(bound) > self.policy.max_batch_tokens:
+            return Place(None, self._tokens)
+        first = bucket[0].arrived_at
+        ahead = sum(
+            queued for other, queued in zip(self._buckets, self._bucket_tokens) if other and other[0].arrived_at <= first
+        )
+        return Place(bucket[-1], ahead)
 
     def append(self, item: QueuedText) -> None:
-        self._buckets[self.bucket_of(item.tokens)].append(item)
+        index = self.bucket_of(item.tokens)
+        self._buckets[index].append(item)
+        self._bucket_tokens[index] += item.tokens
         self._texts += 1
         self._tokens += item.tokens
         self._earliest_deadline = min(self._earliest_deadline, item.deadline)
@@ -237,6 +267,7 @@ class BatchQueue:
                 (removed if matches(item) else kept).append(item)
             bucket.clear()
             bucket.extend(kept)
+            self._bucket_tokens[index] = sum(item.tokens for item in kept)
         self._texts -= len(removed)
         self._tokens -= sum(item.tokens for item in removed)
         return removed
@@ -299,6 +330,8 @@ class BatchQueue:
             reason = self._fill_from_neighbours(draft, seed)
         self._texts -= len(draft.items)
         self._tokens -= draft.real_tokens
+        for item in draft.items:
+            self._bucket_tokens[self.bucket_of(item.tokens)] -= item.tokens
         return Batch(draft.items, self.policy.padded_length(draft.longest), reason or "window")
 
     def _fill_from_seed(self, draft: _Draft, bucket: deque[QueuedText]) -> FlushReason | None:

@@ -160,3 +160,18 @@ def test_admission_uses_the_drain_rate_measured_while_batches_run_back_to_back()
 
     one_text_batches = BatchingPolicy(bucket_bounds=(128,), max_batch_tokens=128, max_batch_size=1, window=0.0)
     run(scenario, one_text_batches, batch_seconds=0.4)
+
+
+def test_a_text_joining_a_queued_batch_is_admitted_by_when_that_batch_ends():
+    async def scenario(batcher, clock, ran):
+        batcher.submit(texts(100), deadline=math.inf)  # bucket 128, first: it goes first
+        clock.now += 0.001
+        batcher.submit(texts(*[10] * 5), deadline=math.inf)  # 50 tokens in bucket 16, behind it
+        # Behind all 150 queued tokens it would be answered in 0.25 s; joining bucket 128 it follows the first text,
+        # predicted 0.1 s from the start, and only the 100 tokens of that bucket run before it: 0.2 s.
+        batcher.submit(texts(100), deadline=clock.now + 0.22)
+        with pytest.raises(Overloaded):  # opening bucket 64 instead, it waits for all 250 queued tokens: 0.3 s
+            batcher.submit(texts(50), deadline=clock.now + 0.22)
+        assert batcher.queue.tokens == 250
+
+    run(scenario)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
+from service.admission import WaitCalibration
 from service.batcher import Batcher, ThroughputMeter
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
@@ -63,6 +64,13 @@ class FakeModel:
                 return self._started.wait_for(lambda: len(self.ran) >= batches, WAIT)
 
         assert await asyncio.to_thread(wait), f"{batches} batches did not start"
+
+
+async def until(condition, seconds: float = WAIT) -> None:
+    """Returns once `condition()` holds (polled: the batcher's threads change it)."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 def text(name: int, length: int) -> list[int]:
@@ -167,12 +175,13 @@ def test_the_event_loops_lag_counts_against_the_deadline():
     async def scenario(batcher, clock):
         first = batcher.submit([text(1, 10)])
         await model.running(1)
-        late = batcher.submit([text(2, 30)], deadline=clock.now + 0.65)  # admitted: 0.4 s of work ahead
+        late = batcher.submit([text(2, 30)], deadline=clock.now + 0.6)  # admitted: 0.4 s of work ahead
         batcher._deliver([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
         assert batcher.delivery_lag == pytest.approx(0.4)  # smoothed
-        with pytest.raises(Overloaded):  # the same text now: 0.4 s of work and 0.4 s of lag exceed the 0.65 s left
-            batcher.submit([text(3, 30)], deadline=clock.now + 0.65)
-        # Its batch would end 0.35 s before the deadline, but its answer would reach the loop 0.05 s after it.
+        with pytest.raises(Overloaded):  # 0.5 s of work would fit the 0.6 s left, but not with 0.4 s of lag
+            batcher.submit([text(3, 10)], deadline=clock.now + 0.6)
+        # Its batch would end 0.3 s before the deadline, but its answer would reach the loop after it, whether the
+        # first batch's own prompt delivery has brought the smoothed lag down to 0.32 s by then or not.
         model.release()
         assert await asyncio.wait_for(first.futures[0], WAIT) == scores_of(text(1, 10))
         with pytest.raises(DeadlineExceeded, match="would pass"):
@@ -180,6 +189,51 @@ def test_the_event_loops_lag_counts_against_the_deadline():
         assert model.ran == [[text(1, 10)]]
 
     run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+
+
+def test_texts_that_waited_longer_than_predicted_make_admission_stricter():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        batcher.wait_calibration = WaitCalibration(min_predicted=0.05, min_samples=2)
+        first = batcher.submit([text(1, 10)])  # predicted 0.1 s at 100 tokens/s
+        await model.running(1)
+        second = batcher.submit([text(2, 10)])  # 0.1 s behind the running batch, then its own 0.1 s
+        clock.now += 0.4  # both batches end 0.4 s after they arrived: 4x and 2x their prediction
+        model.release()
+        await asyncio.wait_for(asyncio.gather(*first.futures, *second.futures), WAIT)
+        await until(lambda: batcher.wait_calibration.factor != 1.0)  # updated once the batch's answers are out
+        assert batcher.wait_calibration.factor == pytest.approx(4.0)
+        assert REGISTRY.get_sample_value("classifier_admission_wait_factor") == pytest.approx(4.0)
+        with pytest.raises(Overloaded, match="about 0.4 s"):  # its own 0.1 s, 4x, does not fit 0.3 s any more
+            batcher.submit([text(3, 10)], deadline=clock.now + 0.3)
+        batcher.submit([text(4, 10)], deadline=clock.now + 0.5)
+
+    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+
+
+def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        short = batcher.submit([text(1, 8)])
+        await model.running(1)
+        long = batcher.submit([text(2, 60)])  # taken while the short one runs, with nothing queued behind it
+        clock.now += 0.03
+        model.release()
+        await asyncio.wait_for(asyncio.gather(*short.futures, *long.futures), WAIT)
+        assert batcher.backlog_meter.tokens_per_second is None  # not 8 tokens per 30 ms: that is no drain rate
+        # Two texts queued behind a running one: the first of them is taken with the other still waiting.
+        model._released.clear()
+        running = batcher.submit([text(3, 8)])
+        await model.running(3)
+        queued = batcher.submit([text(4, 8), text(5, 8)])
+        clock.now += 0.04
+        model.release()
+        await asyncio.wait_for(asyncio.gather(*running.futures, *queued.futures), WAIT)
+        assert batcher.backlog_meter.tokens_per_second == pytest.approx(200.0)  # 8 tokens in 0.04 s, back to back
+
+    run(scenario, model, ONE_TEXT_BATCHES)
 
 
 def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late():

@@ -3,7 +3,7 @@
 
 import pytest
 
-from service.scheduler import BatchingPolicy, BatchQueue, QueuedText, default_bucket_bounds, unreachable
+from service.scheduler import BatchingPolicy, BatchQueue, Place, QueuedText, default_bucket_bounds, unreachable
 
 WINDOW = 0.005
 
@@ -243,3 +243,36 @@ def test_dropping_a_late_text_shortens_the_batch_enough_for_the_next():
 
 def test_no_text_is_called_unreachable_before_the_rate_is_measured():
     assert unreachable([QueuedText(500, 0.0, "x", deadline=0.001)], 0.0, None) == []
+
+
+def test_a_text_joining_a_bucket_follows_its_last_text_after_the_buckets_whose_first_text_is_older():
+    queue = BatchQueue(policy())
+    queue.append(text(30, at=1.0, name="a"))  # bucket 32, first at 1.0
+    queue.append(text(60, at=2.0, name="b"))  # bucket 64, first at 2.0
+    queue.append(text(10, at=3.0, name="c"))  # bucket 16, first at 3.0
+    queue.append(text(20, at=4.0, name="d"))  # bucket 32 again
+    assert (queue.place(25).follows.handle, queue.place(25).tokens_ahead) == ("d", 50)  # bucket 32 goes first
+    assert (queue.place(50).follows.handle, queue.place(50).tokens_ahead) == ("b", 110)  # after bucket 32
+    assert (queue.place(12).follows.handle, queue.place(12).tokens_ahead) == ("c", 120)  # last: behind everything
+    assert queue.place(100) == Place(None, 120)  # bucket 128 is empty: it would open a batch behind all the others
+
+
+def test_a_text_that_would_not_fit_its_buckets_batch_opens_one_behind_everything():
+    queue = BatchQueue(policy())  # 8 texts at most per batch
+    queue.append(text(60, at=0.0))
+    for index in range(7):
+        queue.append(text(20, at=1.0 + index, name=index))
+    assert (queue.place(20).follows.handle, queue.place(20).tokens_ahead) == (6, 200)  # an 8th fits, after bucket 64
+    queue.append(text(20, at=9.0))
+    assert queue.place(20) == Place(None, 220)  # a 9th would not
+    drain(queue, now=100.0)
+    assert queue.place(20) == Place(None, 0) and queue.tokens == 0
+
+
+def test_in_arrival_order_a_text_follows_the_queue_while_it_fits_one_batch_at_the_longest_length():
+    queue = BatchQueue(policy(batching="arrival"))
+    for index in range(3):
+        queue.append(text(10, at=float(index), name=index))
+    assert (queue.place(10).follows.handle, queue.place(10).tokens_ahead) == (2, 30)  # 4 x 128 tokens fit 512
+    queue.append(text(10, at=3.0))
+    assert queue.place(10) == Place(None, 40)
