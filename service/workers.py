@@ -32,6 +32,7 @@ import time
 from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 
+import uvloop
 from transformers import AutoTokenizer
 
 from service import errors, metrics
@@ -158,7 +159,9 @@ def _serve_api(settings: Settings, address: str, listener: socket.socket, index:
 
 def _serve_engine(settings: Settings, address: str) -> None:
     _become("clf-engine", settings)
-    raise SystemExit(asyncio.run(_engine_main(settings, address)))
+    # uvloop, as uvicorn runs the API processes: asyncio's pure-Python loop cost the engine a third more per request.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        raise SystemExit(runner.run(_engine_main(settings, address)))
 
 
 async def _engine_main(settings: Settings, address: str) -> int:
