@@ -1,11 +1,10 @@
 """HTTP in and out: routes, request validation, error responses, connection limits and request metrics."""
 
 import asyncio
-import contextlib
 import inspect
+import json
 import threading
 import time
-import json
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
