@@ -359,7 +359,10 @@ class EngineServer:
             return
         if isinstance(message, ScoreRequest):
             key = (identity, message.request_id)
-            self._work[key] = asyncio.create_task(self._answer(identity, message))
+            work = self._work[key] = asyncio.create_task(self._answer(identity, message))
+            # Not in _answer's own `finally`: a task cancelled before it starts (its Cancel read in the same
+            # wake-up) never runs any of it, and a drain would wait for it until the grace period.
+            work.add_done_callback(lambda _: self._work.pop(key, None))
         elif isinstance(message, Cancel):
             task = self._work.get((identity, message.request_id))
             if task is not None:
@@ -373,8 +376,6 @@ class EngineServer:
         except Exception as error:
             kind, message, retry_after = self.describe_error(error)
             reply = Failure(request.request_id, kind, message, retry_after)
-        finally:
-            self._work.pop((identity, request.request_id), None)
         self._post(identity, self._encoder.encode(reply))
 
     def _post(self, identity: bytes, frame: bytes) -> None:
