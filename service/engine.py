@@ -31,7 +31,6 @@ from service.runner import (
     resolve_device,
     resolve_precision,
 )
-from service.schemas import TextResult
 from service.scheduler import BatchingPolicy, default_bucket_bounds, padded_length
 from service.scorer import Scorer, ScoringModel
 from service.settings import Settings
@@ -70,7 +69,8 @@ class Front:
                 metrics.TRUNCATED_TEXTS.inc()
         return encoded
 
-    def results(self, encoded: list[EncodedText], scores: list[list[float]], top_k: int | None) -> list[TextResult]:
+    def results(self, encoded: list[EncodedText], scores: list[list[float]], top_k: int | None) -> list[dict]:
+        """Each text's `schemas.TextResult`, as plain data."""
         return [
             text_result(text_scores, self.labels, top_k, len(text.ids), text.truncated)
             for text, text_scores in zip(encoded, scores)
@@ -119,8 +119,9 @@ class Engine:
 
     async def classify(
         self, texts: list[str], *, top_k: int | None, truncate: bool, deadline: float
-    ) -> list[TextResult]:
-        """Each text's result, in order, once all have run by `deadline` (`time.monotonic()` seconds).
+    ) -> list[dict]:
+        """Each text's result (a `schemas.TextResult` as plain data), in order, once all have run by `deadline`
+        (`time.monotonic()` seconds).
 
         Raises a ClassifierError: TextTooLong, Overloaded, NotAccepting, DeadlineExceeded, TextTooLargeForDevice or
         InferenceFailed. Cancelling the caller (its client left) drops its texts still queued.

@@ -13,6 +13,11 @@ Liveness, so nothing waits forever on a dead peer:
   and so does every new one. A request is also given up `peer_timeout` seconds after its deadline, whatever happens.
 - The engine forgets a client it has not heard from for `peer_timeout` seconds (clients say hello each heartbeat),
   or that it can no longer send to, and cancels that client's work, as for callers that left.
+
+Cost per request, which caps a replica's front end (loadtest/frontend_benchmark.py): both ends read their sockets
+from the event loop's own poller (`add_reader` on ZeroMQ's descriptor) instead of through zmq.asyncio's futures, and
+the engine sends each API process the answers ready in one turn of its loop as one multipart message (a batch's
+answers go out together), one msgpack frame per answer.
 """
 
 import asyncio
@@ -22,11 +27,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,46 @@ class RemoteFailure(Exception):
         self.kind, self.message, self.retry_after = kind, message, retry_after
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A request sent to the engine: the future its answer goes to, and when to give up on it."""
+
+    future: asyncio.Future
+    give_up_at: float  # time.monotonic(): the request's deadline plus the peer timeout
+
+
+class _Readable:
+    """Calls `on_message(frames)` for each multipart message that reaches `socket`, from the running event loop.
+
+    ZeroMQ's descriptor is edge-triggered and says only that the socket's events changed, so each wake-up reads
+    every message waiting, and `check` must be called after sending on the socket (a send can consume the edge
+    that announced a message).
+    """
+
+    def __init__(self, socket: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
+        self.socket, self.on_message = socket, on_message
+        self._loop = asyncio.get_running_loop()
+        self._descriptor = socket.getsockopt(zmq.FD)
+        self._loop.add_reader(self._descriptor, self.check)
+        self.check()  # the descriptor signals only changes after this; messages may be waiting already
+
+    def check(self) -> None:
+        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.on_message(self.socket.recv_multipart(zmq.NOBLOCK))
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self._descriptor)
+
+
+def _unbounded(socket: zmq.Socket) -> zmq.Socket:
+    """No high-water marks: a send never blocks or drops for a full queue. What is queued is bounded by the requests
+    in flight, which each API process caps (max_concurrent_requests)."""
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+    return socket
+
+
 class EngineClient:
     """An API process's line to the engine: `await score(...)`; `state` is the engine's last reported state.
 
@@ -111,42 +156,34 @@ class EngineClient:
         self.heartbeat, self.peer_timeout = heartbeat, peer_timeout
         self.state: EngineState | None = None
         self.gone: str | None = None  # why the engine is considered gone
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        self._context = zmq.Context()
+        self._socket = _unbounded(self._context.socket(zmq.DEALER))
         self._socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: no send waits on a dead peer
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._socket.connect(address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
         self._ids = itertools.count()
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, _Waiting] = {}
         self._heard_at = time.monotonic()
         self._state_changed = asyncio.Event()
-        self._tasks = [
-            asyncio.create_task(self._receive(), name="ipc-receive"),
-            asyncio.create_task(self._beat(), name="ipc-heartbeat"),
-            asyncio.create_task(self._watch_connection(), name="ipc-monitor"),
-        ]
+        self._readers = [_Readable(self._socket, self._on_message), _Readable(self._monitor, self._on_monitor_event)]
+        self._tasks = [asyncio.create_task(self._beat(), name="ipc-heartbeat")]
 
     async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """Scores per text. Raises RemoteFailure as the engine decided, EngineGone if it stops answering. Cancelling
-        the awaiting task tells the engine to drop the texts still queued."""
+        """Scores per text. Raises RemoteFailure as the engine decided, EngineGone if it stops answering (or has not
+        answered `peer_timeout` after the deadline). Cancelling the awaiting task tells the engine to drop the texts
+        still queued."""
         if self.gone is not None:
             raise EngineGone(self.gone)
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = _Waiting(future, deadline + self.peer_timeout)
         try:
-            await self._send(ScoreRequest(request_id, token_ids, deadline))
-            try:
-                async with asyncio.timeout_at(_loop_time_at(deadline) + self.peer_timeout):
-                    return await future
-            except TimeoutError:
-                await self._cancel(request_id)
-                raise EngineGone(f"no answer {self.peer_timeout:g} s after the request's deadline") from None
+            self._send(ScoreRequest(request_id, token_ids, deadline))
+            return await future
         except asyncio.CancelledError:
-            await self._cancel(request_id)
+            self._cancel(request_id)
             raise
         finally:
             self._pending.pop(request_id, None)
@@ -163,6 +200,8 @@ class EngineClient:
                 await self._state_changed.wait()
 
     async def close(self) -> None:
+        for reader in self._readers:
+            reader.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -174,22 +213,23 @@ class EngineClient:
         self._socket.close(linger=0)
         self._context.term()
 
-    async def _cancel(self, request_id: int) -> None:
+    def _cancel(self, request_id: int) -> None:
         """Tell the engine to drop the request's texts still queued (nothing to do if it is gone)."""
         if self.gone is None:
             with contextlib.suppress(zmq.ZMQError, EngineGone):
-                await self._send(Cancel(request_id))
+                self._send(Cancel(request_id))
 
-    async def _send(self, message: ToEngine) -> None:
+    def _send(self, message: ToEngine) -> None:
         try:
-            await self._socket.send(self._encoder.encode(message), flags=zmq.NOBLOCK)
+            self._socket.send(self._encoder.encode(message), flags=zmq.NOBLOCK)
         except zmq.Again:
             raise EngineGone("not connected to the engine") from None
+        finally:
+            self._readers[0].check()
 
-    async def _receive(self) -> None:
-        while True:
-            frame = await self._socket.recv()
-            self._heard_at = time.monotonic()
+    def _on_message(self, frames: list[bytes]) -> None:
+        self._heard_at = time.monotonic()
+        for frame in frames:
             try:
                 message = self._decoder.decode(frame)
             except msgspec.DecodeError:
@@ -199,33 +239,40 @@ class EngineClient:
                 self.state = message
                 self._state_changed.set()
                 continue
-            future = self._pending.get(message.request_id)
-            if future is None or future.done():
+            waiting = self._pending.get(message.request_id)
+            if waiting is None or waiting.future.done():
                 continue  # its caller left
             if isinstance(message, Scores):
-                future.set_result(message.scores)
+                waiting.future.set_result(message.scores)
             else:
-                future.set_exception(RemoteFailure(message.kind, message.message, message.retry_after))
+                waiting.future.set_exception(RemoteFailure(message.kind, message.message, message.retry_after))
 
     async def _beat(self) -> None:
-        """Say hello each heartbeat; declare the engine gone after `peer_timeout` of silence."""
+        """Say hello each heartbeat; give up requests long past their deadline; declare the engine gone after
+        `peer_timeout` of silence."""
         hello = Hello(pid=os.getpid())
         while True:
-            with contextlib.suppress(zmq.Again):
-                await self._socket.send(self._encoder.encode(hello), flags=zmq.NOBLOCK)
+            with contextlib.suppress(EngineGone):
+                self._send(hello)
             await asyncio.sleep(self.heartbeat)
-            silent = time.monotonic() - self._heard_at
+            now = time.monotonic()
+            self._give_up_overdue(now)
+            silent = now - self._heard_at
             if self.state is not None and silent > self.peer_timeout:  # the clock starts at first contact
                 self._declare_gone(f"the engine has not answered for {silent:.1f} s")
                 return
 
-    async def _watch_connection(self) -> None:
+    def _give_up_overdue(self, now: float) -> None:
+        """Fail the requests still unanswered `peer_timeout` after their deadline, and tell the engine to drop them."""
+        for request_id, waiting in list(self._pending.items()):
+            if now > waiting.give_up_at and not waiting.future.done():
+                waiting.future.set_exception(EngineGone(f"no answer {self.peer_timeout:g} s after the request's deadline"))
+                self._cancel(request_id)
+
+    def _on_monitor_event(self, frames: list[bytes]) -> None:
         """The engine's end of the connection closed: its process has exited."""
-        while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._declare_gone("the engine closed its connection")
-                return
+        if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED and self.gone is None:
+            self._declare_gone("the engine closed its connection")
 
     def _declare_gone(self, reason: str) -> None:
         self.gone = reason
@@ -234,9 +281,9 @@ class EngineClient:
         self._state_changed.set()
 
     def _fail_pending(self, reason: str) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(EngineGone(reason))
+        for waiting in self._pending.values():
+            if not waiting.future.done():
+                waiting.future.set_exception(EngineGone(reason))
 
 
 # What the engine process serves: scores for token ids before a deadline; cancelling the call drops queued texts.
@@ -261,16 +308,18 @@ class EngineServer:
     ) -> None:
         self.score, self.describe_error, self.current_state = score, describe_error, current_state
         self.heartbeat, self.peer_timeout = heartbeat, peer_timeout
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        self._loop = asyncio.get_running_loop()
+        self._context = zmq.Context()
+        self._socket = _unbounded(self._context.socket(zmq.ROUTER))
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client raises, not vanishes
         self._socket.bind(address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ToEngine)
         self._clients: dict[bytes, float] = {}  # identity -> last heard (monotonic)
         self._work: dict[tuple[bytes, int], asyncio.Task] = {}
-        self._tasks = [asyncio.create_task(self._receive(), name="ipc-serve"), asyncio.create_task(self._beat(), name="ipc-state")]
+        self._outbox: dict[bytes, list[bytes]] = {}  # frames for each client, sent at the end of this loop turn
+        self._reader = _Readable(self._socket, self._on_message)
+        self._tasks = [asyncio.create_task(self._beat(), name="ipc-state")]
 
     @property
     def in_progress(self) -> int:
@@ -280,13 +329,15 @@ class EngineServer:
     async def publish_state(self) -> None:
         """Send the current state to every client now (on a change, rather than at the next heartbeat)."""
         frame = self._encoder.encode(self.current_state())
-        for identity in list(self._clients):
-            await self._send(identity, frame)
+        for identity in self._clients:
+            self._post(identity, frame)
+        self._flush()
 
     async def close(self) -> None:
         """Stop serving: tell clients the final state, then close (answers still running are cancelled)."""
         with contextlib.suppress(zmq.ZMQError):
             await self.publish_state()
+        self._reader.stop()
         for task in [*self._tasks, *self._work.values()]:
             task.cancel()
         for task in [*self._tasks, *self._work.values()]:
@@ -295,25 +346,27 @@ class EngineServer:
         self._socket.close(linger=0)
         self._context.term()
 
-    async def _receive(self) -> None:
-        while True:
-            identity, frame = await self._socket.recv_multipart()
-            new_client = identity not in self._clients
-            self._clients[identity] = time.monotonic()
-            try:
-                message = self._decoder.decode(frame)
-            except msgspec.DecodeError:
-                log.error("dropped a malformed message from an API process (%d bytes)", len(frame))
-                continue
-            if isinstance(message, ScoreRequest):
-                key = (identity, message.request_id)
-                self._work[key] = asyncio.create_task(self._answer(identity, message))
-            elif isinstance(message, Cancel):
-                task = self._work.get((identity, message.request_id))
-                if task is not None:
-                    task.cancel()
-            if new_client:
-                await self._send(identity, self._encoder.encode(self.current_state()))
+    def _on_message(self, frames: list[bytes]) -> None:
+        identity, frame = frames
+        new_client = identity not in self._clients
+        self._clients[identity] = time.monotonic()
+        if new_client:
+            self._post(identity, self._encoder.encode(self.current_state()))
+        try:
+            message = self._decoder.decode(frame)
+        except msgspec.DecodeError:
+            log.error("dropped a malformed message from an API process (%d bytes)", len(frame))
+            return
+        if isinstance(message, ScoreRequest):
+            key = (identity, message.request_id)
+            work = self._work[key] = asyncio.create_task(self._answer(identity, message))
+            # Not in _answer's own `finally`: a task cancelled before it starts (its Cancel read in the same
+            # wake-up) never runs any of it, and a drain would wait for it until the grace period.
+            work.add_done_callback(lambda _: self._work.pop(key, None))
+        elif isinstance(message, Cancel):
+            task = self._work.get((identity, message.request_id))
+            if task is not None:
+                task.cancel()
 
     async def _answer(self, identity: bytes, request: ScoreRequest) -> None:
         try:
@@ -323,16 +376,24 @@ class EngineServer:
         except Exception as error:
             kind, message, retry_after = self.describe_error(error)
             reply = Failure(request.request_id, kind, message, retry_after)
-        finally:
-            self._work.pop((identity, request.request_id), None)
-        await self._send(identity, self._encoder.encode(reply))
+        self._post(identity, self._encoder.encode(reply))
 
-    async def _send(self, identity: bytes, frame: bytes) -> None:
-        try:
-            await self._socket.send_multipart((identity, frame))
-        except zmq.ZMQError as error:  # EHOSTUNREACH: that client has gone
-            log.debug("could not answer an API process that has gone: %s", error)
-            self._forget(identity)
+    def _post(self, identity: bytes, frame: bytes) -> None:
+        """Queue a frame for a client; the first queued in this turn of the loop schedules the send."""
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.setdefault(identity, []).append(frame)
+
+    def _flush(self) -> None:
+        """Send each client its queued frames as one multipart message."""
+        outbox, self._outbox = self._outbox, {}
+        for identity, frames in outbox.items():
+            try:
+                self._socket.send_multipart((identity, *frames), flags=zmq.NOBLOCK)
+            except zmq.ZMQError as error:  # EHOSTUNREACH: that client has gone
+                log.debug("could not answer an API process that has gone: %s", error)
+                self._forget(identity)
+        self._reader.check()
 
     async def _beat(self) -> None:
         while True:
@@ -349,8 +410,3 @@ class EngineServer:
         for (owner, _), task in list(self._work.items()):
             if owner == identity:
                 task.cancel()
-
-
-def _loop_time_at(monotonic: float) -> float:
-    """A `time.monotonic()` instant on the running event loop's clock (uvloop's is not time.monotonic)."""
-    return asyncio.get_running_loop().time() + (monotonic - time.monotonic())

@@ -1,12 +1,12 @@
 """From logits to answers: the activation each problem type calls for (computed in fp32, by the scorer), then
-top-k ranking into each text's finished result (by the engine's front)."""
+top-k ranking into each text's finished result (by the engine's front), as plain data in the shape of
+`schemas.TextResult`: the API serialises it without building and validating pydantic models again."""
 
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from service.schemas import LabelScoreOut, TextResult
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 
@@ -46,13 +46,14 @@ def rank(scores: list[float], labels: tuple[str, ...], top_k: int | None) -> lis
     return [LabelScore(labels[i], scores[i]) for i in order[:top_k]]
 
 
-def text_result(scores: list[float], labels: tuple[str, ...], top_k: int | None, tokens: int, truncated: bool) -> TextResult:
-    """One text's finished answer: its best label and score, the ranked labels, and how it was read."""
+def text_result(scores: list[float], labels: tuple[str, ...], top_k: int | None, tokens: int, truncated: bool) -> dict:
+    """One text's finished answer (a `schemas.TextResult` as plain data): its best label and score, the ranked
+    labels, and how it was read."""
     ranked = rank(scores, labels, top_k)
-    return TextResult(
-        label=ranked[0].label,
-        score=ranked[0].score,
-        labels=[LabelScoreOut(label=item.label, score=item.score) for item in ranked],
-        tokens=tokens,
-        truncated=truncated,
-    )
+    return {
+        "label": ranked[0].label,
+        "score": ranked[0].score,
+        "labels": [{"label": item.label, "score": item.score} for item in ranked],
+        "tokens": tokens,
+        "truncated": truncated,
+    }

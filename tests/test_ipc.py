@@ -141,6 +141,31 @@ async def _a_cancelled_caller_cancels_its_work_in_the_engine(address):
         await server.close()
 
 
+def test_a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(address):
+    asyncio.run(_a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(address))
+
+
+async def _a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(address):
+    """The engine may read a request and its cancellation in one go: a drain would otherwise wait for it forever."""
+    scorer = FakeScorer()
+    server = EngineServer(address, scorer.score, describe, ready_state)
+    client = EngineClient(address)
+    try:
+        async with asyncio.timeout(BOUND):
+            await client.wait_for_state()
+            for _ in range(20):
+                waiting = asyncio.create_task(client.score([[0, 1]], time.monotonic() + 30))
+                await asyncio.sleep(0)  # sent
+                waiting.cancel()  # and its cancellation right behind it
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+            while server.in_progress:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+        await server.close()
+
+
 def test_state_changes_reach_clients(address):
     asyncio.run(_state_changes_reach_clients(address))
 

@@ -54,6 +54,13 @@ def test_prefix_reading_gives_exactly_the_ids_of_tokenizing_the_whole_text(make_
     assert sum(encoder._sufficient_prefix(text) is not None for text in texts) > 100
 
 
+def test_a_text_cut_before_leaves_no_truncation_behind():
+    encoder = TextEncoder(build_tiny_tokenizer(MAX_LENGTH), MAX_LENGTH)
+    assert encoder.encode(["film " * 40], truncate=True)[0].truncated  # the tokenizer now has truncation on
+    with pytest.raises(TextTooLong, match="has 42 tokens"):  # counted whole, not cut to the maximum
+        encoder.encode(["film " * 40], truncate=False)
+
+
 def test_a_huge_text_is_tokenized_from_a_short_prefix():
     encoder = TextEncoder(build_tiny_tokenizer(MAX_LENGTH), MAX_LENGTH)
     prefix = encoder._sufficient_prefix("!" * 2_000_000)
