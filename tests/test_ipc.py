@@ -5,6 +5,7 @@ process. Every wait is bounded, so a hang fails the test instead of stalling the
 """
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -68,6 +69,20 @@ def ready_state() -> EngineState:
     return EngineState("ready", {"model": "fake", "labels": ["A", "B"]}, b"# metrics\n")
 
 
+@contextlib.asynccontextmanager
+async def serving(address: str, score, state=ready_state, server: dict | None = None, client: dict | None = None):
+    """An EngineServer serving `score` and an EngineClient connected to it (each with its keyword options), closed
+    after; everything in between must end within BOUND."""
+    engine = EngineServer(address, score, describe, state, **(server or {}))
+    line = EngineClient(address, **(client or {}))
+    try:
+        async with asyncio.timeout(BOUND):
+            yield engine, line
+    finally:
+        await line.close()
+        await engine.close()
+
+
 @pytest.fixture
 def address(tmp_path) -> str:
     return f"ipc://{tmp_path}/engine.sock"
@@ -96,23 +111,17 @@ def test_scores_errors_and_state_travel_both_ways(address):
 
 async def _scores_errors_and_state_travel_both_ways(address):
     scorer = FakeScorer()
-    server = EngineServer(address, scorer.score, describe, ready_state)
-    client = EngineClient(address)
-    try:
-        async with asyncio.timeout(BOUND):
-            state = await client.wait_for_state()
-            assert state.status == "ready" and state.info["labels"] == ["A", "B"]
-            deadline = time.monotonic() + 5
-            scores = await asyncio.gather(*(client.score([[i, 2], [3]], deadline) for i in range(1, 50)))
-            assert scores == [[[2.0, i + 2.0], [1.0, 3.0]] for i in range(1, 50)]
-            assert scorer.deadlines[0] == deadline  # monotonic seconds cross the boundary unchanged
-            with pytest.raises(RemoteFailure) as failure:
-                await client.score([[-1]], deadline)
-            assert (failure.value.kind, failure.value.retry_after) == ("overloaded", 3.0)
-            assert "queue is full" in failure.value.message
-    finally:
-        await client.close()
-        await server.close()
+    async with serving(address, scorer.score) as (server, client):
+        state = await client.wait_for_state()
+        assert state.status == "ready" and state.info["labels"] == ["A", "B"]
+        deadline = time.monotonic() + 5
+        scores = await asyncio.gather(*(client.score([[i, 2], [3]], deadline) for i in range(1, 50)))
+        assert scores == [[[2.0, i + 2.0], [1.0, 3.0]] for i in range(1, 50)]
+        assert scorer.deadlines[0] == deadline  # monotonic seconds cross the boundary unchanged
+        with pytest.raises(RemoteFailure) as failure:
+            await client.score([[-1]], deadline)
+        assert (failure.value.kind, failure.value.retry_after) == ("overloaded", 3.0)
+        assert "queue is full" in failure.value.message
 
 
 def test_a_cancelled_caller_cancels_its_work_in_the_engine(address):
@@ -121,24 +130,18 @@ def test_a_cancelled_caller_cancels_its_work_in_the_engine(address):
 
 async def _a_cancelled_caller_cancels_its_work_in_the_engine(address):
     scorer = FakeScorer()
-    server = EngineServer(address, scorer.score, describe, ready_state)
-    client = EngineClient(address)
-    try:
-        async with asyncio.timeout(BOUND):
-            await client.wait_for_state()
-            waiting = asyncio.create_task(client.score([[0, 5]], time.monotonic() + 30))
-            await scorer.started.wait()
-            waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-            while not scorer.cancelled:
-                await asyncio.sleep(0.01)
-            assert scorer.cancelled == [[[0, 5]]]
-            assert server.in_progress == 0
-            assert await client.score([[4]], time.monotonic() + 5) == [[1.0, 4.0]]  # the line still works
-    finally:
-        await client.close()
-        await server.close()
+    async with serving(address, scorer.score) as (server, client):
+        await client.wait_for_state()
+        waiting = asyncio.create_task(client.score([[0, 5]], time.monotonic() + 30))
+        await scorer.started.wait()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        while not scorer.cancelled:
+            await asyncio.sleep(0.01)
+        assert scorer.cancelled == [[[0, 5]]]
+        assert server.in_progress == 0
+        assert await client.score([[4]], time.monotonic() + 5) == [[1.0, 4.0]]  # the line still works
 
 
 def test_a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(address):
@@ -148,22 +151,16 @@ def test_a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(a
 async def _a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(address):
     """The engine may read a request and its cancellation in one go: a drain would otherwise wait for it forever."""
     scorer = FakeScorer()
-    server = EngineServer(address, scorer.score, describe, ready_state)
-    client = EngineClient(address)
-    try:
-        async with asyncio.timeout(BOUND):
-            await client.wait_for_state()
-            for _ in range(20):
-                waiting = asyncio.create_task(client.score([[0, 1]], time.monotonic() + 30))
-                await asyncio.sleep(0)  # sent
-                waiting.cancel()  # and its cancellation right behind it
-                with pytest.raises(asyncio.CancelledError):
-                    await waiting
-            while server.in_progress:
-                await asyncio.sleep(0.01)
-    finally:
-        await client.close()
-        await server.close()
+    async with serving(address, scorer.score) as (server, client):
+        await client.wait_for_state()
+        for _ in range(20):
+            waiting = asyncio.create_task(client.score([[0, 1]], time.monotonic() + 30))
+            await asyncio.sleep(0)  # sent
+            waiting.cancel()  # and its cancellation right behind it
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        while server.in_progress:
+            await asyncio.sleep(0.01)
 
 
 def test_state_changes_reach_clients(address):
@@ -172,17 +169,11 @@ def test_state_changes_reach_clients(address):
 
 async def _state_changes_reach_clients(address):
     status = {"now": "loading"}
-    server = EngineServer(address, FakeScorer().score, describe, lambda: EngineState(status["now"]), heartbeat=0.05)
-    client = EngineClient(address, heartbeat=0.05)
-    try:
-        async with asyncio.timeout(BOUND):
-            assert (await client.wait_for_state()).status == "loading"
-            status["now"] = "ready"
-            await server.publish_state()
-            assert (await client.wait_for_state(lambda s: s.status == "ready")).status == "ready"
-    finally:
-        await client.close()
-        await server.close()
+    async with serving(address, FakeScorer().score, lambda: EngineState(status["now"]), server={"heartbeat": 0.05}, client={"heartbeat": 0.05}) as (server, client):
+        assert (await client.wait_for_state()).status == "loading"
+        status["now"] = "ready"
+        await server.publish_state()
+        assert (await client.wait_for_state(lambda s: s.status == "ready")).status == "ready"
 
 
 def _serve_forever(address: str, started) -> None:
@@ -234,18 +225,12 @@ def test_a_request_is_given_up_after_its_deadline_and_the_peer_timeout(address):
 
 async def _given_up(address):
     scorer = FakeScorer()
-    server = EngineServer(address, scorer.score, describe, ready_state, heartbeat=0.05)
-    client = EngineClient(address, heartbeat=0.05, peer_timeout=0.5)
-    try:
-        async with asyncio.timeout(BOUND):
-            await client.wait_for_state()
-            with pytest.raises(EngineGone, match="after the request's deadline"):
-                await client.score([[0, 1]], time.monotonic() + 0.2)  # the engine never answers it
-            while not scorer.cancelled:  # and the engine was told to drop it
-                await asyncio.sleep(0.02)
-    finally:
-        await client.close()
-        await server.close()
+    async with serving(address, scorer.score, server={"heartbeat": 0.05}, client={"heartbeat": 0.05, "peer_timeout": 0.5}) as (server, client):
+        await client.wait_for_state()
+        with pytest.raises(EngineGone, match="after the request's deadline"):
+            await client.score([[0, 1]], time.monotonic() + 0.2)  # the engine never answers it
+        while not scorer.cancelled:  # and the engine was told to drop it
+            await asyncio.sleep(0.02)
 
 
 def test_a_silent_client_has_its_work_dropped(address):
@@ -254,18 +239,12 @@ def test_a_silent_client_has_its_work_dropped(address):
 
 async def _a_silent_client_has_its_work_dropped(address):
     scorer = FakeScorer()
-    server = EngineServer(address, scorer.score, describe, ready_state, heartbeat=0.05, peer_timeout=0.5)
-    client = EngineClient(address, heartbeat=0.05)
-    try:
-        async with asyncio.timeout(BOUND):
-            await client.wait_for_state()
-            asyncio.create_task(client.score([[0, 9]], time.monotonic() + 60))
-            await scorer.started.wait()
-            for task in client._tasks:  # the client process freezes: no more heartbeats
-                task.cancel()
-            while not scorer.cancelled:
-                await asyncio.sleep(0.02)
-            assert scorer.cancelled == [[[0, 9]]] and server.in_progress == 0
-    finally:
-        await client.close()
-        await server.close()
+    async with serving(address, scorer.score, server={"heartbeat": 0.05, "peer_timeout": 0.5}, client={"heartbeat": 0.05}) as (server, client):
+        await client.wait_for_state()
+        asyncio.create_task(client.score([[0, 9]], time.monotonic() + 60))
+        await scorer.started.wait()
+        for task in client._tasks:  # the client process freezes: no more heartbeats
+            task.cancel()
+        while not scorer.cancelled:
+            await asyncio.sleep(0.02)
+        assert scorer.cancelled == [[[0, 9]]] and server.in_progress == 0
