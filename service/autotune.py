@@ -98,9 +98,12 @@ class Tuner:
         self.clock = clock
         # Seconds per run of each (precision, padded length, texts) shape measured so far.
         self._timings: dict[tuple[str, int, int], list[float]] = {}
+        self._runners: dict[str, ModelRunner] = {}  # one per precision: each low-precision one copies weights
 
     def runner(self, precision: str) -> ModelRunner:
-        return ModelRunner(self.model, self.device, precision, self.pad_token_id)
+        if precision not in self._runners:
+            self._runners[precision] = ModelRunner(self.model, self.device, precision, self.pad_token_id)
+        return self._runners[precision]
 
     def precision(self, candidates: list[str], tolerance: float, budget: int) -> tuple[Choice, list[PrecisionTrial]]:
         """Time each candidate at `budget` and compare its calibration scores with fp32's."""

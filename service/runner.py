@@ -1,5 +1,6 @@
 """The model runner: loads a sequence classifier and runs dynamically padded batches on one device."""
 
+import copy
 import inspect
 import itertools
 import logging
@@ -96,15 +97,38 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def with_linear_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` whose linear layers hold their weights and biases in `dtype`, sharing every other tensor.
+
+    Autocast casts each linear layer's fp32 weights to `dtype` on every forward pass (5 of the 15 ms of a small
+    MiniLM batch on the CPU); holding them cast already computes exactly the same logits. A parameter some other
+    module also uses (a tied embedding) stays as it is.
+    """
+    linear = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    shared = {
+        id(parameter)
+        for module in model.modules()
+        if not isinstance(module, torch.nn.Linear)
+        for parameter in module.parameters(recurse=False)
+    }
+    memo: dict[int, object] = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    for module in linear:
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) not in shared:
+                memo[id(parameter)] = torch.nn.Parameter(parameter.detach().to(dtype), requires_grad=False)
+    return copy.deepcopy(model, memo)
+
+
 class ModelRunner:
     """Runs one batch at a time: pads token ids to the batch's length, forwards under autocast, returns fp32 logits.
 
     Building the padded inputs (`collate`) and running the model (`forward`) are separate steps, so the batcher can
-    build the next batch's inputs on another thread while the current batch runs.
+    build the next batch's inputs on another thread while the current batch runs. Under fp16 or bf16 it runs a copy
+    of the model with its linear layers' weights in that precision (`with_linear_weights_in`).
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, pad_token_id: int) -> None:
-        self.model = model
+        self.model = model if precision == "fp32" else with_linear_weights_in(model, DTYPES[precision])
         self.device = device
         self.precision = precision
         self.pad_token_id = pad_token_id

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from service.postprocess import activate, problem_type_of, rank
-from service.runner import ModelRunner, resolve_device, resolve_precision
+from service.runner import DTYPES, ModelRunner, resolve_device, resolve_precision, with_linear_weights_in
 from service.tokenization import TextEncoder, TextTooLong, model_max_length
 from tests.conftest import TINY_MAX_LENGTH
 
@@ -57,6 +57,31 @@ def test_reduced_precision_runs_under_autocast_and_still_returns_fp32(model_and_
     torch.testing.assert_close(logits, reference, atol=0.15, rtol=0.05)
     probabilities = torch.tensor(activate(logits, "single_label_classification"))
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(TEXTS)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_linear_weights_held_in_low_precision_give_exactly_autocasts_logits(model_and_tokenizer, precision):
+    model, tokenizer = model_and_tokenizer
+    sequences = tokenizer(TEXTS)["input_ids"]
+    padded = max(map(len, sequences))
+    fp32 = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id)
+    inputs = fp32.collate(sequences, padded)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=DTYPES[precision]):
+        autocast_over_fp32_weights = model(**inputs).logits.float()
+    runner = ModelRunner(model, torch.device("cpu"), precision, tokenizer.pad_token_id)
+    assert torch.equal(runner.run(sequences, padded), autocast_over_fp32_weights)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}  # the fp32 model is untouched
+    assert runner.model.classifier.weight.dtype == DTYPES[precision]
+    assert runner.model.bert.embeddings.word_embeddings.weight is model.bert.embeddings.word_embeddings.weight
+
+
+def test_a_linear_weight_tied_to_another_module_is_left_shared():
+    embedding = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10)
+    head.weight = embedding.weight
+    copy = with_linear_weights_in(torch.nn.Sequential(embedding, head), torch.bfloat16)
+    assert copy[1].weight is embedding.weight and copy[0].weight is embedding.weight
+    assert copy[1].bias.dtype == torch.bfloat16 and head.bias.dtype == torch.float32
 
 
 def test_precision_is_chosen_per_device():
