@@ -85,7 +85,7 @@ class Engine:
         self.model_id = model_id
         self.front = front
         self.scorer = scorer
-        self._facts = facts
+        self.facts = facts
 
     @classmethod
     async def load(cls, settings: Settings) -> "Engine":
@@ -133,7 +133,7 @@ class Engine:
 
     def info(self) -> dict:
         """What /info shows of the loaded model: labels, how and where it runs, and how it batches."""
-        return {"labels": list(self.labels), **self._facts, "batching": self.scorer.info()}
+        return {"labels": list(self.labels), **self.facts, "batching": self.scorer.info()}
 
     async def stop(self) -> None:
         """Stop admitting, answer every queued text, then release the threads."""

@@ -211,8 +211,8 @@ def _engine_facts(settings: Settings, engines: EngineSlot) -> dict:
         "model_id": engine.model_id,
         "model_path": settings.model or str(default_model_dir(cache_dir)),
         "labels": list(engine.labels),
-        "facts": engine.info(),
-        "batching": engine.scorer.info(),
+        "facts": engine.facts,
+        "batching": engine.scorer.info(),  # live: the budget in force drops after an out-of-memory
     }
 
 
