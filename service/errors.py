@@ -79,7 +79,8 @@ class LoadFailed(ClassifierError):
     status = 503
 
     def __init__(self, failure: str) -> None:
-        super().__init__(f"model failed to load: {failure}")
+        # The replica exits after this (service.server): the caller's only remedy is another replica.
+        super().__init__(f"model failed to load: {failure}; retry on another replica")
 
 
 class DeadlineExceeded(ClassifierError):

@@ -210,6 +210,9 @@ def test_sigterm_answers_every_text_accepted_by_every_worker_then_exits_0(tiny_m
 def test_engine_death_answers_503_and_the_service_exits_non_zero(tiny_model_dir):
     env = {"CLASSIFIER_WORKERS": "2"}
     with run_service(tiny_model_dir, env) as (url, process):
+        # run_service saw one API process ready; the other may still be connecting to the engine (and would answer
+        # "still loading"). The death under test is that of an engine serving every API process.
+        connections_to_each_process(url, process.pid)
         os.kill(engine_process(process.pid), signal.SIGKILL)
         statuses, refusals = [], []
 
