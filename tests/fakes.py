@@ -4,7 +4,7 @@ here once; tests import them. No torch here: the engine processes that tests spa
 import asyncio
 import threading
 
-from service.errors import ClassifierError, Overloaded
+from service.errors import Overloaded
 
 WAIT = 60  # seconds a fake waits for a test's go-ahead on a loaded machine: a hang fails, a slow machine does not
 
@@ -76,7 +76,7 @@ class FakeScorer:
     `ready` says; `stop` ends it.
     """
 
-    def __init__(self, failure: ClassifierError | None = None, hold_token: int = 0, fail_token: int = -1) -> None:
+    def __init__(self, failure: Exception | None = None, hold_token: int = 0, fail_token: int = -1) -> None:
         self.failure = failure or Overloaded("queue_full", "the queue is full", 3.0)
         self.hold_token, self.fail_token = hold_token, fail_token
         self.release = asyncio.Event()
