@@ -1,8 +1,7 @@
-"""A failing batch fails only the texts that fail alone: out-of-memory splits (with the budget shrinking and growing
-back) and a poisoned text, driven in-process with fake models and an injected clock."""
+"""A batch that runs out of memory is split, with the budget shrinking and growing back, driven in-process with a
+fake torch classifier and an injected clock. (A poisoned text, which fails alone: tests/test_batcher_inprocess.py.)"""
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -10,28 +9,25 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from service.batcher import Batcher, InferenceFailed, TextTooLargeForDevice, ThroughputMeter
+from service.batcher import Batcher, TextTooLargeForDevice, ThroughputMeter
 from service.runner import ModelRunner
-from service.scorer import ScoringModel
 from service.scheduler import BatchingPolicy, BatchQueue
-
-POISON = 666
+from service.scorer import ScoringModel
+from tests.fakes import FakeClock
 
 
 class FakeClassifier(torch.nn.Module):
-    """Logits from the ids alone (so each text's answer is known), failing like a real model might: CUDA
-    out-of-memory above `max_tokens` padded tokens per batch, or an error on the token id `poison`."""
+    """Logits from the ids alone (so each text's answer is known), failing like a real model on a GPU might: CUDA
+    out-of-memory above `max_tokens` padded tokens per batch."""
 
-    def __init__(self, max_tokens: int | None = None, poison: int | None = None) -> None:
+    def __init__(self, max_tokens: int) -> None:
         super().__init__()
-        self.max_tokens, self.poison = max_tokens, poison
+        self.max_tokens = max_tokens
         self.batches: list[tuple[int, int]] = []  # (texts, padded length) of every batch that ran
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
-        if self.max_tokens is not None and input_ids.numel() > self.max_tokens:
+        if input_ids.numel() > self.max_tokens:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake): {tuple(input_ids.shape)}")
-        if self.poison is not None and (input_ids == self.poison).any():
-            raise ValueError("index out of range in self (fake)")
         self.batches.append(tuple(input_ids.shape))
         total = (input_ids * attention_mask).sum(-1).float()
         return SimpleNamespace(logits=torch.stack([total / 100, torch.zeros_like(total)], dim=-1))
@@ -39,14 +35,6 @@ class FakeClassifier(torch.nn.Module):
 
 def expected_scores(ids: list[int]) -> list[float]:
     return torch.tensor([sum(ids) / 100, 0.0]).softmax(-1).tolist()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int = 1024) -> Batcher:
@@ -104,30 +92,3 @@ def test_out_of_memory_splits_the_batch_shrinks_the_budget_and_recovers_slowly()
     assert batcher.memory_budget.tuned == 1024
     assert counter("classifier_batch_splits_total", reason="out_of_memory") - splits_before >= 3
     assert REGISTRY.get_sample_value("classifier_effective_max_batch_tokens") == 120
-
-
-def test_a_poisoned_text_fails_alone_and_the_error_is_logged_once(caplog):
-    model, clock = FakeClassifier(poison=POISON), FakeClock()
-    batcher = make_batcher(model, clock)
-    splits_before = counter("classifier_batch_splits_total", reason="error")
-    texts = [short_text(i) for i in range(7)]
-    texts.insert(3, [101, POISON, 102])
-
-    async def scenario():
-        with ThreadPoolExecutor(max_workers=1) as thread:
-            batcher.start(thread)
-            answers = await classify_together(batcher, texts)
-            batcher.drain()
-            await batcher.drained()
-        return answers
-
-    with caplog.at_level(logging.ERROR, logger="service.batcher"):
-        answers = asyncio.run(scenario())
-    for index, (ids, answer) in enumerate(zip(texts, answers)):
-        if index == 3:
-            assert isinstance(answer, InferenceFailed) and "ValueError" in str(answer)
-        else:
-            assert answer == pytest.approx(expected_scores(ids))
-    assert len([r for r in caplog.records if "inference failed" in r.getMessage()]) == 1
-    assert counter("classifier_batch_splits_total", reason="error") - splits_before == 3  # 8 -> 4 -> 2 -> 1
-    assert batcher.queue.policy.max_batch_tokens == 1024  # an ordinary error does not touch the budget

@@ -9,14 +9,7 @@ from prometheus_client import REGISTRY
 
 from service.batcher import Batcher, DeadlineExceeded, Overloaded, ThroughputMeter
 from service.scheduler import BatchingPolicy, BatchQueue
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock, FakeModel
 
 
 def counter(name: str, **labels) -> float:
@@ -27,27 +20,12 @@ def texts(*lengths: int) -> list[list[int]]:
     return [list(range(length)) for length in lengths]
 
 
-class FakeModel:
-    """Records the lengths of the texts it runs; each batch advances the clock by `batch_seconds`."""
-
-    def __init__(self, clock: FakeClock, ran: list, batch_seconds: float) -> None:
-        self.clock, self.ran, self.batch_seconds = clock, ran, batch_seconds
-
-    def collate(self, sequences, padded_length):
-        return sequences
-
-    def run(self, sequences):
-        self.clock.now += self.batch_seconds  # wall time a batch takes, model and everything else on the CPU
-        self.ran.extend(len(ids) for ids in sequences)
-        return [[0.5, 0.5] for _ in sequences]
-
-
-def make_batcher(clock: FakeClock, ran: list, policy: BatchingPolicy, batch_seconds: float):
+def make_batcher(clock: FakeClock, model: FakeModel, policy: BatchingPolicy):
     meter = ThroughputMeter()
     meter.record(1000, 1.0)  # the model alone: 1000 tokens/s
     max_queue_tokens = 10_000
 
-    return Batcher(BatchQueue(policy), FakeModel(clock, ran, batch_seconds), max_queue_tokens, meter, clock)
+    return Batcher(BatchQueue(policy), model, max_queue_tokens, meter, clock)
 
 
 WAITING = BatchingPolicy(bucket_bounds=(16, 64, 128), max_batch_tokens=512, max_batch_size=8, window=30.0)
@@ -57,12 +35,13 @@ def run(scenario, policy: BatchingPolicy = WAITING, batch_seconds: float = 0.0):
     """Run `scenario(batcher, clock, ran)` on an event loop with the batcher's inference thread started."""
 
     async def main():
-        clock, ran = FakeClock(), []
-        batcher = make_batcher(clock, ran, policy, batch_seconds)
+        clock = FakeClock()
+        model = FakeModel(clock, batch_seconds)  # records the lengths of the texts it runs
+        batcher = make_batcher(clock, model, policy)
         with ThreadPoolExecutor(1) as thread:
             batcher.start(thread)
             try:
-                return await scenario(batcher, clock, ran)
+                return await scenario(batcher, clock, model.lengths)
             finally:
                 clock.now += 3600  # every bucket's window has run out: draining runs what is left at once
                 batcher.drain()
@@ -108,7 +87,7 @@ def test_cancelled_texts_leave_the_queue_and_never_reach_the_model():
         clock.now += 3600
         batcher.drain()  # runs what is left, then the thread ends
         await batcher.drained()
-        assert ran == [12] and kept.futures[0].result() == [0.5, 0.5]
+        assert ran == [12] and kept.futures[0].result() == [12.0, 0.0]
         assert batcher.cancel(kept, "client_gone") == 0  # answered texts are not counted twice
 
     run(scenario)
@@ -129,7 +108,7 @@ def test_texts_queued_past_their_deadline_are_failed_without_running():
         clock.now += 3600
         batcher.drain()
         await batcher.drained()
-        assert sorted(ran) == [30, 40] and patient.futures[0].result() == [0.5, 0.5]
+        assert sorted(ran) == [30, 40] and patient.futures[0].result() == [30.0, 0.0]
         assert counter("classifier_cancelled_texts_total", reason="deadline") == expired_before + 2
         assert (len(batcher.queue), batcher.queue.tokens) == (0, 0)
 

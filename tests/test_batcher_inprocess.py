@@ -2,7 +2,7 @@
 order and the neighbour merge. Events are ordered by waiting on the model's own progress, never by sleeping."""
 
 import asyncio
-import threading
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,57 +13,10 @@ from service.batcher import Batcher, ThroughputMeter
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
 from service.scorer import Scorer
-
-WAIT = 60  # seconds any awaited event may take on a loaded machine: a hang fails, a slow machine does not
+from tests.fakes import WAIT, FakeClock, FakeModel
 
 ONE_TEXT_BATCHES = BatchingPolicy(bucket_bounds=(64,), max_batch_tokens=64, max_batch_size=1, window=0.0)
 SHARED_BATCHES = BatchingPolicy(bucket_bounds=(16, 32, 64), max_batch_tokens=512, max_batch_size=8, window=0.0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeModel:
-    """Scores a text as [its length, its first token id], so every answer names its text. While `held`, a batch
-    that starts running waits for `release()`; a batch holding the token `poison` raises."""
-
-    def __init__(self, held: bool = False, poison: int | None = None) -> None:
-        self.ran: list[list[list[int]]] = []  # the batches, in the order they ran
-        self.poison = poison
-        self._started = threading.Condition()
-        self._released = threading.Event()
-        if not held:
-            self._released.set()
-
-    def collate(self, sequences: list[list[int]], padded_length: int) -> list[list[int]]:
-        assert all(len(ids) <= padded_length for ids in sequences)
-        return [list(ids) for ids in sequences]
-
-    def run(self, sequences: list[list[int]]) -> list[list[float]]:
-        with self._started:
-            self.ran.append(sequences)
-            self._started.notify_all()
-        assert self._released.wait(WAIT)
-        if self.poison is not None and any(self.poison in ids for ids in sequences):
-            raise ValueError("poisoned batch")
-        return [[float(len(ids)), float(ids[0])] for ids in sequences]
-
-    def release(self) -> None:
-        self._released.set()
-
-    async def running(self, batches: int) -> None:
-        """Returns once `batches` batches have started."""
-
-        def wait() -> bool:
-            with self._started:
-                return self._started.wait_for(lambda: len(self.ran) >= batches, WAIT)
-
-        assert await asyncio.to_thread(wait), f"{batches} batches did not start"
 
 
 async def until(condition, seconds: float = WAIT) -> None:
@@ -255,21 +208,28 @@ def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late()
     run(scenario, model, ONE_TEXT_BATCHES)
 
 
-def test_a_failing_batch_is_split_and_only_the_text_that_fails_alone_fails():
+def test_a_poisoned_text_fails_alone_the_batch_split_down_to_it_and_the_error_is_logged_once(caplog):
     model = FakeModel(poison=666)
     texts = [text(name, 10) for name in range(1, 8)]
     texts.insert(3, [666] * 10)
+    splits_before = REGISTRY.get_sample_value("classifier_batch_splits_total", {"reason": "error"}) or 0.0
 
     async def scenario(batcher, clock):
         submission = batcher.submit(texts)
-        return await asyncio.wait_for(asyncio.gather(*submission.futures, return_exceptions=True), WAIT)
+        answers = await asyncio.wait_for(asyncio.gather(*submission.futures, return_exceptions=True), WAIT)
+        return answers, batcher.queue.policy.max_batch_tokens
 
-    answers = run(scenario, model, SHARED_BATCHES)
+    with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        answers, budget = run(scenario, model, SHARED_BATCHES)
     assert isinstance(answers[3], InferenceFailed) and "ValueError: poisoned batch" in str(answers[3])
     assert [answer for index, answer in enumerate(answers) if index != 3] == [
         scores_of(ids) for index, ids in enumerate(texts) if index != 3
     ]
     assert len(model.ran[0]) == 8 and [len(batch) for batch in model.ran].count(1) >= 1  # split down to one
+    assert len([r for r in caplog.records if "inference failed" in r.getMessage()]) == 1
+    splits = REGISTRY.get_sample_value("classifier_batch_splits_total", {"reason": "error"}) - splits_before
+    assert splits == 3  # 8 -> 4 -> 2 -> 1
+    assert budget == SHARED_BATCHES.max_batch_tokens  # an ordinary error does not touch the budget
 
 
 def test_drain_refuses_new_texts_and_answers_everything_queued_before_returning():

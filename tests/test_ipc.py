@@ -14,6 +14,7 @@ import time
 import msgspec
 import pytest
 
+from service.errors import Overloaded
 from service.ipc import (
     Cancel,
     EngineClient,
@@ -28,41 +29,15 @@ from service.ipc import (
     Scores,
     ToEngine,
 )
+from tests.fakes import FakeScorer
 
 BOUND = 20  # seconds any single wait may take on a loaded machine before the test fails
-
-
-class Overloaded(Exception):
-    pass
 
 
 def describe(error: Exception) -> tuple[str, str, float | None]:
     if isinstance(error, Overloaded):
         return "overloaded", str(error), 3.0
     return "inference_failed", f"{type(error).__name__}: {error}", None
-
-
-class FakeScorer:
-    """Scores each text as [len(ids), sum(ids)]; token id 0 makes a request wait until released; -1 overloads."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.started = asyncio.Event()
-        self.cancelled: list[list[list[int]]] = []
-        self.deadlines: list[float] = []
-
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        self.deadlines.append(deadline)
-        if any(-1 in ids for ids in token_ids):
-            raise Overloaded("the queue is full; retry in about 3 s")
-        if any(0 in ids for ids in token_ids):
-            self.started.set()
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                self.cancelled.append(token_ids)
-                raise
-        return [[float(len(ids)), float(sum(ids))] for ids in token_ids]
 
 
 def ready_state() -> EngineState:

@@ -1,0 +1,110 @@
+"""The fakes the tests share: an injected clock, the batcher's model and the engine's back half. Each is defined
+here once; tests import them. No torch here: the engine processes that tests spawn import this module too."""
+
+import asyncio
+import threading
+
+from service.errors import Overloaded
+
+WAIT = 60  # seconds a fake waits for a test's go-ahead on a loaded machine: a hang fails, a slow machine does not
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the test (or a fake model) moves `now`."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeModel:
+    """The batcher's model (`collate`, `run`): scores a text as [its length, its first token id], so every answer
+    names its text. It records each batch before running it (`ran`, and the texts' lengths in `lengths`). With a
+    clock, each batch advances it by `batch_seconds`. While `held`, a batch that starts running waits for
+    `release()`; a batch holding the token `poison` raises ValueError."""
+
+    def __init__(
+        self, clock: FakeClock | None = None, batch_seconds: float = 0.0, held: bool = False, poison: int | None = None
+    ) -> None:
+        self.clock, self.batch_seconds = clock, batch_seconds
+        self.ran: list[list[list[int]]] = []  # the batches, in the order they ran
+        self.lengths: list[int] = []  # the lengths of the texts they held, in the same order
+        self.poison = poison
+        self._started = threading.Condition()
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
+
+    def collate(self, sequences: list[list[int]], padded_length: int) -> list[list[int]]:
+        assert all(len(ids) <= padded_length for ids in sequences)
+        return [list(ids) for ids in sequences]
+
+    def run(self, sequences: list[list[int]]) -> list[list[float]]:
+        with self._started:
+            self.ran.append(sequences)
+            self.lengths.extend(len(ids) for ids in sequences)
+            self._started.notify_all()
+        assert self._released.wait(WAIT)
+        if self.clock is not None:
+            self.clock.now += self.batch_seconds  # wall time a batch takes, model and everything else on the CPU
+        if self.poison is not None and any(self.poison in ids for ids in sequences):
+            raise ValueError("poisoned batch")
+        return [[float(len(ids)), float(ids[0])] for ids in sequences]
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def running(self, batches: int) -> None:
+        """Returns once `batches` batches have started."""
+
+        def wait() -> bool:
+            with self._started:
+                return self._started.wait_for(lambda: len(self.ran) >= batches, WAIT)
+
+        assert await asyncio.to_thread(wait), f"{batches} batches did not start"
+
+
+class FakeScorer:
+    """The engine's back half (what `Engine` and the engine process call: `score`, `ready`, `info`, `stop`): scores
+    each text as [len(ids), sum(ids)].
+
+    A request with a text holding `hold_token` waits in `score` until `release` is set (`started` says it got
+    there); if its caller is cancelled meanwhile (its client left), its token ids go to `cancelled`. A request with a
+    text holding `fail_token` raises `failure` (by default: the queue is full, retry in 3 s). `accepting` is what
+    `ready` says; `stop` ends it.
+    """
+
+    def __init__(self, failure: Exception | None = None, hold_token: int = 0, fail_token: int = -1) -> None:
+        self.failure = failure or Overloaded("queue_full", "the queue is full", 3.0)
+        self.hold_token, self.fail_token = hold_token, fail_token
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.cancelled: list[list[list[int]]] = []
+        self.deadlines: list[float] = []
+        self.accepting = True
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting
+
+    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+        self.deadlines.append(deadline)
+        if any(self.fail_token in ids for ids in token_ids):
+            raise self.failure
+        if any(self.hold_token in ids for ids in token_ids):
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(token_ids)
+                raise
+        return [[float(len(ids)), float(sum(ids))] for ids in token_ids]
+
+    def info(self) -> dict:
+        """The batching section of /info."""
+        return {"max_batch_tokens": 512, "effective_max_batch_tokens": 512}
+
+    async def stop(self) -> None:
+        self.accepting = False
