@@ -1,4 +1,5 @@
-"""loadtest/probe.py: /metrics parsed and diffed as Prometheus would, percentiles, and the one readiness wait."""
+"""loadtest/probe.py, the load-test harness: /metrics parsed and diffed as Prometheus would, the one percentile, the
+one readiness wait."""
 
 import subprocess
 import sys
@@ -66,10 +67,12 @@ def test_histogram_quantile_interpolates_like_prometheus():
     assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None  # no observations
 
 
-def test_percentile_interpolates_between_closest_ranks_like_numpy():
+def test_percentile_is_the_nearest_rank_from_above_as_wrk_and_locust_count():
     values = [0.013, 0.2, 0.011, 5.0, 0.4, 0.09, 0.3]
-    for p in (1, 50, 90, 99):
-        assert percentile(values, p) == pytest.approx(numpy.percentile(values, p))
+    for p in (1, 50, 90, 99):  # p% of 7 values is never a whole number of them: numpy's inverted_cdf agrees
+        assert percentile(values, p) == pytest.approx(numpy.percentile(values, p, method="inverted_cdf"))
+    assert percentile([4, 1, 3, 2], 50) == 3  # rank floor(0.5 * 4) = 2 of 0..3: the higher middle, and still an int
+    assert percentile(list(range(100)), 99) == 99 and percentile(list(range(100)), 100) == 99
     assert percentile([7.0], 99) == 7.0
     assert percentile([], 50) is None
 
