@@ -2,11 +2,13 @@
 one readiness wait."""
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy
@@ -104,15 +106,24 @@ class Readiness(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler], **attributes) -> Iterator[tuple[ThreadingHTTPServer, str]]:
+    """A local HTTP server in a thread (no service process), with `attributes` set on it for its handler."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for name, value in attributes.items():
+        setattr(server, name, value)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def readiness_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Readiness)
-    server.ready = threading.Event()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Readiness, ready=threading.Event()) as served:
+        yield served
 
 
 def test_wait_until_ready_waits_for_200_and_times_out_with_a_clear_error(readiness_server):
@@ -206,13 +217,8 @@ class Classify(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def classify_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Classify)
-    server.connections = 0
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Classify, connections=0) as served:
+        yield served
 
 
 def test_client_reuses_keep_alive_connections_and_hangs_up_when_asked(classify_server):
