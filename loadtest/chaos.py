@@ -135,12 +135,12 @@ async def overload(
     signalled: list[float] = []
     started = time.perf_counter()
 
-    def signal_now() -> None:
+    def signal_now(send: Callable[[], None]) -> None:
         signalled.append(time.perf_counter() - started)
-        sigterm()
+        send()
 
     if sigterm is not None:
-        asyncio.get_running_loop().call_later(duration, signal_now)
+        asyncio.get_running_loop().call_later(duration, signal_now, sigterm)
 
     def arrive(_: int) -> Awaitable[None]:
         kind = rng.choices(kinds, shares)[0]  # drawn in turn with the arrival gaps, from the same generator
