@@ -21,25 +21,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from corpus import load_texts  # noqa: E402  (the loadtest directory is not a package for locust either)
-from probe import Interval, ServiceNotReady, percentile, scrape, wait_until_ready  # noqa: E402
+from loadtest.corpus import load_texts
+from loadtest.probe import (
+    Client,
+    Interval,
+    ServerProcess,
+    ServerSummary,
+    ServiceNotReady,
+    open_loop,
+    percentile,
+    scrape,
+    server_summary,
+    service_command,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 HUGE_TEXT = "This film goes on and on. " * 80_000  # 2.08 MB of text, about 560,000 tokens when read whole
 KINDS = {  # name: (share of arrivals, timeout_ms sent, seconds after which the client leaves)
     "patient": (0.55, 5000, None),
@@ -59,71 +66,13 @@ class Outcome:
     seconds: float
 
 
-@dataclass
-class Client:
-    """A minimal HTTP/1.1 client on asyncio streams with a pool of keep-alive connections (cheap on 2 cores)."""
-
-    host: str
-    port: int
-    idle: list = field(default_factory=list)
-
-    # uvicorn closes connections idle for 5 s; one reused just as it closes would read as a lost answer.
-    MAX_IDLE_SECONDS = 2.0
-
-    async def post(self, body: bytes, leave_after: float | None = None) -> tuple[str, bytes]:
-        reader, writer = await self._connection(fresh=leave_after is not None)
-        try:
-            writer.write(
-                b"POST /classify HTTP/1.1\r\nHost: chaos\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-            if leave_after is not None:
-                await asyncio.sleep(leave_after)
-                writer.close()
-                return "left", b""
-            status, headers = await self._head(reader)
-            payload = await reader.readexactly(int(headers.get("content-length", "0")))
-        except BaseException:
-            writer.close()
-            raise
-        if headers.get("connection", "").lower() == "close":
-            writer.close()
-        else:
-            self.idle.append((reader, writer, time.monotonic()))
-        return status, payload
-
-    async def _connection(self, fresh: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while self.idle and not fresh:
-            reader, writer, since = self.idle.pop()
-            if time.monotonic() - since < self.MAX_IDLE_SECONDS and not reader.at_eof():
-                return reader, writer
-            writer.close()
-        return await asyncio.open_connection(self.host, self.port)
-
-    @staticmethod
-    async def _head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionError("connection closed before a response")
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status_line.split()[1].decode(), headers
-
-
 # RSS is read this long after the last answer (and after the warm-up), once the service has had its idle second
 # to give free heap pages back (CLASSIFIER_IDLE_HEAP_TRIM_SECONDS); the reading at once is printed too.
 SETTLE_SECONDS = 3.0
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError("no VmRSS")
+def rss_mib(server: ServerProcess) -> float:
+    return round(server.rss_mib(), 1)
 
 
 def growth(rss: float, baseline: float) -> str:
@@ -131,9 +80,8 @@ def growth(rss: float, baseline: float) -> str:
 
 
 async def timed(client: Client, body: dict, leave_after: float | None = None) -> tuple[str, float]:
-    started = time.perf_counter()
-    status, _ = await client.post(json.dumps(body).encode(), leave_after)
-    return status, time.perf_counter() - started
+    answer = await client.request("/classify", json.dumps(body).encode(), leave_after)
+    return answer.status, answer.seconds
 
 
 async def short_text_latencies(client: Client, rounds: int, beside_huge: bool) -> list[float]:
@@ -172,36 +120,34 @@ async def one_arrival(client: Client, kind: str, texts: list[str], outcomes: lis
     if timeout_ms:
         body["timeout_ms"] = timeout_ms
     sent_at = time.perf_counter() - started
-    try:
-        status, seconds = await timed(client, body, leave_after)
-    except (OSError, asyncio.IncompleteReadError, ConnectionError) as error:
-        status, seconds = f"error: {type(error).__name__}", time.perf_counter() - started - sent_at
+    status, seconds = await timed(client, body, leave_after)
     outcomes.append(Outcome(kind, sent_at, status, seconds))
 
 
-async def overload(client: Client, texts: list[str], rate: float, duration: float, sigterm, tail: float):
-    """Poisson arrivals at `rate`/s for `duration` s, then `sigterm()`, then `tail` more seconds of arrivals."""
+async def overload(
+    client: Client, texts: list[str], rate: float, duration: float, sigterm: Callable[[], None] | None, tail: float
+) -> tuple[list[Outcome], float | None]:
+    """Poisson arrivals at `rate`/s for `duration` s, then `sigterm()`, while `tail` more seconds of arrivals go on.
+    Returns every outcome and when the SIGTERM went (seconds into the run)."""
     rng = random.Random(1)
     kinds, shares = list(KINDS), [share for share, _, _ in KINDS.values()]
     outcomes: list[Outcome] = []
-    tasks = set()
+    signalled: list[float] = []
     started = time.perf_counter()
-    next_at, signalled_at = 0.0, None
-    while next_at < duration + tail:
-        now = time.perf_counter() - started
-        if sigterm is not None and signalled_at is None and now >= duration:
-            signalled_at = now
-            sigterm()
-        if next_at > now:
-            await asyncio.sleep(next_at - now)
-        kind = rng.choices(kinds, shares)[0]
-        task = asyncio.create_task(one_arrival(client, kind, texts, outcomes, started))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        next_at += rng.expovariate(rate)
-    if tasks:
-        await asyncio.wait(tasks, timeout=120)
-    return outcomes, signalled_at
+
+    def signal_now(send: Callable[[], None]) -> None:
+        signalled.append(time.perf_counter() - started)
+        send()
+
+    if sigterm is not None:
+        asyncio.get_running_loop().call_later(duration, signal_now, sigterm)
+
+    def arrive(_: int) -> Awaitable[None]:
+        kind = rng.choices(kinds, shares)[0]  # drawn in turn with the arrival gaps, from the same generator
+        return one_arrival(client, kind, texts, outcomes, started)
+
+    await open_loop(rate, duration + tail, arrive, rng, wait=120)
+    return outcomes, signalled[0] if signalled else None
 
 
 def report_overload(outcomes: list[Outcome], cut_at: float) -> dict:
@@ -241,97 +187,79 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def start_service(model: str | None, port: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ}
-    if model:
-        env["MODEL"] = model
-    log = tempfile.NamedTemporaryFile("w+", prefix="chaos-service-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, 600, process)
-    except ServiceNotReady as error:
-        process.kill()
-        raise SystemExit(f"{error}; log in {log.name}") from None
-    return process, url
+def chaos(args: argparse.Namespace) -> dict:
+    log_path = Path(tempfile.gettempdir()) / f"chaos-service-{args.port}.log"
+    with ServerProcess(service_command(args.model, args.port), args.port, log_path, ready_timeout=600) as server:
+        model = httpx.get(f"{server.url}/info").json()["model"]
+        return asyncio.run(measure(server, model, args))
 
 
-async def chaos(args: argparse.Namespace) -> dict:
-    process, url = start_service(args.model, args.port)
-    client = Client("127.0.0.1", args.port)
+async def measure(server: ServerProcess, model: str, args: argparse.Namespace) -> dict:
+    client = Client.of(server.url)
     texts = load_texts()
-    result: dict = {"model": httpx.get(f"{url}/info").json()["model"]}
-    try:
-        await saturation_rate(client, texts, 5)  # warm-up: allocator, caches, the throughput meter
-        await asyncio.sleep(SETTLE_SECONDS)
-        warm = rss_mib(process.pid)
-        rss = result["rss_mib"] = {"after_warm_up": warm}
-        alone = await short_text_latencies(client, 30, beside_huge=False)
-        beside = await short_text_latencies(client, 30, beside_huge=True)
-        result["short_text_ms"] = {
-            "alone_p50": _ms(statistics.median(alone)),
-            "alone_max": _ms(max(alone)),
-            "beside_2mb_text_p50": _ms(statistics.median(beside)),
-            "beside_2mb_text_max": _ms(max(beside)),
-        }
-        rate = args.saturation_rps or await saturation_rate(client, texts, 10)
-        result["saturation_requests_per_second"] = round(rate, 1)
-        result["arrival_rate"] = round(rate * args.overload, 1)
-        before = scrape(url)
+    result: dict = {"model": model}
+    await saturation_rate(client, texts, 5)  # warm-up: allocator, caches, the throughput meter
+    await asyncio.sleep(SETTLE_SECONDS)
+    warm = rss_mib(server)
+    rss = result["rss_mib"] = {"after_warm_up": warm}
+    alone = await short_text_latencies(client, 30, beside_huge=False)
+    beside = await short_text_latencies(client, 30, beside_huge=True)
+    result["short_text_ms"] = {
+        "alone_p50": _ms(percentile(alone, 50)),
+        "alone_max": _ms(max(alone)),
+        "beside_2mb_text_p50": _ms(percentile(beside, 50)),
+        "beside_2mb_text_max": _ms(max(beside)),
+    }
+    rate = args.saturation_rps or await saturation_rate(client, texts, 10)
+    result["saturation_requests_per_second"] = round(rate, 1)
+    result["arrival_rate"] = round(rate * args.overload, 1)
+    before = scrape(server.url)
+    outcomes, _ = await overload(client, texts, rate * args.overload, args.duration, None, 0.0)
+    change = Interval(before, scrape(server.url))  # every request has its answer by now: the queue is empty
+    rss["at_once_after_run"] = rss_mib(server)
+    await asyncio.sleep(SETTLE_SECONDS)
+    rss["after_run"] = rss_mib(server)
+    rss["growth_after_run"] = growth(rss["after_run"], warm)
+    result["overload"] = report_overload(outcomes, args.duration)
+    result["server_counters"] = server_counters(server_summary(change))
+    for run in range(2, args.runs + 1):
         outcomes, _ = await overload(client, texts, rate * args.overload, args.duration, None, 0.0)
-        change = Interval(before, scrape(url))  # every request has its answer by now: the queue is empty
-        rss["at_once_after_run"] = rss_mib(process.pid)
         await asyncio.sleep(SETTLE_SECONDS)
-        rss["after_run"] = rss_mib(process.pid)
-        rss["growth_after_run"] = growth(rss["after_run"], warm)
-        result["overload"] = report_overload(outcomes, args.duration)
-        result["server_counters"] = server_counters(change)
-        for run in range(2, args.runs + 1):
-            outcomes, _ = await overload(client, texts, rate * args.overload, args.duration, None, 0.0)
-            await asyncio.sleep(SETTLE_SECONDS)
-            rss[f"after_run_{run}"] = rss_mib(process.pid)
-            rss[f"growth_after_run_{run}"] = growth(rss[f"after_run_{run}"], warm)
-            result[f"overload_run_{run}"] = report_overload(outcomes, args.duration)
-        signalled: list[float] = []
+        rss[f"after_run_{run}"] = rss_mib(server)
+        rss[f"growth_after_run_{run}"] = growth(rss[f"after_run_{run}"], warm)
+        result[f"overload_run_{run}"] = report_overload(outcomes, args.duration)
+    signalled: list[float] = []
 
-        def sigterm() -> None:
-            signalled.append(time.perf_counter())
-            process.send_signal(signal.SIGTERM)
+    def sigterm() -> None:
+        signalled.append(time.perf_counter())
+        server.process.send_signal(signal.SIGTERM)
 
-        outcomes, signalled_at = await overload(client, texts, rate * args.overload, 5.0, sigterm, 3.0)
-        result["sigterm_under_load"] = report_overload(outcomes, signalled_at)
-        try:
-            result["exit_code"] = await asyncio.to_thread(process.wait, args.grace)
-            result["exit_seconds_after_sigterm"] = round(time.perf_counter() - signalled[0], 1)
-        except subprocess.TimeoutExpired:
-            result["exit_seconds_after_sigterm"] = f"> {args.grace} (killed)"
-    finally:
-        if process.poll() is None:
-            process.kill()
+    outcomes, signalled_at = await overload(client, texts, rate * args.overload, 5.0, sigterm, 3.0)
+    result["sigterm_under_load"] = report_overload(outcomes, signalled_at)
+    try:
+        result["exit_code"] = await asyncio.to_thread(server.process.wait, args.grace)
+        result["exit_seconds_after_sigterm"] = round(time.perf_counter() - signalled[0], 1)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        result["exit_seconds_after_sigterm"] = f"> {args.grace} (killed)"
     return result
 
 
-def server_counters(change: Interval) -> dict:
-    def grew(name: str, **labels: str) -> float:
-        return round(change.delta(name, **labels))
-
-    real, unanswered = grew("classifier_real_tokens_total"), grew("classifier_unanswered_tokens_total")
-    batches = change.delta("classifier_batch_size_count")
+def server_counters(summary: ServerSummary) -> dict:
+    real, unanswered, batches = round(summary.real_tokens), round(summary.unanswered_tokens), summary.batches
     return {
         # How the backlog batched: texts and real tokens per batch, and the share of computed tokens that were real.
         "batches": round(batches),
-        "texts_per_batch": round(change.delta("classifier_batch_size_sum") / batches, 1) if batches else None,
+        "texts_per_batch": round(summary.batch_size.sum / batches, 1) if batches else None,
         "real_tokens_per_batch": round(real / batches) if batches else None,
-        "padding_efficiency": round(real / grew("classifier_padded_tokens_total"), 3) if batches else None,
+        "padding_efficiency": round(summary.padding_efficiency, 3) if summary.padding_efficiency is not None else None,
         "model_tokens": real,
         "model_tokens_on_answers_nobody_received": unanswered,
         "share_wasted": round(unanswered / real, 4) if real else None,
-        "texts_dropped_client_gone": grew("classifier_cancelled_texts_total", reason="client_gone"),
-        "texts_dropped_deadline": grew("classifier_cancelled_texts_total", reason="deadline"),
-        "texts_refused_predicted_wait": grew("classifier_rejected_texts_total", reason="predicted_wait"),
-        "texts_refused_queue_full": grew("classifier_rejected_texts_total", reason="queue_full"),
+        "texts_dropped_client_gone": round(summary.cancelled_texts.get("client_gone", 0)),
+        "texts_dropped_deadline": round(summary.cancelled_texts.get("deadline", 0)),
+        "texts_refused_predicted_wait": round(summary.rejected_texts.get("predicted_wait", 0)),
+        "texts_refused_queue_full": round(summary.rejected_texts.get("queue_full", 0)),
     }
 
 
@@ -348,7 +276,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(json.dumps(asyncio.run(chaos(parse_args(argv))), indent=2))
+    try:
+        result = chaos(parse_args(argv))
+    except ServiceNotReady as error:
+        raise SystemExit(str(error)) from None
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Front-end capacity: how many requests the service's CPU side answers when the model costs next to nothing.
 
-    python loadtest/frontend_benchmark.py [--duration 15] [--rounds 3] [--workers 1,2] [--baseline DIR ...]
+    python -m loadtest.frontend_benchmark [--duration 15] [--rounds 3] [--workers 1,2] [--baseline DIR ...]
                                           [--model DIR] [--multi 8] [--connections 64] [--profile SECONDS]
 
 The model is a 1-layer BERT of hidden size 16 with the real default-model tokenizer (MiniLM's WordPiece), built
@@ -27,14 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loadtest.corpus import load_texts
+from loadtest.probe import ROOT, ServerProcess, machine, service_command, write_bodies, wrk, wrk_command
 
-from loadtest.corpus import load_texts  # noqa: E402
-from loadtest.probe import ServerProcess  # noqa: E402
-
-WRK_SCRIPT = ROOT / "loadtest" / "wrk_classify.lua"
 RESULTS = ROOT / "loadtest" / "results"
+WRK_TIMEOUT = 30  # seconds: a request unanswered this long counts as a socket error
 DEFAULT_TOKENIZER = Path.home() / ".cache" / "classifier-service" / "default-model-v1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -108,31 +105,14 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
 # --- the load ---
 
 
-def write_bodies(texts: list[str], per_request: int) -> Path:
-    """One JSON request body per line, for wrk."""
-    path = RESULTS / f"frontend-bodies-{per_request}.jsonl"
-    groups = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1, per_request)]
-    path.write_text("".join(json.dumps({"texts": group}) + "\n" for group in groups))
-    return path
-
-
-def wrk(url: str, bodies: Path, connections: int, seconds: float) -> dict:
-    command = [
-        "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), url, "--",
-        str(bodies),
-    ]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
-
-
-def saturate(server: "Service", bodies: Path, per_request: int, connections: int, seconds: float) -> dict:
+def saturate(server: ServerProcess, bodies: Path, per_request: int, connections: int, seconds: float) -> dict:
     pids = process_tree(server.process.pid)
     before = cpu_seconds(pids)
     started = time.perf_counter()
-    summary = wrk(server.url, bodies, connections, seconds)
+    run = wrk(server.url, bodies, connections, seconds, WRK_TIMEOUT)
     elapsed = time.perf_counter() - started
     after = cpu_seconds(pids)
-    answered = summary["requests"] - summary["non_2xx"]
+    answered = run.answered
     per_process = [
         {"pid": pid, "role": role, "cpu_seconds": spent - before[pid][1], "cpu_utilisation": (spent - before[pid][1]) / elapsed}
         for pid, (role, spent) in after.items()
@@ -142,25 +122,21 @@ def saturate(server: "Service", bodies: Path, per_request: int, connections: int
     for p in per_process:
         p["cpu_ms_per_request"] = 1000 * p["cpu_seconds"] / max(1, answered)
     return {
-        "requests_per_second": answered / (summary["duration_us"] / 1e6),
-        "texts_per_second": answered * per_request / (summary["duration_us"] / 1e6),
-        "failures": summary["non_2xx"] + summary["socket_errors"],
-        "p50_ms": summary["p50_us"] / 1000,
-        "p99_ms": summary["p99_us"] / 1000,
+        "requests_per_second": answered / run.seconds,
+        "texts_per_second": answered * per_request / run.seconds,
+        "failures": run.failures,
+        "p50_ms": run.p50_ms,
+        "p99_ms": run.p99_ms,
         "cpu_ms_per_request": 1000 * cpu_total / max(1, answered),
         "cpu_utilisation": cpu_total / elapsed,
         "processes": sorted(per_process, key=lambda p: -p["cpu_seconds"]),
     }
 
 
-class Service(ServerProcess):
+def start_service(source: Path, model: Path, port: int, env: dict[str, str]) -> ServerProcess:
     """`python -m service` from `source` (a tree holding the service package) on a loopback port."""
-
-    def __init__(self, source: Path, model: Path, port: int, env: dict[str, str]) -> None:
-        environment = {**os.environ, "CLASSIFIER_LOG_LEVEL": "warning", **env}
-        environment.pop("MODEL", None)
-        command = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)]
-        super().__init__(command, port, RESULTS / f"frontend-server-{port}.log", environment, source)
+    log_path = RESULTS / f"frontend-server-{port}.log"
+    return ServerProcess(service_command(model, port), port, log_path, {"CLASSIFIER_LOG_LEVEL": "warning", **env}, source)
 
 
 def configurations(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, str]]]:
@@ -173,9 +149,9 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, 
     return configs
 
 
-def profile(server: Service, bodies: Path, connections: int, seconds: float, output: Path) -> None:
+def profile(server: ServerProcess, bodies: Path, connections: int, seconds: float, output: Path) -> None:
     """py-spy, all processes and threads of the service, native frames included, under the single-text load."""
-    load = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds + 4:g}s", "-s", str(WRK_SCRIPT), server.url, "--", str(bodies)], stdout=subprocess.DEVNULL)
+    load = subprocess.Popen(wrk_command(server.url, bodies, connections, seconds + 4, WRK_TIMEOUT), stdout=subprocess.DEVNULL)
     time.sleep(2)
     subprocess.run(
         [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.process.pid), "--subprocesses", "--threads", "--native", "--idle",
@@ -203,15 +179,16 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     model_dir = Path(args.model) if args.model else build_near_zero_cost_model(Path(tempfile.mkdtemp(prefix="frontend-model-")))
     texts = load_texts(args.texts)
-    loads = [(1, write_bodies(texts, 1))] + ([(args.multi, write_bodies(texts, args.multi))] if args.multi > 1 else [])
+    per_request = [1, args.multi] if args.multi > 1 else [1]
+    loads = [(per, write_bodies(RESULTS / f"frontend-bodies-{per}.jsonl", texts, per)) for per in per_request]
     common_env = {"CLASSIFIER_TUNE": "false"} if not args.model else {}
     common_env.update(dict(item.split("=", 1) for item in args.env))
     configs = configurations(args)
 
     if args.profile:
         name, source, env = configs[0]
-        with Service(source, model_dir, 8801, {**common_env, **env}) as server:
-            wrk(server.url, loads[0][1], 8, 3)
+        with start_service(source, model_dir, 8801, {**common_env, **env}) as server:
+            wrk(server.url, loads[0][1], 8, 3, WRK_TIMEOUT)
             output = RESULTS / "frontend-profile.txt"
             profile(server, loads[0][1], args.connections, args.profile, output)
         print(f"py-spy samples of {name}: {output}")
@@ -220,8 +197,8 @@ def main() -> None:
     runs: dict[str, dict[int, list[dict]]] = {name: {per: [] for per, _ in loads} for name, _, _ in configs}
     for round_number in range(args.rounds):
         for index, (name, source, env) in enumerate(configs):
-            with Service(source, model_dir, 8801 + index, {**common_env, **env}) as server:
-                wrk(server.url, loads[0][1], 8, 3)  # warm up connections and caches
+            with start_service(source, model_dir, 8801 + index, {**common_env, **env}) as server:
+                wrk(server.url, loads[0][1], 8, 3, WRK_TIMEOUT)  # warm up connections and caches
                 for per_request, bodies in loads:
                     result = saturate(server, bodies, per_request, args.connections, args.duration)
                     runs[name][per_request].append(result)
@@ -255,11 +232,6 @@ def print_summary(runs: dict, configs: list) -> None:
                 ratios = [b["requests_per_second"] / a["requests_per_second"] for a, b in zip(runs[first][per_request], runs[name][per_request])]
                 print(f"{name} / {first}, {per_request} text(s)/request: median {statistics.median(ratios):.2f} "
                       f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
-
-
-def machine() -> dict:
-    model_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    return {"cpu": model_name, "cores": os.cpu_count(), "python": sys.version.split()[0]}
 
 
 if __name__ == "__main__":

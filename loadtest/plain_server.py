@@ -1,6 +1,6 @@
 """The baseline the service must beat: a plain FastAPI server running one forward pass per text in a thread pool.
 
-`python loadtest/plain_server.py MODEL_DIR PORT` serves `POST /classify` with the service's request and answer shape
+`python -m loadtest.plain_server MODEL_DIR PORT` serves `POST /classify` with the service's request and answer shape
 (`{"texts": str | [str], "top_k": int | null, "truncate": bool}` -> `{"model", "results": [{"label", "score",
 "labels", "tokens", "truncated"}]}`) and `GET /ready`, with no queue, no batching and no padding (a single text needs
 none), in fp32, as a first server for a classifier is usually written. The benchmark and the report start it beside

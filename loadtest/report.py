@@ -14,13 +14,14 @@ packaged long-tailed corpus of `loadtest/corpus.py` by default, or a file: one t
     4. the service as it ships: buckets, with the precision and token budget start-up tuning measures (reduced
        precision where the device gains from it);
   and two baselines: the service with batching off (CLASSIFIER_MAX_BATCH_SIZE=1) and a plain one-forward-per-request
-  server (`loadtest/plain_server.py`).
+  server (`python -m loadtest.plain_server`).
 
 Each is saturated by wrk (a closed loop of `--concurrency` clients, one text per request, in `--repeats` runs, so
 every number has a spread); the service, batching off and the plain server are then driven by Poisson arrivals at
 fractions of their own saturation rate (the knee). Padding, padded lengths and latency by length class come from
 the service's /metrics; peak RSS from /proc. Writes report.md, results.json (every number), plots.json (the data
-each plot draws) and PNG plots to --out, and prints where.
+each plot draws) and PNG plots to --out, and prints where. Latency percentiles, client-side, are those of
+loadtest/probe.py's percentile() (the nearest rank from above), wrk's included.
 """
 
 from __future__ import annotations
@@ -30,27 +31,33 @@ import asyncio
 import csv
 import json
 import os
-import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from loadtest.benchmark import Connection, saturate  # noqa: E402
-from loadtest.probe import Interval, ServerProcess, scrape  # noqa: E402
-from service.metrics import LENGTH_CLASSES, length_class  # noqa: E402
+from loadtest.probe import (
+    Interval,
+    ServerProcess,
+    free_port,
+    latency_ms,
+    machine,
+    plain_server_command,
+    poisson_requests,
+    saturate,
+    scrape,
+    server_summary,
+    service_command,
+    wait_until_idle,
+)
+from service.metrics import LENGTH_CLASSES, length_class
 
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
 
@@ -85,45 +92,6 @@ def load_report_texts(path: str | None, column: str | None, count: int) -> tuple
     return load_texts(count), f"{count} texts of the packaged long-tailed corpus (`loadtest/corpus.py`, seed 0)"
 
 
-# --- server processes ---
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-class StrategyServer(ServerProcess):
-    """A server subprocess on a free loopback port, its peak RSS read from /proc."""
-
-    def __init__(self, command: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
-        port = free_port()
-        # every command ends where its port goes
-        super().__init__([*command, str(port)], port, log_dir / f"{name}.log", {**os.environ, **env}, ROOT, 600)
-
-    def rss_mib(self) -> float:
-        return proc_status_kib(self.process.pid, "VmRSS") / 1024
-
-    def reset_peak_rss(self) -> bool:
-        """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs); False where that is not allowed."""
-        try:
-            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
-    def peak_rss_mib(self) -> float:
-        return proc_status_kib(self.process.pid, "VmHWM") / 1024
-
-
 # --- the server's own view, from /metrics ---
 
 
@@ -136,113 +104,47 @@ def per_bucket(cumulative: dict[float, float]) -> list[tuple[float, float]]:
 
 def server_view(change: Interval) -> dict:
     """Padding, batch shapes, padded lengths and latency by length class between two scrapes of the service."""
-    batches = change.delta("classifier_batch_size_count")
+    summary = server_summary(change)
     by_length = {}
     for name in LENGTH_CLASSES:
-        latency = change.histogram("classifier_text_latency_seconds", length=name)
-        if latency.count:
+        if name in summary.text_latency_by_length:
+            latency = summary.text_latency_by_length[name]
             by_length[name] = {
                 "texts": latency.count,
                 "p50_ms": 1000 * latency.quantile(0.5),
                 "p99_ms": 1000 * latency.quantile(0.99),
             }
     return {
-        "padding_efficiency": change.delta("classifier_real_tokens_total")
-        / max(1.0, change.delta("classifier_padded_tokens_total")),
-        "batches": batches,
-        "mean_batch_size": change.delta("classifier_batch_size_sum") / max(1.0, batches),
-        "padded_length_histogram": per_bucket(change.histogram("classifier_batch_padded_length").buckets),
+        "padding_efficiency": summary.padding_efficiency,
+        "batches": summary.batches,
+        "mean_batch_size": summary.batch_size.mean,
+        "padded_length_histogram": per_bucket(summary.padded_length.buckets),
         "latency_by_length": by_length,
     }
-
-
-def wait_until_idle(url: str, has_metrics: bool) -> None:
-    """Let the backlog a closed loop left behind finish, so it does not spill into the next measurement: for the
-    service, until its queue is empty and every batch it started has ended; for the plain server (no metrics),
-    until a short text is answered within half a second."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if has_metrics:
-            samples = scrape(url)
-            started = samples.value("classifier_batch_flushes_total")
-            ended = samples.value("classifier_batch_inference_seconds_count")
-            if samples.value("classifier_queue_texts") == 0 and started <= ended:
-                return
-        else:
-            began = time.monotonic()
-            httpx.post(f"{url}/classify", json={"texts": "ready?"}, timeout=300)
-            if time.monotonic() - began < 0.5:
-                return
-        time.sleep(0.2)
 
 
 # --- load: the open loop (Poisson arrivals) ---
 
 
-async def open_loop(
-    url: str, bodies: list[bytes], lengths: list[int], rate: float, duration: float, seed: int
-) -> dict:
-    """Poisson arrivals at `rate` requests/s for `duration` s, one text per request, whatever the server's speed.
-    Returns throughput, p50/p99 and, per length class, p50/p99 of the answered requests."""
-    host, port = url.removeprefix("http://").split(":")
+def open_loop(url: str, bodies: list[bytes], lengths: list[int], rate: float, duration: float, seed: int) -> dict:
+    """Poisson arrivals at `rate` requests/s for `duration` s, one text per request, whatever the server's speed,
+    from a random text on. Returns throughput, p50/p99 and, per length class, p50/p99 of the answered requests."""
     rng = random.Random(seed)
-    idle: list[tuple[Connection, float]] = []
-    answered: list[tuple[int, float]] = []  # (tokens, seconds)
-    failures = 0
-
-    async def send(index: int) -> None:
-        nonlocal failures
-        while idle and idle[-1][1] < time.perf_counter() - 4:  # uvicorn closes keep-alive connections idle for 5 s
-            idle.pop()[0].close()
-        connection = idle.pop()[0] if idle else Connection(host, int(port))
-        started = time.perf_counter()
-        try:
-            status, _ = await asyncio.wait_for(connection.post("/classify", bodies[index]), timeout=120)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            connection.close()
-            failures += 1
-            return
-        if status == 200:
-            answered.append((lengths[index], time.perf_counter() - started))
-        else:
-            failures += 1
-        idle.append((connection, time.perf_counter()))
-
-    tasks, index = [], rng.randrange(len(bodies))
-    started = time.perf_counter()
-    next_at = started
-    while next_at < started + duration:
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(send(index % len(bodies))))
-        index += 1
-        next_at += rng.expovariate(rate)
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
-    for connection, _ in idle:
-        connection.close()
+    first = rng.randrange(len(bodies))
+    run = asyncio.run(poisson_requests(url, bodies, rate, duration, rng, first))
     by_length = {}
     for name in LENGTH_CLASSES:
-        latencies = [seconds for tokens, seconds in answered if length_class(tokens) == name]
+        latencies = [seconds for index, seconds in run.answered if length_class(lengths[index]) == name]
         if latencies:
-            by_length[name] = {"texts": len(latencies), **percentiles(latencies)}
+            by_length[name] = {"texts": len(latencies), **latency_ms(latencies)}
     return {
         "offered_rps": rate,
-        "sent": len(tasks),
-        "answered": len(answered),
-        "failures": failures,
-        "texts_per_second": len(answered) / elapsed,
-        **percentiles([seconds for _, seconds in answered]),
+        "sent": run.sent,
+        "answered": len(run.answered),
+        "failures": run.failures,
+        "texts_per_second": len(run.answered) / run.seconds,
+        **latency_ms([seconds for _, seconds in run.answered]),
         "latency_by_length": by_length,
-    }
-
-
-def percentiles(seconds: list[float]) -> dict:
-    ordered = sorted(seconds)
-    if not ordered:
-        return {"p50_ms": None, "p99_ms": None}
-    return {
-        "p50_ms": 1000 * ordered[len(ordered) // 2],
-        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
     }
 
 
@@ -314,10 +216,8 @@ class Run:
         self.progress.update(1)
 
 
-def command_for(strategy: Strategy, model_dir: str) -> list[str]:
-    if strategy.env is None:
-        return [sys.executable, str(ROOT / "loadtest" / "plain_server.py"), model_dir]
-    return [sys.executable, "-m", "service", "--model", model_dir, "--port"]
+def command_for(strategy: Strategy, model_dir: str, port: int) -> list[str]:
+    return plain_server_command(model_dir, port) if strategy.env is None else service_command(model_dir, port)
 
 
 def env_for(strategy: Strategy, args: argparse.Namespace) -> dict[str, str]:
@@ -340,7 +240,9 @@ def measure(strategy: Strategy, run: Run) -> dict:
     has_metrics = strategy.env is not None
     run.step(f"{strategy.title}: starting")
     started = time.monotonic()
-    with StrategyServer(command_for(strategy, run.model_dir), env_for(strategy, args), run.work_dir, strategy.key) as server:
+    port = free_port()
+    command, log_path = command_for(strategy, run.model_dir, port), run.work_dir / f"{strategy.key}.log"
+    with ServerProcess(command, port, log_path, env_for(strategy, args), ready_timeout=600) as server:
         ready_seconds = time.monotonic() - started
         info = httpx.get(f"{server.url}/info").json() if has_metrics else {}
         run.done()
@@ -385,7 +287,7 @@ def latency_curve(server: ServerProcess, strategy: Strategy, run: Run, saturatio
     for index, fraction in enumerate(run.args.rate_fractions):
         rate = max(0.5, fraction * saturation_rps)
         run.step(f"{strategy.title}: {rate:.0f} requests/s")
-        point = asyncio.run(open_loop(server.url, bodies, run.lengths, rate, run.args.rate_duration, seed=index))
+        point = open_loop(server.url, bodies, run.lengths, rate, run.args.rate_duration, seed=index)
         points.append({"fraction_of_saturation": fraction, **point})
         run.done()
     return points
@@ -399,36 +301,6 @@ def _tuning_summary(info: dict) -> str | None:
         f"precision {info.get('precision')}, token budget {info.get('batching', {}).get('max_batch_tokens')} "
         f"(tuning took {tuning.get('seconds', float('nan')):.1f} s)"
     )
-
-
-# --- the machine ---
-
-
-def machine() -> dict:
-    cpu, flags = platform.processor() or "unknown", set()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name") and cpu in ("unknown", platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    memory_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    import torch
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
-        "memory_gib": round(memory_kib / 2**20, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "commit": commit,
-        "load_average": os.getloadavg(),
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -474,7 +346,7 @@ def main(argv: list[str] | None = None) -> Path:
     lengths = token_lengths(model_dir, texts, max_length)
     plan = strategies(args.classic_batch_size, max_length)
     steps = sum(1 + args.repeats + (len(args.rate_fractions) if s.load_curve else 0) for s in plan)
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     results = {
         "started": started_at.isoformat(timespec="seconds"),
         "command": "python -m loadtest.report " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -5,6 +5,7 @@ Everything here is a function of the measurements `loadtest/report.py` collected
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -13,9 +14,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from service.metrics import LENGTH_CLASSES  # noqa: E402
+from loadtest.probe import percentile
+from service.metrics import LENGTH_CLASSES
 
 DPI = 90
 CURVE_KEYS = ("service", "batching_off", "plain")
@@ -44,7 +46,7 @@ def ratio_and_range(numerator: list[float], denominator: list[float]) -> tuple[f
 def ladder_verdict(rungs: list[tuple[str, list[float]]]) -> tuple[bool, list[str]]:
     """Whether each rung (title, texts/s of its runs) is faster than the one before, with one line per step."""
     lines, ordered = [], True
-    for (previous, slower), (title, faster) in zip(rungs, rungs[1:]):
+    for (previous, slower), (title, faster) in itertools.pairwise(rungs):
         ratio, low, high = ratio_and_range(faster, slower)
         overlap = " (the runs' ranges overlap)" if low <= 1 <= high else ""
         if ratio <= 1:
@@ -69,11 +71,6 @@ def knee(curve: list[dict]) -> dict | None:
 
 def _answered_share(point: dict) -> float:
     return point["answered"] / max(1, point["sent"])
-
-
-def quantile(values: list[int], q: float) -> int:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --- plots: each draws one PNG and returns the data it drew ---
@@ -140,7 +137,7 @@ def plot_lengths(results: dict, path: Path) -> Series:
     left.set_yscale("log")
     left.set_xlabel("tokens per text (after truncation)")
     left.set_ylabel("texts")
-    left.set_title(f"{len(lengths)} texts: p50 {quantile(lengths, 0.5)}, p99 {quantile(lengths, 0.99)} tokens")
+    left.set_title(f"{len(lengths)} texts: p50 {percentile(lengths, 50)}, p99 {percentile(lengths, 99)} tokens")
     drawn: Series = {"text lengths": [[float(edge), float(count)] for edge, count in zip(edges, counts)]}
     ordered = sorted(lengths)
     texts_cdf = [[bound, sum(1 for n in ordered if n <= bound) / len(ordered)] for bound in _cdf_bounds(max_length)]
@@ -240,7 +237,7 @@ def _cdf_bounds(max_length: int) -> list[int]:
     while bound < max_length:
         bounds.append(bound)
         bound *= 2
-    return bounds + [max_length]
+    return [*bounds, max_length]
 
 
 def _save(figure, path: Path) -> None:
@@ -290,8 +287,8 @@ def markdown(results: dict) -> str:
         "(the load generator runs on the same cores; anything else running shows here).",
         f"- Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, commit {machine['commit']}.",
         f"- Model: `{results['model']}` (maximum length {results['max_length']} tokens).",
-        f"- Texts: {results['texts']['source']}; tokens per text p50 {quantile(lengths, 0.5)}, p90 {quantile(lengths, 0.9)}, "
-        f"p99 {quantile(lengths, 0.99)}, max {max(lengths)}.",
+        f"- Texts: {results['texts']['source']}; tokens per text p50 {percentile(lengths, 50)}, p90 {percentile(lengths, 90)}, "
+        f"p99 {percentile(lengths, 99)}, max {max(lengths)}.",
         f"- Load: saturation is {results['options']['repeats']} wrk runs of {results['options']['duration']:g} s with "
         f"{results['options']['concurrency']} keep-alive clients, one text per request; the latency curves are Poisson "
         f"arrivals for {results['options']['rate_duration']:g} s at each of "
@@ -431,7 +428,7 @@ def _knee_sentence(strategies: dict) -> str:
 def _lengths_sentence(results: dict) -> str:
     lengths = results["texts"]["token_lengths"]
     return (
-        f"Left, how long the texts are (log scales: most are short, p50 {quantile(lengths, 0.5)} tokens, with a tail to "
+        f"Left, how long the texts are (log scales: most are short, p50 {percentile(lengths, 50)} tokens, with a tail to "
         f"{max(lengths)}); right, the share of batches padded to at most each length per strategy, against the texts' own "
         "length distribution (dashed): fixed padding pads every batch to the maximum, arrival-order batches are padded "
         "to the longest text that happened to arrive with them, buckets keep them close to the texts' own lengths."

@@ -6,22 +6,22 @@
 Writes to --out-dir: locust's own report (locust.html, locust_*.csv), its final numbers (client.json),
 and summary.json / summary.md, which put what the client felt (requests/s, latency percentiles, failures)
 next to why, from the server's metrics over the same window (queue wait, batch sizes, padding efficiency,
-batch flush reasons, truncations, refusals (429), deadlines (504) and dropped texts). Exits 1 when any request failed or the overall p99 exceeds --max-p99-ms,
-2 when the service is not ready, so it can gate a deployment.
+batch flush reasons, truncations, refusals (429), deadlines (504) and dropped texts). Exits 1 when any request
+failed or the overall p99 exceeds --max-p99-ms, 2 when the service is not ready, so it can gate a deployment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.probe import HistogramChange, Interval, is_ready, scrape
+from loadtest.probe import ROOT, HistogramChange, Interval, is_ready, scrape, server_summary
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-CLASSIFY = "/classify"
 
 # ---------------------------------------------------------------- server metrics
 
@@ -35,27 +35,26 @@ def histogram(change: HistogramChange) -> dict:
     return {"count": round(change.count), "mean": change.mean, "p50": change.quantile(0.5), "p99": change.quantile(0.99)}
 
 
-def server_summary(change: Interval, seconds: float) -> dict:
-    real = change.delta("classifier_real_tokens_total")
-    padded = change.delta("classifier_padded_tokens_total")
-    texts = change.delta("classifier_classified_texts_total")
+def server_report(change: Interval, seconds: float) -> dict:
+    """The server's side of the run, for summary.json."""
+    summary = server_summary(change)
     return {
-        "texts_classified": round(texts),
-        "texts_per_second": texts / seconds if seconds else None,
-        "requests_by_status": counts(change.delta_by("classifier_requests_total", "status", route=CLASSIFY)),
-        "request_seconds": histogram(change.histogram("classifier_request_duration_seconds", route=CLASSIFY)),
-        "queue_wait_seconds": histogram(change.histogram("classifier_queue_wait_seconds")),
-        "batch_inference_seconds": histogram(change.histogram("classifier_batch_inference_seconds")),
-        "batch_size": histogram(change.histogram("classifier_batch_size")),
-        "batch_padding_efficiency": histogram(change.histogram("classifier_batch_padding_efficiency")),
-        "padding_efficiency": real / padded if padded else None,
-        "input_tokens": histogram(change.histogram("classifier_input_tokens")),
-        "batch_flushes_by_reason": counts(change.delta_by("classifier_batch_flushes_total", "reason")),
-        "truncated_texts": round(change.delta("classifier_truncated_texts_total")),
-        "rejected_texts_by_reason": counts(change.delta_by("classifier_rejected_texts_total", "reason")),
-        "cancelled_texts_by_reason": counts(change.delta_by("classifier_cancelled_texts_total", "reason")),
-        "unanswered_tokens": round(change.delta("classifier_unanswered_tokens_total")),
-        "real_tokens": round(real),
+        "texts_classified": round(summary.texts_classified),
+        "texts_per_second": summary.texts_classified / seconds if seconds else None,
+        "requests_by_status": counts(summary.requests_by_status),
+        "request_seconds": histogram(summary.request_seconds),
+        "queue_wait_seconds": histogram(summary.queue_wait),
+        "batch_inference_seconds": histogram(summary.batch_inference),
+        "batch_size": histogram(summary.batch_size),
+        "batch_padding_efficiency": histogram(summary.batch_padding_efficiency),
+        "padding_efficiency": summary.padding_efficiency,
+        "input_tokens": histogram(summary.input_tokens),
+        "batch_flushes_by_reason": counts(summary.flushes),
+        "truncated_texts": round(summary.truncated_texts),
+        "rejected_texts_by_reason": counts(summary.rejected_texts),
+        "cancelled_texts_by_reason": counts(summary.cancelled_texts),
+        "unanswered_tokens": round(summary.unanswered_tokens),
+        "real_tokens": round(summary.real_tokens),
     }
 
 
@@ -63,6 +62,8 @@ def server_summary(change: Interval, seconds: float) -> dict:
 
 
 def run_locust(args: argparse.Namespace, out_dir: Path) -> int:
+    # The locustfile imports loadtest.corpus: this tree goes on the path, wherever the command runs from.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "--host", args.host, "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
@@ -71,7 +72,7 @@ def run_locust(args: argparse.Namespace, out_dir: Path) -> int:
         "--single-weight", str(args.single_weight), "--batch-weight", str(args.batch_weight),
         "--batch-size", str(args.batch_size), "--summary-json", str(out_dir / "client.json"),
     ]  # fmt: skip
-    return subprocess.run(command, check=False).returncode
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def load_seconds(client: dict) -> float:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_p99_ms": args.max_p99_ms,
         "problems": verdict(client, locust_exit, args.max_p99_ms),
         "client": client,
-        "server": server_summary(Interval(before, after), seconds),
+        "server": server_report(Interval(before, after), seconds),
     }
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = markdown(summary)

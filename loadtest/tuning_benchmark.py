@@ -1,6 +1,6 @@
 """Start-up tuning against the old fixed defaults, back to back, on the benchmark's corpus.
 
-    python loadtest/tuning_benchmark.py [--model DIR] [--rounds 2] [--duration 30] [--offline-texts 2000]
+    python -m loadtest.tuning_benchmark [--model DIR] [--rounds 2] [--duration 30] [--offline-texts 2000]
 
 1. Saturation (wrk, 256 keep-alive clients, one text per request) of the service with every default (tuning on:
    precision and budget measured at start-up) and of the service with today's fixed defaults (fp32, 2048 tokens,
@@ -14,21 +14,18 @@ Writes loadtest/results/tuning_benchmark.json.
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from loadtest.benchmark import machine, saturate, service, sorted_batches, wait_for_empty_queue, write_bodies  # noqa: E402
-from loadtest.corpus import load_texts  # noqa: E402
-from service.default_model import ensure_default_model  # noqa: E402
-from service.runner import ModelRunner, load_classifier  # noqa: E402
-from service.tuning import budget_ladder  # noqa: E402
+from loadtest.benchmark import RESULTS, service, sorted_batches
+from loadtest.corpus import load_texts
+from loadtest.probe import machine, saturate, wait_until_idle, write_bodies
+from service.default_model import ensure_default_model
+from service.runner import ModelRunner, load_classifier
+from service.tuning import budget_ladder
 
 FIXED = {"precision": "fp32", "max_batch_tokens": 2048, "tune": "false"}
 
@@ -39,7 +36,7 @@ def saturation_run(model: str, threads: int, bodies: Path, concurrency: int, dur
         ready_seconds = time.monotonic() - started
         info = httpx.get(f"{server.url}/info").json()
         saturate(server.url, bodies, concurrency=8, duration=3)  # warm connections and caches
-        wait_for_empty_queue(server.url, has_metrics=True)
+        wait_until_idle(server.url)
         result = saturate(server.url, bodies, concurrency, duration)
     return {
         **result,
@@ -78,10 +75,10 @@ def main() -> None:
     parser.add_argument("--offline-texts", type=int, default=2000, help="texts for the offline ladder")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    (ROOT / "loadtest" / "results").mkdir(exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
     model = args.model or str(ensure_default_model())
     texts = load_texts(args.texts)
-    bodies = write_bodies(texts, 1)
+    bodies = write_bodies(RESULTS / "bodies-1.jsonl", texts, 1)
     report = {"machine": machine(), "args": vars(args), "rounds": []}
     for round_number in range(args.rounds):
         runs = {}
@@ -100,7 +97,7 @@ def main() -> None:
     chosen = [runs["tuned"]["max_batch_tokens"] for runs in report["rounds"]]
     report["offline"] = {"precision": last["precision"], "texts_per_second": speeds, "best": best, "chosen": chosen,
                          "chosen_over_best": [speeds[budget] / speeds[best] for budget in chosen]}
-    (ROOT / "loadtest" / "results" / "tuning_benchmark.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "tuning_benchmark.json").write_text(json.dumps(report, indent=1))
 
     ratios = [r["ratio"] for r in report["rounds"]]
     print(f"\nsaturation tuned / fixed per round: {', '.join(f'{r:.2f}' for r in ratios)} (target >= 1.3 with native bf16)")

@@ -14,7 +14,10 @@ from loadtest.report import main, per_bucket, read_texts
 from loadtest.report_output import PLOTS, knee, ladder_verdict
 
 STRATEGIES = ("fixed", "dynamic", "buckets", "service", "batching_off", "plain")
-WORDS = "the a film movie was great good bad awful loved hated plot story actors acting boring long slow".split()
+WORDS = [
+    *("the", "a", "film", "movie", "was", "great", "good", "bad", "awful", "loved", "hated"),
+    *("plot", "story", "actors", "acting", "boring", "long", "slow"),
+]
 
 
 def long_tailed_texts(count: int, seed: int = 0) -> list[str]:
