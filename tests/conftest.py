@@ -1,11 +1,8 @@
 """Shared fixtures: tiny random classifiers built offline from a config, and real service processes."""
 
 import contextlib
-import os
-import socket
 import string
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +12,9 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-from loadtest.probe import wait_until_ready
+from loadtest.probe import ROOT as ROOT  # re-exported: the tests import the tree's root from here
+from loadtest.probe import ServerProcess, free_port, service_command
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_MAX_LENGTH = 64
 WORDS = (
     "the a an this that film movie was is great good bad awful loved hated waste of two hours i it and not very "
@@ -110,12 +107,6 @@ def _require_integration_marker() -> None:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def start_service(model_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 90) -> Iterator[str]:
     """Run `python -m service` on a free loopback port until the block ends; yields its base URL once ready."""
@@ -131,29 +122,10 @@ def run_service(
     _require_integration_marker()
     port = free_port()
     # No drain delay unless a test asks for one: every test's teardown sends SIGTERM.
-    env = {**os.environ, "CLASSIFIER_TORCH_THREADS": "1", "CLASSIFIER_DRAIN_DELAY_SECONDS": "0", **(extra_env or {})}
-    env.pop("MODEL", None)
-    # A file, not a pipe: nobody reads the log while the service runs, and a full pipe would block it.
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--model", str(model_dir)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, timeout, process, log)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    env = {"CLASSIFIER_TORCH_THREADS": "1", "CLASSIFIER_DRAIN_DELAY_SECONDS": "0", **(extra_env or {})}
+    command = [*service_command(model_dir, port), "--host", "127.0.0.1"]
+    with tempfile.TemporaryDirectory() as logs, ServerProcess(command, port, Path(logs) / "service.log", env, ready_timeout=timeout) as server:
+        yield server.url, server.process
 
 
 @pytest.fixture(scope="session")
