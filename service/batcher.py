@@ -1,6 +1,10 @@
 """Runs the queue: admits encoded texts from the event loop, builds each batch's inputs on a collation thread,
-runs batches on the one inference thread, and resolves every caller's future with its own scores. The batching
-decisions themselves live in `scheduler`."""
+runs batches on the one inference thread, and resolves every caller's future with its own scores.
+
+The decisions and the other jobs live apart: batching and the one deadline decision in `scheduler`, admission in
+`admission`, the drain-rate estimate they read in `drain_rate`, running a batch (splitting it on failure, the memory
+budget) in `splitting`, and what batches report to Prometheus in `batch_metrics`.
+"""
 
 import asyncio
 import logging
@@ -11,31 +15,16 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any, Protocol
+from typing import Any
 
-from service import metrics
-from service.admission import Backlog, WaitCalibration, plain_wait, predicted_ends, refusal
-from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
-from service.scheduler import Batch, BatchQueue, QueuedText, unreachable
-from service.tuning import MemoryBudget
+from service import batch_metrics, metrics
+from service.admission import Backlog, Refusal, admit, seconds_ahead
+from service.drain_rate import DrainRate
+from service.errors import DeadlineExceeded, NotAccepting, Overloaded
+from service.scheduler import Batch, BatchQueue, QueuedText, deadline_passed, missed_deadlines
+from service.splitting import BatchModel, SplittingRunner
 
 log = logging.getLogger(__name__)
-
-LAG_SMOOTHING = 0.2  # weight of the newest batch's delivery lag
-
-
-class BatchModel(Protocol):
-    """What the batcher runs batches on: building a batch's inputs, and scoring them."""
-
-    def collate(self, sequences: list[list[int]], padded_length: int) -> Any:
-        """The inputs for `sequences` padded to `padded_length`; called on the collation thread."""
-
-    def run(self, inputs: Any) -> list[list[float]]:
-        """Scores per sequence of collated inputs; raises OutOfMemory when the device ran out of memory."""
-
-
-class OutOfMemory(Exception):
-    """The device ran out of memory running a batch (the engine turns the framework's own error into this)."""
 
 
 @dataclass(slots=True)
@@ -61,15 +50,6 @@ class Collated:
 
 
 @dataclass(frozen=True, slots=True)
-class RanBatch:
-    """A batch the inference thread ran: its real tokens, and when it started and ended."""
-
-    real_tokens: int
-    started: float
-    ended: float
-
-
-@dataclass(frozen=True, slots=True)
 class Submission:
     """One request's queued texts, in order: await their futures, or `Batcher.cancel` them."""
 
@@ -80,17 +60,42 @@ class Submission:
         return [item.handle.future for item in self.items]
 
 
-class ThroughputMeter:
-    """Recent real tokens per second of inference, smoothed over batches, for queue drain-time estimates."""
+class InFlight:
+    """The texts that have left the queue unanswered: those of the batch collated while another runs, waiting their
+    turn (still cancellable), and the batch running now (its real tokens and start; 0 tokens when none runs). A
+    batch taken while the inference thread is idle counts as running at once, as it did before collation had its
+    own thread. The batcher's lock guards it."""
 
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self.smoothing = smoothing
-        self.tokens_per_second: float | None = None
+    def __init__(self) -> None:
+        self.waiting: list[QueuedText] = []
+        self.inference_idle = True
+        self._running: tuple[int, float] = (0, 0.0)
 
-    def record(self, tokens: int, seconds: float) -> None:
-        rate = tokens / max(seconds, 1e-6)
-        previous = self.tokens_per_second
-        self.tokens_per_second = rate if previous is None else previous + self.smoothing * (rate - previous)
+    def taken(self, batch: Batch) -> None:
+        self.waiting = [] if self.inference_idle else list(batch.items)
+
+    def withdraw(self, items: list[QueuedText]) -> list[QueuedText]:
+        """Remove those of `items` waiting to run, and return them."""
+        wanted = {id(item) for item in items}
+        withdrawn = [item for item in self.waiting if id(item) in wanted]
+        if withdrawn:
+            self.waiting = [item for item in self.waiting if id(item) not in wanted]
+        return withdrawn
+
+    def started(self, items: list[QueuedText], now: float) -> None:
+        self.waiting, self.inference_idle = [], False
+        self._running = (sum(item.tokens for item in items), now)
+
+    def ended(self) -> None:
+        self._running = (0, 0.0)
+
+    def backlog(self, queued_tokens: int, now: float) -> Backlog:
+        """The work ahead of a new text: the queue's tokens, those waiting to run, and the batch running now."""
+        running_tokens, running_since = self._running
+        return Backlog(queued_tokens + self.waiting_tokens(), running_tokens, now - running_since)
+
+    def waiting_tokens(self) -> int:
+        return sum(item.tokens for item in self.waiting)
 
 
 class Batcher:
@@ -106,31 +111,16 @@ class Batcher:
         queue: BatchQueue,
         model: BatchModel,
         max_queue_tokens: int,
-        meter: ThroughputMeter,
+        rates: DrainRate,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.queue = queue
         self.model = model
         self.max_queue_tokens = max_queue_tokens
-        self.meter = meter
-        # Tokens per second of wall time while batches run back to back: what the model, the tokenizer, HTTP and
-        # the rest of the process sharing the CPU together really drain. Admission and Retry-After use it once it
-        # has a measurement (model time alone promised 5 s waits that took 6 under 3x overload).
-        self.backlog_meter = ThroughputMeter()
-        self.wait_calibration = WaitCalibration()
-        self._previous_batch: RanBatch | None = None
-        # Texts of the batch collated while another runs, waiting their turn: still cancellable. A batch taken while
-        # the inference thread is idle counts as running at once, as it did before collation had its own thread.
-        self._taken: list[QueuedText] = []
-        self._inference_idle = True
-        self._running: tuple[int, float] = (0, 0.0)  # real tokens and start of the batch running now (0: none)
-        # Seconds from a batch's end until its answers reach the event loop, smoothed: under overload the loop
-        # lags behind arrivals, and an answer that reaches it after the deadline is a late answer.
-        self.delivery_lag = 0.0
+        self.rates = rates
         self.clock = clock
-        policy = queue.policy
-        self.memory_budget = MemoryBudget(policy.max_batch_tokens, policy.padded_length(policy.bucket_bounds[-1]))
-        metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(policy.max_batch_tokens)
+        self.splitter = SplittingRunner(model, queue.policy, self._set_budget, clock)
+        self._in_flight = InFlight()
         self._changed = threading.Condition()
         self._accepting = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,18 +138,35 @@ class Batcher:
         """Queue the texts (token ids), to be answered by `deadline` (on this batcher's clock); one future per text.
 
         Raises NotAccepting while draining, DeadlineExceeded when the deadline has already passed, and Overloaded
-        when the queue is full or these texts' predicted answer would come after the deadline.
+        when the queue is full or these texts' predicted answer would come after the deadline (`admission`
+        decides, counting the batch running now, the queued batches texts join or wait behind, and how far real
+        waits have strayed from the plain prediction).
         """
         with self._changed:
             now = self.clock()
             if not self._accepting:
                 raise NotAccepting()
-            if now >= deadline:
+            if deadline_passed(deadline, now):
                 raise DeadlineExceeded()
-            predictions = self._admit(texts, now, deadline - now)
+            waiting_tokens = self._in_flight.waiting_tokens()  # collated, waiting for the running batch
+            places = [self.queue.place(len(ids)) for ids in texts]
+            admitted = admit(
+                now,
+                self._in_flight.backlog(self.queue.tokens, now),
+                sum(len(ids) for ids in texts),
+                [place.tokens_ahead + waiting_tokens for place in places],
+                [None if place.follows is None else place.follows.handle.answer_at for place in places],
+                deadline - now,
+                self.max_queue_tokens,
+                self.rates,
+            )
+            if isinstance(admitted, Refusal):
+                metrics.REJECTED_TEXTS.labels(admitted.reason).inc(len(texts))
+                raise Overloaded(admitted.reason, admitted.message, admitted.retry_after)
+            assert self._loop is not None, "submit before start"
             items = [
-                QueuedText(len(ids), now, Pending(ids, self._loop.create_future(), *prediction), deadline)
-                for ids, prediction in zip(texts, predictions)
+                QueuedText(len(ids), now, Pending(ids, self._loop.create_future(), text.answer_at, text.opening_wait), deadline)
+                for ids, text in zip(texts, admitted)
             ]
             for item in items:
                 self.queue.append(item)
@@ -167,56 +174,22 @@ class Batcher:
             self._changed.notify()
         return Submission(items)
 
-    def _admit(self, texts: list[list[int]], now: float, time_left: float) -> list[tuple[float, float | None]]:
-        """Refuse at once what the queue cannot take, rather than accept it to time out later (`admission` decides,
-        counting the batch running now, the queued batches texts join or wait behind, and how far real waits have
-        strayed from the plain prediction). Returns, per admitted text, when its answer is predicted and, if it opens
-        a batch of its own, its plain predicted wait (what calibrates the next predictions)."""
-        running_tokens, running_since = self._running
-        waiting_tokens = sum(item.tokens for item in self._taken)  # collated, waiting for the running batch
-        backlog = Backlog(self.queue.tokens + waiting_tokens, running_tokens, now - running_since)
-        places = [self.queue.place(len(ids)) for ids in texts]
-        follows = [None if place.follows is None else place.follows.handle.answer_at for place in places]
-        ahead = [place.tokens_ahead + waiting_tokens for place in places]
-        tokens, rate = sum(len(ids) for ids in texts), self._drain_rate()
-        ends = predicted_ends(now, backlog, tokens, ahead, follows, rate, self.wait_calibration.factor)
-        refused = refusal(backlog, tokens, time_left - self.delivery_lag, self.max_queue_tokens, rate, max(ends) - now)
-        if refused is not None:
-            metrics.REJECTED_TEXTS.labels(refused.reason).inc(len(texts))
-            raise Overloaded(refused.reason, refused.message, refused.retry_after)
-        opening_wait = plain_wait(backlog, tokens, rate)
-        return [(end, opening_wait if after is None else None) for end, after in zip(ends, follows)]
-
-    def _record_waits(self, items: list[QueuedText], now: float) -> None:
-        """Teach the calibration how long those of `items` that opened a batch really waited, until `now` (called
-        under the lock)."""
-        for item in items:
-            if item.handle.opening_wait is not None:
-                self.wait_calibration.record(item.handle.opening_wait, now - item.arrived_at)
-
     def cancel(self, submission: Submission, reason: str) -> int:
         """Drop the submission's texts still queued or in the batch waiting to run (`reason`: client_gone, deadline),
         so the model never runs them, and cancel their futures. Texts already in a running batch are left to finish.
         Returns how many were dropped.
         """
         with self._changed:
-            removed = self.queue.remove(submission.items) + self._untake(submission.items)
+            removed = self.queue.remove(submission.items) + self._in_flight.withdraw(submission.items)
             if removed:
-                metrics.CANCELLED_TEXTS.labels(reason).inc(len(removed))
                 if reason == "deadline":
-                    self._record_waits(removed, self.clock())
+                    self._count_missed(removed, self.clock())
+                else:
+                    metrics.CANCELLED_TEXTS.labels(reason).inc(len(removed))
                 self._publish_queue_state()
         for item in removed:
             item.handle.future.cancel()
         return len(removed)
-
-    def _untake(self, items: list[QueuedText]) -> list[QueuedText]:
-        """Remove those of `items` taken for the next batch, not yet running, and return them (under the lock)."""
-        wanted = {id(item) for item in items}
-        untaken = [item for item in self._taken if id(item) in wanted]
-        if untaken:
-            self._taken = [item for item in self._taken if id(item) not in wanted]
-        return untaken
 
     @property
     def accepting(self) -> bool:
@@ -247,10 +220,30 @@ class Batcher:
 
     def _collate(self, items: list[QueuedText]) -> Any:
         try:
-            return self.model.collate([item.handle.ids for item in items], self._padded_length(items))
+            return self.model.collate([item.handle.ids for item in items], self.queue.policy.padded_length_of(items))
         except Exception:  # the inference thread collates it again and fails only the texts that fail alone
             log.exception("collating a batch failed")
             return None
+
+    def _next_batch(self) -> tuple[Batch, bool] | None:
+        """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it; None once
+        draining has emptied the queue. Texts whose deadline passed while queued are failed on the way."""
+        with self._changed:
+            while True:
+                now = self.clock()
+                if missed := self.queue.remove_missed_deadlines(now):
+                    self._count_missed(missed, now)
+                    self._publish_queue_state()
+                    self._fail_soon(missed, DeadlineExceeded())
+                batch = self.queue.next_batch(now)
+                if batch is not None:
+                    self._in_flight.taken(batch)
+                    self._publish_queue_state()
+                    return batch, len(self.queue) > 0
+                if not self._accepting and not len(self.queue):
+                    return None
+                wake_at = self.queue.wake_at()
+                self._changed.wait(None if wake_at is None else max(0.0, wake_at - self.clock()))
 
     def _work(self) -> None:
         while (collated := self._ready.get()) is not None:
@@ -258,134 +251,63 @@ class Batcher:
             self._ready.task_done()  # only now may the collation thread take the next batch
             self._run(collated, live)
             with self._changed:
-                self._inference_idle = True
+                self._in_flight.inference_idle = True
 
-    def _next_batch(self) -> tuple[Batch, bool] | None:
-        """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it; None once
-        draining has emptied the queue."""
+    def _start_running(self, batch: Batch) -> list[QueuedText]:
+        """The batch's texts that still need their answer, now running. Cancelled ones, and those whose deadline
+        would pass before the batch ends and its answers reach the event loop (at the model's measured rate), do not
+        cost model time: a late answer is one the caller has stopped waiting for (under 3x overload, texts taken
+        just before their deadline made a few 500 ms requests answer 200 after 600-700 ms)."""
         with self._changed:
-            while True:
-                now = self.clock()
-                self._expire(now)
-                batch = self.queue.next_batch(now)
-                if batch is not None:
-                    self._taken = [] if self._inference_idle else list(batch.items)
-                    self._publish_queue_state()
-                    return batch, len(self.queue) > 0
-                if not self._accepting and not len(self.queue):
-                    return None
-                deadline = self.queue.next_deadline()
-                self._changed.wait(None if deadline is None else max(0.0, deadline - self.clock()))
-
-    def _measure_backlog(self, collated: Collated, started: float) -> None:
-        """A batch taken from the queue before the previous one ended, with texts still queued behind it, means the
-        queue was backlogged all along: the previous batch's tokens over the wall time from its start to this one's
-        is the rate the queue drains at. Without texts left behind it is one text waiting for another, whose rate
-        says nothing of a backlog's (an 8-token batch followed by a 512-token one measured 300 tokens/s, a twentieth
-        of the rate, and a lone text was then refused as if 10 s of work were queued)."""
-        previous = self._previous_batch
-        if previous is not None and collated.more_queued and collated.taken_at <= previous.ended:
-            with self._changed:  # admission reads the meter under the lock
-                self.backlog_meter.record(previous.real_tokens, started - previous.started)
-
-    def _expire(self, now: float) -> None:
-        """Fail the queued texts whose deadline has passed, before they cost model time (called under the lock)."""
-        expired = self.queue.remove_expired(now)
-        if expired:
-            metrics.CANCELLED_TEXTS.labels("deadline").inc(len(expired))
-            self._record_waits(expired, now)
-            self._publish_queue_state()
-            self._loop.call_soon_threadsafe(_fail, expired, DeadlineExceeded())
+            now = self.clock()
+            live = [item for item in batch.items if not item.handle.future.done()]
+            late = missed_deadlines(live, now, self.rates.model.value, self.rates.delivery_lag)
+            if late:
+                dropped = {id(item) for item in late}
+                live = [item for item in live if id(item) not in dropped]
+                self._count_missed(late, now)
+                self._fail_soon(late, DeadlineExceeded(DeadlineExceeded.unreachable_message))
+            self._in_flight.started(live, now)
+            return live
 
     def _run(self, collated: Collated, live: list[QueuedText]) -> None:
         if not live:
             with self._changed:
-                self._running = (0, 0.0)
+                self._in_flight.ended()
             return
         inputs = collated.inputs if len(live) == len(collated.batch.items) else None
-        batch = Batch(live, self._padded_length(live), collated.batch.reason)
+        batch = Batch(live, self.queue.policy.padded_length_of(live), collated.batch.reason)
         started = self.clock()
-        self._measure_backlog(collated, started)
-        self._observe_batch(batch, started)
-        answered_tokens = self._run_splitting(live, inputs)
+        with self._changed:  # admission reads the rates under the lock
+            self.rates.batch_started(started, collated.taken_at, collated.more_queued)
+        batch_metrics.observe_start(batch, started)
+        answered_tokens = 0
+        for group, outcome in self.splitter.run(live, inputs):
+            if isinstance(outcome, Exception):
+                self._fail_soon(group, outcome)
+            else:
+                self._deliver_soon(group, outcome, self.clock())
+                answered_tokens += sum(item.tokens for item in group)
         ended = self.clock()
-        self._previous_batch = RanBatch(batch.real_tokens, started, ended)
-        if answered_tokens:
-            self.meter.record(answered_tokens, ended - started)
-        metrics.BATCH_INFERENCE.observe(ended - started)
-        for item in live:
-            metrics.TEXT_LATENCY.labels(metrics.length_class(item.tokens)).observe(ended - item.arrived_at)
+        batch_metrics.observe_end(live, started, ended)
         with self._changed:
-            self._running = (0, 0.0)
-            self._record_waits(live, ended)
-            metrics.ADMISSION_WAIT_FACTOR.set(self.wait_calibration.update())
+            self.rates.batch_ended(batch.real_tokens, started, ended, answered_tokens)
+            self._in_flight.ended()
+            self._teach_calibration(live, ended)
+            metrics.ADMISSION_WAIT_FACTOR.set(self.rates.calibration.update())
             self._publish_queue_state()
 
-    def _start_running(self, batch: Batch) -> list[QueuedText]:
-        """The batch's texts that still need their answer, now running. Cancelled ones, and those whose deadline
-        would pass before the batch ends (at the model's measured rate), do not cost model time: a late answer is
-        one the caller has stopped waiting for (under 3x overload, texts taken just before their deadline made a
-        few 500 ms requests answer 200 after 600-700 ms)."""
-        with self._changed:
-            self._taken, self._inference_idle = [], False
-            now = self.clock()
-            live = [item for item in batch.items if not item.handle.future.done()]
-            late = unreachable(live, now + self.delivery_lag, self.meter.tokens_per_second)
-            if late:
-                dropped = {id(item) for item in late}
-                live = [item for item in live if id(item) not in dropped]
-                metrics.CANCELLED_TEXTS.labels("deadline").inc(len(late))
-                self._record_waits(late, now)
-                error = DeadlineExceeded(DeadlineExceeded.unreachable_message)
-                self._loop.call_soon_threadsafe(_fail, late, error)
-            self._running = (sum(item.tokens for item in live), now)
-            return live
+    def _count_missed(self, items: list[QueuedText], now: float) -> None:
+        """`items` missed their deadline and are dropped unrun (called under the lock)."""
+        metrics.CANCELLED_TEXTS.labels("deadline").inc(len(items))
+        self._teach_calibration(items, now)
 
-    def _run_splitting(self, items: list[QueuedText], inputs: Any) -> int:
-        """Run `items` as one batch (on `inputs` when collated already); when it fails, retry its halves (shortest
-        texts first), down to single texts, so every text that can run gets its answer and only a text that fails
-        alone fails. An out-of-memory also lowers the token budget. The batch's first error is logged once. Returns
-        the real tokens answered."""
-        groups, answered, logged = [items], 0, False
-        while groups:
-            group = groups.pop()
-            padded_length = self._padded_length(group)
-            try:
-                if group is not items or inputs is None:
-                    inputs = self.model.collate([item.handle.ids for item in group], padded_length)
-                scores = self.model.run(inputs)
-            except Exception as error:  # a failed batch fails at most its culprits, never the thread
-                out_of_memory = isinstance(error, OutOfMemory)
-                if out_of_memory:
-                    self._set_budget(self.memory_budget.out_of_memory(len(group) * padded_length, self.clock()))
-                if not logged:
-                    self._log_failure(error, len(items), len(group), padded_length)
-                    logged = True
-                if len(group) == 1:
-                    failure = TextTooLargeForDevice(group[0].tokens) if out_of_memory else InferenceFailed(error)
-                    self._loop.call_soon_threadsafe(_fail, group, failure)
-                    continue
-                metrics.BATCH_SPLITS.labels("out_of_memory" if out_of_memory else "error").inc()
-                ordered = sorted(group, key=lambda item: item.tokens)
-                half = len(ordered) // 2
-                groups += [ordered[half:], ordered[:half]]  # a stack: the short half runs next
-                continue
-            self._set_budget(self.memory_budget.succeeded(self.clock()))
-            self._loop.call_soon_threadsafe(self._deliver, group, scores, self.clock())
-            answered += sum(item.tokens for item in group)
-        return answered
-
-    def _padded_length(self, items: list[QueuedText]) -> int:
-        return self.queue.policy.padded_length(max(item.tokens for item in items))
-
-    def _log_failure(self, error: Exception, texts: int, group: int, padded_length: int) -> None:
-        if isinstance(error, OutOfMemory):
-            log.warning(
-                "out of memory on %d texts x %d tokens (batch of %d); splitting it, token budget now %d",
-                group, padded_length, texts, self.memory_budget.current,
-            )
-        else:
-            log.error("inference failed for a batch of %d texts; retrying it in halves", texts, exc_info=error)
+    def _teach_calibration(self, items: list[QueuedText], now: float) -> None:
+        """Teach the calibration how long those of `items` that opened a batch really waited, until `now` (called
+        under the lock)."""
+        for item in items:
+            if item.handle.opening_wait is not None:
+                self.rates.calibration.record(item.handle.opening_wait, now - item.arrived_at)
 
     def _set_budget(self, tokens: int) -> None:
         if tokens != self.queue.policy.max_batch_tokens:
@@ -393,36 +315,23 @@ class Batcher:
                 self.queue.set_max_batch_tokens(tokens)
             metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(tokens)
 
-    def _observe_batch(self, batch: Batch, started: float) -> None:
-        for item in batch.items:
-            metrics.QUEUE_WAIT.observe(started - item.arrived_at)
-            metrics.TEXT_QUEUE_WAIT.labels(metrics.length_class(item.tokens)).observe(started - item.arrived_at)
-        metrics.BATCH_FLUSHES.labels(batch.reason).inc()
-        metrics.BATCH_SIZE.observe(len(batch.items))
-        metrics.BATCH_PADDED_LENGTH.observe(batch.padded_length)
-        metrics.REAL_TOKENS.inc(batch.real_tokens)
-        metrics.PADDED_TOKENS.inc(batch.padded_tokens)
-        metrics.BATCH_PADDING_EFFICIENCY.observe(batch.padding_efficiency)
-
     def _publish_queue_state(self) -> None:
-        metrics.QUEUE_TEXTS.set(len(self.queue))
-        metrics.QUEUE_TOKENS.set(self.queue.tokens)
-        metrics.QUEUE_DRAIN.set(self._drain_seconds(self.queue.tokens))
+        drain_seconds = seconds_ahead(Backlog(self.queue.tokens), self.rates.tokens_per_second)
+        batch_metrics.publish_queue(len(self.queue), self.queue.tokens, drain_seconds)
 
-    def _drain_seconds(self, tokens: int) -> float:
-        rate = self._drain_rate()
-        return tokens / rate if rate else 0.0
+    def _fail_soon(self, items: list[QueuedText], error: Exception) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_fail, items, error)
 
-    def _drain_rate(self) -> float | None:
-        """Tokens per second the queue drains at: measured back to back once it has been, else model time."""
-        return self.backlog_meter.tokens_per_second or self.meter.tokens_per_second
-
+    def _deliver_soon(self, items: list[QueuedText], scores: list[list[float]], ended: float) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, items, scores, ended)
 
     def _deliver(self, items: list[QueuedText], scores: list[list[float]], ended: float) -> None:
         """On the event loop: answer the batch's callers, and measure how long the answers took to get here."""
         lag = max(0.0, self.clock() - ended)
         metrics.ANSWER_DELIVERY.observe(lag)
-        self.delivery_lag += LAG_SMOOTHING * (lag - self.delivery_lag)
+        self.rates.answers_delivered(lag)
         _resolve(items, scores)
 
 

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from service.admission import Backlog, WaitCalibration, plain_wait, predicted_ends, refusal, seconds_ahead
-from service.batcher import Overloaded
+from service.admission import Admitted, Backlog, Refusal, admit, plain_wait, predicted_ends, refusal, seconds_ahead
+from service.drain_rate import DrainRate, WaitCalibration
+from service.errors import Overloaded
 from service.scheduler import BatchingPolicy
 from tests.test_batcher import run, texts
 
@@ -111,7 +112,7 @@ def test_admission_counts_the_batch_running_now():
         # Measures the drain rate, 250 tokens/s: the second text is taken while the first runs, the third behind it.
         warm = batcher.submit(texts(100, 100, 100), deadline=math.inf)
         await asyncio.wait(warm.futures, timeout=30)
-        assert batcher.backlog_meter.tokens_per_second == pytest.approx(250)
+        assert batcher.rates.backlog.value == pytest.approx(250)
         release = threading.Event()
         started = threading.Event()
         batcher.model.run = blocking_run(batcher.model.run, started, release)

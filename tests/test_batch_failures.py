@@ -10,9 +10,10 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from service.batcher import Batcher, InferenceFailed, TextTooLargeForDevice, ThroughputMeter
-from service.runner import ModelRunner
-from service.scorer import ScoringModel
+from service.batcher import Batcher
+from service.drain_rate import DrainRate
+from service.errors import InferenceFailed, TextTooLargeForDevice
+from service.runner import BatchModelAdapter, ModelRunner
 from service.scheduler import BatchingPolicy, BatchQueue
 
 POISON = 666
@@ -55,8 +56,8 @@ def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int 
         merge_min_efficiency=0.01,  # every text joins one batch, so the failure has innocent neighbours
     )
     runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=0)
-    scoring = ScoringModel(runner, "single_label_classification")
-    return Batcher(BatchQueue(policy), scoring, max_queue_tokens=100_000, meter=ThroughputMeter(), clock=clock)
+    adapter = BatchModelAdapter(runner, "single_label_classification")
+    return Batcher(BatchQueue(policy), adapter, max_queue_tokens=100_000, rates=DrainRate(), clock=clock)
 
 
 async def classify_together(batcher: Batcher, texts: list[list[int]]) -> list:
@@ -101,7 +102,7 @@ def test_out_of_memory_splits_the_batch_shrinks_the_budget_and_recovers_slowly()
     # 9 x 90 tokens ran out of memory: the budget fell below half of it, down to the floor (one 96-token text).
     assert budget_after_oom == 96
     assert budget_after_quiet == 120  # x 1.25 after 30 quiet seconds, up to 1024 eventually
-    assert batcher.memory_budget.tuned == 1024
+    assert batcher.splitter.memory_budget.tuned == 1024
     assert counter("classifier_batch_splits_total", reason="out_of_memory") - splits_before >= 3
     assert REGISTRY.get_sample_value("classifier_effective_max_batch_tokens") == 120
 
@@ -121,7 +122,7 @@ def test_a_poisoned_text_fails_alone_and_the_error_is_logged_once(caplog):
             await batcher.drained()
         return answers
 
-    with caplog.at_level(logging.ERROR, logger="service.batcher"):
+    with caplog.at_level(logging.ERROR, logger="service.splitting"):
         answers = asyncio.run(scenario())
     for index, (ids, answer) in enumerate(zip(texts, answers)):
         if index == 3:

@@ -7,7 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batcher import Batcher, DeadlineExceeded, Overloaded, ThroughputMeter
+from service.batcher import Batcher
+from service.drain_rate import DrainRate
+from service.errors import DeadlineExceeded, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
 
 
@@ -43,11 +45,11 @@ class FakeModel:
 
 
 def make_batcher(clock: FakeClock, ran: list, policy: BatchingPolicy, batch_seconds: float):
-    meter = ThroughputMeter()
-    meter.record(1000, 1.0)  # the model alone: 1000 tokens/s
+    rates = DrainRate()
+    rates.model_ran(1000, 1.0)  # the model alone: 1000 tokens/s
     max_queue_tokens = 10_000
 
-    return Batcher(BatchQueue(policy), FakeModel(clock, ran, batch_seconds), max_queue_tokens, meter, clock)
+    return Batcher(BatchQueue(policy), FakeModel(clock, ran, batch_seconds), max_queue_tokens, rates, clock)
 
 
 WAITING = BatchingPolicy(bucket_bounds=(16, 64, 128), max_batch_tokens=512, max_batch_size=8, window=30.0)
@@ -152,7 +154,7 @@ def test_admission_uses_the_drain_rate_measured_while_batches_run_back_to_back()
         backlog = batcher.submit(texts(100, 100, 100), deadline=math.inf)  # one batch per text
         await asyncio.wait(backlog.futures, timeout=30)
         assert ran == [100, 100, 100]
-        assert batcher.backlog_meter.tokens_per_second == pytest.approx(250)
+        assert batcher.rates.backlog.value == pytest.approx(250)
         assert len(batcher.queue) == 0
         with pytest.raises(Overloaded) as refused:  # its own 100 tokens take 0.4 s, not the model's 0.1 s
             batcher.submit(texts(100), deadline=clock.now + 0.3)

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from service.admission import WaitCalibration
-from service.batcher import Batcher, ThroughputMeter
+from service.batcher import Batcher
+from service.drain_rate import DrainRate, WaitCalibration
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
 from service.scorer import Scorer
@@ -81,25 +81,23 @@ def scores_of(ids: list[int]) -> list[float]:
     return [float(len(ids)), float(ids[0])]
 
 
-class FixedRate(ThroughputMeter):
+class FixedModelRate(DrainRate):
     """A model rate that batches run on the frozen fake clock do not change."""
 
-    def __init__(self, tokens_per_second: float) -> None:
-        super().__init__()
-        self.tokens_per_second = tokens_per_second
+    def __init__(self, tokens_per_second: float, calibration: WaitCalibration | None = None) -> None:
+        super().__init__(calibration)
+        super().model_ran(round(tokens_per_second), 1.0)
 
-    def record(self, tokens: int, seconds: float) -> None:
+    def model_ran(self, tokens: int, seconds: float) -> None:
         pass
 
 
-def run(scenario, model: FakeModel, policy: BatchingPolicy, meter: ThroughputMeter | None = None):
+def run(scenario, model: FakeModel, policy: BatchingPolicy, rates: DrainRate | None = None):
     """Run `scenario(batcher, clock)` with the batcher's threads started; it drains at the end."""
 
     async def main():
         clock = FakeClock()
-        batcher = Batcher(
-            BatchQueue(policy), model, max_queue_tokens=100_000, meter=meter or ThroughputMeter(), clock=clock
-        )
+        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens=100_000, rates=rates or DrainRate(), clock=clock)
         with ThreadPoolExecutor(1) as inference_thread:
             batcher.start(inference_thread)
             try:
@@ -166,7 +164,7 @@ def test_a_text_whose_deadline_would_pass_before_its_batch_ends_is_dropped_when_
         assert await asyncio.wait_for(patient.futures[0], WAIT) == scores_of(text(3, 30))
         assert text(2, 50) not in [ids for batch in model.ran for ids in batch]  # no model time for a late answer
 
-    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+    run(scenario, model, ONE_TEXT_BATCHES, rates=FixedModelRate(100.0))
 
 
 def test_the_event_loops_lag_counts_against_the_deadline():
@@ -177,7 +175,7 @@ def test_the_event_loops_lag_counts_against_the_deadline():
         await model.running(1)
         late = batcher.submit([text(2, 30)], deadline=clock.now + 0.6)  # admitted: 0.4 s of work ahead
         batcher._deliver([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
-        assert batcher.delivery_lag == pytest.approx(0.4)  # smoothed
+        assert batcher.rates.delivery_lag == pytest.approx(0.4)  # smoothed
         with pytest.raises(Overloaded):  # 0.5 s of work would fit the 0.6 s left, but not with 0.4 s of lag
             batcher.submit([text(3, 10)], deadline=clock.now + 0.6)
         # Its batch would end 0.3 s before the deadline, but its answer would reach the loop after it, whether the
@@ -188,28 +186,28 @@ def test_the_event_loops_lag_counts_against_the_deadline():
             await asyncio.wait_for(late.futures[0], WAIT)
         assert model.ran == [[text(1, 10)]]
 
-    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+    run(scenario, model, ONE_TEXT_BATCHES, rates=FixedModelRate(100.0))
 
 
 def test_texts_that_waited_longer_than_predicted_make_admission_stricter():
     model = FakeModel(held=True)
 
     async def scenario(batcher, clock):
-        batcher.wait_calibration = WaitCalibration(min_predicted=0.05, min_samples=2)
         first = batcher.submit([text(1, 10)])  # predicted 0.1 s at 100 tokens/s
         await model.running(1)
         second = batcher.submit([text(2, 10)])  # 0.1 s behind the running batch, then its own 0.1 s
         clock.now += 0.4  # both batches end 0.4 s after they arrived: 4x and 2x their prediction
         model.release()
         await asyncio.wait_for(asyncio.gather(*first.futures, *second.futures), WAIT)
-        await until(lambda: batcher.wait_calibration.factor != 1.0)  # updated once the batch's answers are out
-        assert batcher.wait_calibration.factor == pytest.approx(4.0)
+        await until(lambda: batcher.rates.calibration.factor != 1.0)  # updated once the batch's answers are out
+        assert batcher.rates.calibration.factor == pytest.approx(4.0)
         assert REGISTRY.get_sample_value("classifier_admission_wait_factor") == pytest.approx(4.0)
         with pytest.raises(Overloaded, match="about 0.4 s"):  # its own 0.1 s, 4x, does not fit 0.3 s any more
             batcher.submit([text(3, 10)], deadline=clock.now + 0.3)
         batcher.submit([text(4, 10)], deadline=clock.now + 0.5)
 
-    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+    calibration = WaitCalibration(min_predicted=0.05, min_samples=2)
+    run(scenario, model, ONE_TEXT_BATCHES, rates=FixedModelRate(100.0, calibration))
 
 
 def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
@@ -222,7 +220,7 @@ def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
         clock.now += 0.03
         model.release()
         await asyncio.wait_for(asyncio.gather(*short.futures, *long.futures), WAIT)
-        assert batcher.backlog_meter.tokens_per_second is None  # not 8 tokens per 30 ms: that is no drain rate
+        assert batcher.rates.backlog.value is None  # not 8 tokens per 30 ms: that is no drain rate
         # Two texts queued behind a running one: the first of them is taken with the other still waiting.
         model._released.clear()
         running = batcher.submit([text(3, 8)])
@@ -231,7 +229,7 @@ def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
         clock.now += 0.04
         model.release()
         await asyncio.wait_for(asyncio.gather(*running.futures, *queued.futures), WAIT)
-        assert batcher.backlog_meter.tokens_per_second == pytest.approx(200.0)  # 8 tokens in 0.04 s, back to back
+        assert batcher.rates.backlog.value == pytest.approx(200.0)  # 8 tokens in 0.04 s, back to back
 
     run(scenario, model, ONE_TEXT_BATCHES)
 
@@ -241,7 +239,7 @@ def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late()
 
     async def scenario(batcher, clock):
         late_before = REGISTRY.get_sample_value("classifier_late_answers_total")
-        scorer = Scorer(batcher, model, inference_thread=None)
+        scorer = Scorer(batcher, inference_thread=None)
         answer = asyncio.create_task(scorer.score([text(1, 10)], deadline=clock.now + 0.01))
         await model.running(1)
         clock.now += 1.0  # the batch ran past the deadline: nothing queued is left to drop, so it finishes
