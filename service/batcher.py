@@ -163,9 +163,10 @@ class Batcher:
             if isinstance(admitted, Refusal):
                 metrics.REJECTED_TEXTS.labels(admitted.reason).inc(len(texts))
                 raise Overloaded(admitted.reason, admitted.message, admitted.retry_after)
-            assert self._loop is not None, "submit before start"
+            loop = self._loop
+            assert loop is not None, "submit before start"
             items = [
-                QueuedText(len(ids), now, Pending(ids, self._loop.create_future(), text.answer_at, text.opening_wait), deadline)
+                QueuedText(len(ids), now, Pending(ids, loop.create_future(), text.answer_at, text.opening_wait), deadline)
                 for ids, text in zip(texts, admitted)
             ]
             for item in items:

@@ -208,9 +208,10 @@ class BatchModelAdapter:
         """
         started = time.monotonic()
         tokens = 0
+        on_cpu = self.runner.device.type == "cpu"
         for bound in policy.bucket_bounds:
             length = policy.padded_length(bound)
-            count = 1 if self.runner.device.type == "cpu" else max(1, min(policy.max_batch_size, policy.max_batch_tokens // length))
+            count = 1 if on_cpu else max(1, min(policy.max_batch_size, policy.max_batch_tokens // length))
             self.run(self.collate([[self.runner.pad_token_id] * length] * count, length))
             tokens += count * length
         seconds = time.monotonic() - started

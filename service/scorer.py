@@ -26,7 +26,11 @@ class Scorer:
 
     @classmethod
     async def start(
-        cls, model: BatchModelAdapter, policy: BatchingPolicy, max_queue_tokens: int, inference_thread: ThreadPoolExecutor
+        cls,
+        model: BatchModelAdapter,
+        policy: BatchingPolicy,
+        max_queue_tokens: int,
+        inference_thread: ThreadPoolExecutor,
     ) -> "Scorer":
         """Warm the model up on `inference_thread` (which loaded it), then start batching on it."""
         rates = DrainRate()
@@ -85,8 +89,8 @@ class Scorer:
                 await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
                 break
         for future in futures:  # the first failure, whatever the order the texts finished in
-            if future.done() and not future.cancelled() and future.exception() is not None:
-                raise future.exception()
+            if future.done() and not future.cancelled() and (error := future.exception()) is not None:
+                raise error
         return [future.result() for future in futures]
 
     @staticmethod

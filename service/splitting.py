@@ -14,6 +14,8 @@ from service.tuning import MemoryBudget
 
 log = logging.getLogger(__name__)
 
+Scores = list[list[float]]  # per text, one score per label
+
 
 class BatchModel(Protocol):
     """What the batcher runs batches on: building a batch's inputs, and scoring them."""
@@ -47,7 +49,7 @@ class SplittingRunner:
         self._set_budget = set_budget
         self._clock = clock
 
-    def run(self, items: list[QueuedText], inputs: Any) -> Iterator[tuple[list[QueuedText], list[list[float]] | ClassifierError]]:
+    def run(self, items: list[QueuedText], inputs: Any) -> Iterator[tuple[list[QueuedText], Scores | ClassifierError]]:
         """Run `items` as one batch (on `inputs` when collated already); when it fails, retry its halves (shortest
         texts first), down to single texts, so every text that can run gets its answer and only a text that fails
         alone fails. Yields each group as it is done, with its scores or the error its one text fails with; the

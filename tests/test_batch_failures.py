@@ -14,7 +14,8 @@ from service.batcher import Batcher
 from service.drain_rate import DrainRate
 from service.errors import InferenceFailed, TextTooLargeForDevice
 from service.runner import BatchModelAdapter, ModelRunner
-from service.scheduler import BatchingPolicy, BatchQueue
+from service.scheduler import BatchingPolicy, BatchQueue, QueuedText
+from service.splitting import OutOfMemory, SplittingRunner
 
 POISON = 666
 
@@ -132,3 +133,37 @@ def test_a_poisoned_text_fails_alone_and_the_error_is_logged_once(caplog):
     assert len([r for r in caplog.records if "inference failed" in r.getMessage()]) == 1
     assert counter("classifier_batch_splits_total", reason="error") - splits_before == 3  # 8 -> 4 -> 2 -> 1
     assert batcher.queue.policy.max_batch_tokens == 1024  # an ordinary error does not touch the budget
+
+
+class OutOfMemoryAbove:
+    """A batch model (no torch) that runs out of memory above `max_tokens` padded tokens and scores a text by its
+    length."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+
+    def collate(self, sequences: list[list[int]], padded_length: int) -> tuple[list[list[int]], int]:
+        return sequences, padded_length
+
+    def run(self, inputs: tuple[list[list[int]], int]) -> list[list[float]]:
+        sequences, padded_length = inputs
+        if len(sequences) * padded_length > self.max_tokens:
+            raise OutOfMemory(f"{len(sequences)} x {padded_length}")
+        return [[float(len(ids))] for ids in sequences]
+
+
+def test_the_splitting_runner_yields_each_group_once_done_with_the_budget_set_before_its_answers():
+    policy = BatchingPolicy(bucket_bounds=(8, 16, 32, 96), max_batch_tokens=1024, max_batch_size=64, window=0.0)
+    budgets: list[int] = []
+    runner = SplittingRunner(OutOfMemoryAbove(max_tokens=64), policy, budgets.append, clock=lambda: 0.0)
+    items = [QueuedText(len(ids), 0.0, SimpleNamespace(ids=ids)) for ids in ([1] * 16, [2] * 90, [3] * 16, [4] * 16)]
+    done = []
+    for group, outcome in runner.run(items, None):
+        done.append(([item.handle.ids[0] for item in group], outcome, len(budgets)))
+    # 4 x 90 ran out of memory (budget 180), the short half ran; 2 x 90 too (budget 96, the floor: one longest
+    # text), its short half ran, and the long text alone did not fit.
+    assert [names for names, _, _ in done] == [[1, 3], [4], [2]]
+    assert done[0][1] == [[16.0], [16.0]] and done[1][1] == [[16.0]]
+    assert isinstance(done[2][1], TextTooLargeForDevice) and "90 tokens" in str(done[2][1])
+    assert budgets == [180, 180, 96, 96, 96]
+    assert [budgets_set for _, _, budgets_set in done] == [2, 4, 5]  # each answer follows its budget

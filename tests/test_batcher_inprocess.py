@@ -69,7 +69,9 @@ class FakeModel:
 async def until(condition, seconds: float = WAIT) -> None:
     """Returns once `condition()` holds (polled: the batcher's threads change it)."""
     async with asyncio.timeout(seconds):
-        while not condition():
+        while True:  # polled: no event tells when another thread has changed it
+            if condition():
+                return
             await asyncio.sleep(0.001)
 
 
@@ -202,7 +204,7 @@ def test_texts_that_waited_longer_than_predicted_make_admission_stricter():
         await until(lambda: batcher.rates.calibration.factor != 1.0)  # updated once the batch's answers are out
         assert batcher.rates.calibration.factor == pytest.approx(4.0)
         assert REGISTRY.get_sample_value("classifier_admission_wait_factor") == pytest.approx(4.0)
-        with pytest.raises(Overloaded, match="about 0.4 s"):  # its own 0.1 s, 4x, does not fit 0.3 s any more
+        with pytest.raises(Overloaded, match=r"about 0\.4 s"):  # its own 0.1 s, 4x, does not fit 0.3 s any more
             batcher.submit([text(3, 10)], deadline=clock.now + 0.3)
         batcher.submit([text(4, 10)], deadline=clock.now + 0.5)
 
@@ -251,6 +253,27 @@ def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late()
         assert REGISTRY.get_sample_value("classifier_late_answers_total") == late_before + 1
 
     run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_a_request_fails_with_its_first_failure_even_while_an_earlier_text_still_runs():
+    """The poisoned short text runs first and fails at once; the long text before it in the request still runs."""
+
+    class FailsAtOnce(FakeModel):
+        def run(self, sequences: list[list[int]]) -> list[list[float]]:
+            if any(self.poison in ids for ids in sequences):
+                raise ValueError("poisoned batch")
+            return super().run(sequences)
+
+    model = FailsAtOnce(held=True, poison=666)
+
+    async def scenario(batcher, clock):
+        scorer = Scorer(batcher, inference_thread=None)
+        with pytest.raises(InferenceFailed, match="poisoned batch"):
+            await asyncio.wait_for(scorer.score([text(1, 60), [666] * 10], deadline=clock.now + 60), WAIT)
+        await model.running(1)
+        assert [[ids[0] for ids in batch] for batch in model.ran] == [[1]]  # the long text runs (and finishes)
+
+    run(scenario, model, SHARED_BATCHES)
 
 
 def test_a_failing_batch_is_split_and_only_the_text_that_fails_alone_fails():

@@ -1,6 +1,8 @@
 """The batching decisions, driven with a fake clock: no threads, no sleeping, no torch."""
 
 
+import itertools
+
 import pytest
 
 from service.scheduler import (
@@ -187,7 +189,7 @@ def test_texts_longer_than_the_last_bound_go_to_the_last_bucket():
 def test_default_bounds_are_ascending_narrow_and_end_at_the_max_length():
     bounds = default_bucket_bounds(512)
     assert bounds[-1] == 512 and list(bounds) == sorted(set(bounds))
-    assert all(b / a <= 1.26 for a, b in zip(bounds[3:], bounds[4:]))
+    assert all(b / a <= 1.26 for a, b in itertools.pairwise(bounds[3:]))
     assert all(b % 8 == 0 for b in default_bucket_bounds(512, pad_multiple=8))
 
 
@@ -227,7 +229,7 @@ def test_texts_whose_caller_left_are_removed_from_the_queue_and_its_token_count(
     for item in (*mine, other):
         queue.append(item)
     batch_before = QueuedText(30, 0.0, "already-running")
-    assert queue.remove(mine + [batch_before]) == mine  # one was never (or no longer) queued
+    assert queue.remove([*mine, batch_before]) == mine  # one was never (or no longer) queued
     assert (len(queue), queue.tokens) == (1, 11)
     assert [item.handle for item in drain(queue, 1.0)[0].items] == ["other"]
 
