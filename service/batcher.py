@@ -1,9 +1,12 @@
 """Runs the queue: admits encoded texts from the event loop, builds each batch's inputs on a collation thread,
 runs batches on the one inference thread, and resolves every caller's future with its own scores.
 
-The decisions and the other jobs live apart: batching and the one deadline decision in `scheduler`, admission in
-`admission`, the drain-rate estimate they read in `drain_rate`, running a batch (splitting it on failure, the memory
-budget) in `splitting`, and what batches report to Prometheus in `batch_metrics`.
+Here, three parts with one job each: `Batcher` keeps the queue and what left it (one lock guards both) and answers
+the event loop's `submit`, `cancel` and `drain`; `BatchThreads` are the two threads that collate and run batches;
+`Answers` hands outcomes back to the callers' futures on the event loop. The rest lives apart: batching and the one
+deadline decision in `scheduler`, admission in `admission`, the drain-rate estimate they read in `drain_rate`,
+running a batch (splitting it on failure, the memory budget) in `splitting`, and what batches report to Prometheus
+in `batch_metrics`.
 """
 
 import asyncio
@@ -22,7 +25,7 @@ from service.admission import Backlog, Refusal, admit, seconds_ahead
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded, NotAccepting, Overloaded
 from service.scheduler import Batch, BatchQueue, QueuedText, deadline_passed, missed_deadlines
-from service.splitting import BatchModel, SplittingRunner
+from service.splitting import BatchModel, Scores, SplittingRunner
 
 log = logging.getLogger(__name__)
 
@@ -67,27 +70,27 @@ class InFlight:
     own thread. The batcher's lock guards it."""
 
     def __init__(self) -> None:
-        self.waiting: list[QueuedText] = []
-        self.inference_idle = True
+        self._waiting: list[QueuedText] = []
+        self._inference_idle = True
         self._running: tuple[int, float] = (0, 0.0)
 
     def taken(self, batch: Batch) -> None:
-        self.waiting = [] if self.inference_idle else list(batch.items)
+        self._waiting = [] if self._inference_idle else list(batch.items)
 
     def withdraw(self, items: list[QueuedText]) -> list[QueuedText]:
         """Remove those of `items` waiting to run, and return them."""
         wanted = {id(item) for item in items}
-        withdrawn = [item for item in self.waiting if id(item) in wanted]
+        withdrawn = [item for item in self._waiting if id(item) in wanted]
         if withdrawn:
-            self.waiting = [item for item in self.waiting if id(item) not in wanted]
+            self._waiting = [item for item in self._waiting if id(item) not in wanted]
         return withdrawn
 
     def started(self, items: list[QueuedText], now: float) -> None:
-        self.waiting, self.inference_idle = [], False
+        self._waiting, self._inference_idle = [], False
         self._running = (sum(item.tokens for item in items), now)
 
     def ended(self) -> None:
-        self._running = (0, 0.0)
+        self._running, self._inference_idle = (0, 0.0), True
 
     def backlog(self, queued_tokens: int, now: float) -> Backlog:
         """The work ahead of a new text: the queue's tokens, those waiting to run, and the batch running now."""
@@ -95,15 +98,13 @@ class InFlight:
         return Backlog(queued_tokens + self.waiting_tokens(), running_tokens, now - running_since)
 
     def waiting_tokens(self) -> int:
-        return sum(item.tokens for item in self.waiting)
+        return sum(item.tokens for item in self._waiting)
 
 
 class Batcher:
-    """Owns the queue: `submit` texts from the event loop; one inference thread runs batches back to back.
-
-    A collation thread takes the next batch from the queue and builds its inputs while the current batch runs, then
-    hands it over (one batch at most waits ready), so the inference thread only runs the model. The queue is guarded
-    by one lock; scores go back to the callers' futures on the event loop.
+    """Keeps the queue: `submit` texts from the event loop, `cancel` them, `drain`; from `start` on, `BatchThreads`
+    take batches from it and run them back to back on one inference thread. One lock guards the queue, what has left
+    it (`InFlight`) and the drain rate admission reads.
     """
 
     def __init__(
@@ -119,20 +120,17 @@ class Batcher:
         self.max_queue_tokens = max_queue_tokens
         self.rates = rates
         self.clock = clock
-        self.splitter = SplittingRunner(model, queue.policy, self._set_budget, clock)
+        self.splitter = SplittingRunner(model, queue.policy, self.set_budget, clock)
+        self.answers: Answers | None = None  # from `start`
         self._in_flight = InFlight()
         self._changed = threading.Condition()
         self._accepting = True
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._worked: asyncio.Future | None = None
-        # The collated batch waiting for the inference thread; None once draining has emptied the queue.
-        self._ready: Queue[Collated | None] = Queue(maxsize=1)
 
     def start(self, inference_thread: Executor) -> None:
         """Run batches on `inference_thread` (a one-thread executor) until drained; futures resolve on this loop."""
-        self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._collate_batches, name="collate", daemon=True).start()
-        self._worked = self._loop.run_in_executor(inference_thread, self._work)
+        self.answers = Answers(asyncio.get_running_loop(), self.clock, self.rates)
+        self._worked = BatchThreads(self, self.answers).start(inference_thread)
 
     def submit(self, texts: list[list[int]], deadline: float = math.inf) -> Submission:
         """Queue the texts (token ids), to be answered by `deadline` (on this batcher's clock); one future per text.
@@ -163,10 +161,10 @@ class Batcher:
             if isinstance(admitted, Refusal):
                 metrics.REJECTED_TEXTS.labels(admitted.reason).inc(len(texts))
                 raise Overloaded(admitted.reason, admitted.message, admitted.retry_after)
-            loop = self._loop
-            assert loop is not None, "submit before start"
+            answers = self.answers
+            assert answers is not None, "submit before start"
             items = [
-                QueuedText(len(ids), now, Pending(ids, loop.create_future(), text.answer_at, text.opening_wait), deadline)
+                QueuedText(len(ids), now, Pending(ids, answers.future(), text.answer_at, text.opening_wait), deadline)
                 for ids, text in zip(texts, admitted)
             ]
             for item in items:
@@ -204,29 +202,11 @@ class Batcher:
             self._changed.notify()
 
     async def drained(self) -> None:
-        """Wait until the batch loop has ended (at once if it never started)."""
+        """Wait until the batch threads have ended (at once if they never started)."""
         if self._worked is not None:
             await self._worked
 
-    def _collate_batches(self) -> None:
-        """Take each batch once the inference thread has taken the previous one, and build its inputs."""
-        try:
-            while (taken := self._next_batch()) is not None:
-                batch, more_queued = taken
-                taken_at = self.clock()
-                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued))
-                self._ready.join()  # taken: the next batch is chosen while this one runs, not before
-        finally:
-            self._ready.put(None)
-
-    def _collate(self, items: list[QueuedText]) -> Any:
-        try:
-            return self.model.collate([item.handle.ids for item in items], self.queue.policy.padded_length_of(items))
-        except Exception:  # the inference thread collates it again and fails only the texts that fail alone
-            log.exception("collating a batch failed")
-            return None
-
-    def _next_batch(self) -> tuple[Batch, bool] | None:
+    def take_batch(self) -> tuple[Batch, bool] | None:
         """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it; None once
         draining has emptied the queue. Texts whose deadline passed while queued are failed on the way."""
         with self._changed:
@@ -235,7 +215,7 @@ class Batcher:
                 if missed := self.queue.remove_missed_deadlines(now):
                     self._count_missed(missed, now)
                     self._publish_queue_state()
-                    self._fail_soon(missed, DeadlineExceeded())
+                    self._answers().fail(missed, DeadlineExceeded())
                 batch = self.queue.next_batch(now)
                 if batch is not None:
                     self._in_flight.taken(batch)
@@ -246,57 +226,42 @@ class Batcher:
                 wake_at = self.queue.wake_at()
                 self._changed.wait(None if wake_at is None else max(0.0, wake_at - self.clock()))
 
-    def _work(self) -> None:
-        while (collated := self._ready.get()) is not None:
-            live = self._start_running(collated.batch)
-            self._ready.task_done()  # only now may the collation thread take the next batch
-            self._run(collated, live)
-            with self._changed:
-                self._in_flight.inference_idle = True
-
-    def _start_running(self, batch: Batch) -> list[QueuedText]:
-        """The batch's texts that still need their answer, now running. Cancelled ones, and those whose deadline
-        would pass before the batch ends and its answers reach the event loop (at the model's measured rate), do not
-        cost model time: a late answer is one the caller has stopped waiting for (under 3x overload, texts taken
-        just before their deadline made a few 500 ms requests answer 200 after 600-700 ms)."""
+    def start_running(self, collated: Collated) -> tuple[list[QueuedText], float]:
+        """The batch's texts that still need their answer, now running, and when it starts. Cancelled ones, and those
+        whose deadline would pass before the batch ends and its answers reach the event loop (at the model's measured
+        rate), do not cost model time: a late answer is one the caller has stopped waiting for (under 3x overload,
+        texts taken just before their deadline made a few 500 ms requests answer 200 after 600-700 ms)."""
         with self._changed:
             now = self.clock()
-            live = [item for item in batch.items if not item.handle.future.done()]
+            live = [item for item in collated.batch.items if not item.handle.future.done()]
             late = missed_deadlines(live, now, self.rates.model.value, self.rates.delivery_lag)
             if late:
                 dropped = {id(item) for item in late}
                 live = [item for item in live if id(item) not in dropped]
                 self._count_missed(late, now)
-                self._fail_soon(late, DeadlineExceeded(DeadlineExceeded.unreachable_message))
+                self._answers().fail(late, DeadlineExceeded(DeadlineExceeded.unreachable_message))
             self._in_flight.started(live, now)
-            return live
+            if live:
+                self.rates.batch_started(now, collated.taken_at, collated.more_queued)
+            return live, now
 
-    def _run(self, collated: Collated, live: list[QueuedText]) -> None:
-        if not live:
-            with self._changed:
-                self._in_flight.ended()
-            return
-        inputs = collated.inputs if len(live) == len(collated.batch.items) else None
-        batch = Batch(live, self.queue.policy.padded_length_of(live), collated.batch.reason)
-        started = self.clock()
-        with self._changed:  # admission reads the rates under the lock
-            self.rates.batch_started(started, collated.taken_at, collated.more_queued)
-        batch_metrics.observe_start(batch, started)
-        answered_tokens = 0
-        for group, outcome in self.splitter.run(live, inputs):
-            if isinstance(outcome, Exception):
-                self._fail_soon(group, outcome)
-            else:
-                self._deliver_soon(group, outcome, self.clock())
-                answered_tokens += sum(item.tokens for item in group)
-        ended = self.clock()
-        batch_metrics.observe_end(live, started, ended)
+    def finish_running(self, batch: Batch | None, started: float, ended: float, answered_tokens: int) -> None:
+        """The running batch (None when none of its texts was left to run) ended, having answered `answered_tokens`
+        real tokens; the inference thread is idle."""
         with self._changed:
-            self.rates.batch_ended(batch.real_tokens, started, ended, answered_tokens)
             self._in_flight.ended()
-            self._teach_calibration(live, ended)
-            metrics.ADMISSION_WAIT_FACTOR.set(self.rates.calibration.update())
-            self._publish_queue_state()
+            if batch is not None:
+                self.rates.batch_ended(batch.real_tokens, started, ended, answered_tokens)
+                self._teach_calibration(batch.items, ended)
+                metrics.ADMISSION_WAIT_FACTOR.set(self.rates.calibration.update())
+                self._publish_queue_state()
+
+    def set_budget(self, tokens: int) -> None:
+        """Batches from now on stay within `tokens` (the splitting runner's memory budget)."""
+        if tokens != self.queue.policy.max_batch_tokens:
+            with self._changed:
+                self.queue.set_max_batch_tokens(tokens)
+            metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(tokens)
 
     def _count_missed(self, items: list[QueuedText], now: float) -> None:
         """`items` missed their deadline and are dropped unrun (called under the lock)."""
@@ -310,33 +275,106 @@ class Batcher:
             if item.handle.opening_wait is not None:
                 self.rates.calibration.record(item.handle.opening_wait, now - item.arrived_at)
 
-    def _set_budget(self, tokens: int) -> None:
-        if tokens != self.queue.policy.max_batch_tokens:
-            with self._changed:
-                self.queue.set_max_batch_tokens(tokens)
-            metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(tokens)
-
     def _publish_queue_state(self) -> None:
         drain_seconds = seconds_ahead(Backlog(self.queue.tokens), self.rates.tokens_per_second)
         batch_metrics.publish_queue(len(self.queue), self.queue.tokens, drain_seconds)
 
-    def _fail_soon(self, items: list[QueuedText], error: Exception) -> None:
-        assert self._loop is not None
+    def _answers(self) -> "Answers":
+        assert self.answers is not None, "batches are taken only once started"
+        return self.answers
+
+
+class BatchThreads:
+    """The two threads that run the batcher's batches: a collation thread takes each batch and builds its inputs
+    while the current batch runs, then hands it over (one batch at most waits ready), so the inference thread only
+    runs the model (through the batcher's splitting runner)."""
+
+    def __init__(self, batcher: Batcher, answers: "Answers") -> None:
+        self._batcher = batcher
+        self._answers = answers
+        # The collated batch waiting for the inference thread; None once draining has emptied the queue.
+        self._ready: Queue[Collated | None] = Queue(maxsize=1)
+
+    def start(self, inference_thread: Executor) -> asyncio.Future:
+        """Start collating, and running on `inference_thread`; the future resolves once the queue is drained."""
+        threading.Thread(target=self._collate_batches, name="collate", daemon=True).start()
+        return asyncio.get_running_loop().run_in_executor(inference_thread, self._work)
+
+    def _collate_batches(self) -> None:
+        """Take each batch once the inference thread has taken the previous one, and build its inputs."""
+        try:
+            while (taken := self._batcher.take_batch()) is not None:
+                batch, more_queued = taken
+                taken_at = self._batcher.clock()
+                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued))
+                self._ready.join()  # taken: the next batch is chosen while this one runs, not before
+        finally:
+            self._ready.put(None)
+
+    def _collate(self, items: list[QueuedText]) -> Any:
+        try:
+            padded_length = self._batcher.queue.policy.padded_length_of(items)
+            return self._batcher.model.collate([item.handle.ids for item in items], padded_length)
+        except Exception:  # the inference thread collates it again and fails only the texts that fail alone
+            log.exception("collating a batch failed")
+            return None
+
+    def _work(self) -> None:
+        while (collated := self._ready.get()) is not None:
+            live, started = self._batcher.start_running(collated)
+            self._ready.task_done()  # only now may the collation thread take the next batch
+            self._run(collated, live, started)
+
+    def _run(self, collated: Collated, live: list[QueuedText], started: float) -> None:
+        batcher = self._batcher
+        if not live:
+            batcher.finish_running(None, started, started, 0)
+            return
+        batch = Batch(live, batcher.queue.policy.padded_length_of(live), collated.batch.reason)
+        inputs = collated.inputs if len(live) == len(collated.batch.items) else None
+        batch_metrics.observe_start(batch, started)
+        answered_tokens = 0
+        for group, outcome in batcher.splitter.run(live, inputs):
+            if isinstance(outcome, Exception):
+                self._answers.fail(group, outcome)
+            else:
+                self._answers.answer(group, outcome, batcher.clock())
+                answered_tokens += sum(item.tokens for item in group)
+        ended = batcher.clock()
+        batch_metrics.observe_end(live, started, ended)
+        batcher.finish_running(batch, started, ended, answered_tokens)
+
+
+class Answers:
+    """Hands outcomes from the batcher's threads to the callers' futures on the event loop, and measures how long
+    answers take to get there (the drain rate's delivery lag)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float], rates: DrainRate) -> None:
+        self._loop = loop
+        self._clock = clock
+        self._rates = rates
+
+    def future(self) -> asyncio.Future:
+        """A future for one text's scores (on the event loop)."""
+        return self._loop.create_future()
+
+    def fail(self, items: list[QueuedText], error: Exception) -> None:
+        """From any thread: fail the texts' futures with `error` (those still waiting)."""
         self._loop.call_soon_threadsafe(_fail, items, error)
 
-    def _deliver_soon(self, items: list[QueuedText], scores: list[list[float]], ended: float) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, items, scores, ended)
+    def answer(self, items: list[QueuedText], scores: Scores, ended: float) -> None:
+        """From any thread: the texts' scores, computed by a batch that ended at `ended`."""
+        self._loop.call_soon_threadsafe(self.delivered, items, scores, ended)
 
-    def _deliver(self, items: list[QueuedText], scores: list[list[float]], ended: float) -> None:
+    def delivered(self, items: list[QueuedText], scores: Scores, ended: float) -> None:
         """On the event loop: answer the batch's callers, and measure how long the answers took to get here."""
-        lag = max(0.0, self.clock() - ended)
+        lag = max(0.0, self._clock() - ended)
         metrics.ANSWER_DELIVERY.observe(lag)
-        self.rates.answers_delivered(lag)
+        self._rates.answers_delivered(lag)
         _resolve(items, scores)
 
 
-def _resolve(items: list[QueuedText], scores: list[list[float]]) -> None:
+def _resolve(items: list[QueuedText], scores: Scores) -> None:
     for item, text_scores in zip(items, scores):
         if item.handle.future.done():  # its caller left (or its deadline passed) while the batch ran
             metrics.UNANSWERED_TOKENS.inc(item.tokens)

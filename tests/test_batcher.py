@@ -7,10 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batcher import Batcher
+from service.admission import Backlog
+from service.batcher import Batcher, InFlight
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded, Overloaded
-from service.scheduler import BatchingPolicy, BatchQueue
+from service.scheduler import Batch, BatchingPolicy, BatchQueue, QueuedText
 
 
 class FakeClock:
@@ -177,3 +178,19 @@ def test_a_text_joining_a_queued_batch_is_admitted_by_when_that_batch_ends():
         assert batcher.queue.tokens == 250
 
     run(scenario)
+
+
+def test_what_left_the_queue_counts_as_work_ahead_until_it_has_run():
+    in_flight = InFlight()
+    first = Batch([QueuedText(30, 0.0, "a"), QueuedText(20, 0.0, "b")], 30, "window")
+    in_flight.taken(first)  # taken while the inference thread is idle: it starts at once, nothing waits
+    assert in_flight.backlog(100, 1.0).queued_tokens == 100
+    in_flight.started(first.items, 2.0)
+    assert in_flight.backlog(100, 2.5) == Backlog(100, 50, 0.5)
+    waiting = QueuedText(10, 2.1, "c")
+    in_flight.taken(Batch([waiting], 10, "window"))  # collated while the first runs: it waits, cancellable
+    assert in_flight.backlog(100, 2.5) == Backlog(110, 50, 0.5)
+    assert in_flight.withdraw([waiting, first.items[0]]) == [waiting]  # the running text is not withdrawn
+    assert in_flight.backlog(100, 2.5) == Backlog(100, 50, 0.5)
+    in_flight.ended()
+    assert in_flight.backlog(100, 3.0).running_tokens == 0

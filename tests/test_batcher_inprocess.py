@@ -176,7 +176,7 @@ def test_the_event_loops_lag_counts_against_the_deadline():
         first = batcher.submit([text(1, 10)])
         await model.running(1)
         late = batcher.submit([text(2, 30)], deadline=clock.now + 0.6)  # admitted: 0.4 s of work ahead
-        batcher._deliver([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
+        batcher.answers.delivered([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
         assert batcher.rates.delivery_lag == pytest.approx(0.4)  # smoothed
         with pytest.raises(Overloaded):  # 0.5 s of work would fit the 0.6 s left, but not with 0.4 s of lag
             batcher.submit([text(3, 10)], deadline=clock.now + 0.6)
