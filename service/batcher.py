@@ -215,7 +215,7 @@ class Batcher:
                 if missed := self.queue.remove_missed_deadlines(now):
                     self._count_missed(missed, now)
                     self._publish_queue_state()
-                    self._answers().fail(missed, DeadlineExceeded())
+                    self._loop_answers().fail(missed, DeadlineExceeded())
                 batch = self.queue.next_batch(now)
                 if batch is not None:
                     self._in_flight.taken(batch)
@@ -239,7 +239,7 @@ class Batcher:
                 dropped = {id(item) for item in late}
                 live = [item for item in live if id(item) not in dropped]
                 self._count_missed(late, now)
-                self._answers().fail(late, DeadlineExceeded(DeadlineExceeded.unreachable_message))
+                self._loop_answers().fail(late, DeadlineExceeded(DeadlineExceeded.unreachable_message))
             self._in_flight.started(live, now)
             if live:
                 self.rates.batch_started(now, collated.taken_at, collated.more_queued)
@@ -279,7 +279,7 @@ class Batcher:
         drain_seconds = seconds_ahead(Backlog(self.queue.tokens), self.rates.tokens_per_second)
         batch_metrics.publish_queue(len(self.queue), self.queue.tokens, drain_seconds)
 
-    def _answers(self) -> "Answers":
+    def _loop_answers(self) -> "Answers":
         assert self.answers is not None, "batches are taken only once started"
         return self.answers
 
