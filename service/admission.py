@@ -1,6 +1,7 @@
 """Admission: whether the queue can take a request's texts and answer them before their deadline.
 
-Pure logic (no clock, no torch): the batcher passes in what it knows now. The predicted wait counts all the work
+Pure logic (no clock, no torch): the batcher passes in what it knows now, and the drain rate it measured
+(`drain_rate.DrainRate`). The predicted wait counts all the work
 ahead of a request: the queued texts, the rest of the batch running now (it left the queue when it started, but
 a new text still waits for it), and the request's own texts, at the measured drain rate. Without the running batch
 the prediction ran short by up to one batch, and under 3x overload 3 of 21 admitted 500 ms requests came back late.
@@ -11,13 +12,14 @@ older; a text opening an empty bucket waits for every other, and for the texts t
 Measured under 3x overload (chaos run, 9,744 texts), real waits were 0.19-2.04x a prediction from the whole queue
 (p5-p99, median 0.74), in every length class alike. So a text that joins a queued batch is predicted to end right
 after the text it follows there, and a text that opens one waits for the whole queue, scaled by how much longer
-than predicted such texts have really waited (`WaitCalibration`, a high quantile). Scaling every prediction instead
-halved the queue, and with it the batches: 28-29% fewer answers in the same run, on the same CPU.
+than predicted such texts have really waited (`drain_rate.WaitCalibration`, a high quantile). Scaling every
+prediction instead halved the queue, and with it the batches: 28-29% fewer answers in the same run, on the same CPU.
 """
 
 import math
-from collections import deque
 from dataclasses import dataclass
+
+from service.drain_rate import DrainRate
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,15 @@ class Refusal:
     reason: str
     message: str
     retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """An admitted text: when its answer is predicted and, if it opens a batch of its own, its plain predicted wait
+    (None when it joins a queued batch), which calibrates later predictions once its real wait is known."""
+
+    answer_at: float
+    opening_wait: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,35 +60,6 @@ def seconds_ahead(backlog: Backlog, tokens_per_second: float | None) -> float:
         return 0.0
     running_left = max(0.0, backlog.running_tokens / tokens_per_second - backlog.running_for)
     return running_left + backlog.queued_tokens / tokens_per_second
-
-
-class WaitCalibration:
-    """How much longer texts that open a batch really wait than their plain prediction: the `quantile` of real /
-    predicted wait over the last `window` such texts predicted to wait at least `min_predicted` seconds (shorter
-    waits are mostly the batch window and fixed per-batch costs, which a rate in tokens per second does not model:
-    in a closed loop of 64 clients, texts predicted 50-120 ms waited 3-4x that). Never below 1, and 1 until
-    `min_samples` texts have been seen. A text dropped at its deadline counts with the wait it had reached, a lower
-    bound of its real one.
-    """
-
-    def __init__(
-        self, quantile: float = 0.98, window: int = 512, min_predicted: float = 0.25, min_samples: int = 50
-    ) -> None:
-        self.quantile, self.min_predicted, self.min_samples = quantile, min_predicted, min_samples
-        self._ratios: deque[float] = deque(maxlen=window)
-        self.factor = 1.0
-
-    def record(self, predicted: float, waited: float) -> None:
-        """One text's predicted wait at admission and its real wait (until its answer, or its drop at the deadline)."""
-        if predicted >= self.min_predicted:
-            self._ratios.append(waited / predicted)
-
-    def update(self) -> float:
-        """Recompute `factor` from the texts recorded so far (once per batch: it sorts the window) and return it."""
-        if len(self._ratios) >= self.min_samples:
-            ratios = sorted(self._ratios)
-            self.factor = max(1.0, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))])
-        return self.factor
 
 
 def predicted_ends(
@@ -141,3 +123,26 @@ def refusal(
             retry_after,
         )
     return None
+
+
+def admit(
+    now: float,
+    backlog: Backlog,
+    own_tokens: int,
+    tokens_ahead: list[int],
+    follows: list[float | None],
+    time_left: float,
+    max_queue_tokens: int,
+    rates: DrainRate,
+) -> list[Admitted] | Refusal:
+    """Admit a request's texts (`own_tokens` in all; per text, the tokens that run before it and when the text it
+    follows is predicted, as in `predicted_ends`) or refuse them at once rather than let them time out later: when
+    the queue is full, or their predicted answer, plus the time answers take to reach the event loop, comes after
+    the `time_left`."""
+    rate = rates.tokens_per_second
+    ends = predicted_ends(now, backlog, own_tokens, tokens_ahead, follows, rate, rates.calibration.factor)
+    refused = refusal(backlog, own_tokens, time_left - rates.delivery_lag, max_queue_tokens, rate, max(ends) - now)
+    if refused is not None:
+        return refused
+    opening_wait = plain_wait(backlog, own_tokens, rate)
+    return [Admitted(end, opening_wait if after is None else None) for end, after in zip(ends, follows)]

@@ -23,6 +23,7 @@ from service.default_model import ensure_default_model, read_build_report
 from service.errors import LoadFailed, NotAccepting, NotReady
 from service.postprocess import text_result
 from service.runner import (
+    BatchModelAdapter,
     LoadedModel,
     ModelRunner,
     cpu_has_native_bf16,
@@ -32,7 +33,7 @@ from service.runner import (
     resolve_precision,
 )
 from service.scheduler import BatchingPolicy, default_bucket_bounds, padded_length
-from service.scorer import Scorer, ScoringModel
+from service.scorer import Scorer
 from service.settings import Settings
 from service.tokenization import EncodedText, EncoderPool, model_max_length
 from service.tuning import Choice, precision_candidates
@@ -97,7 +98,7 @@ class Engine:
         inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         try:
             loaded = await asyncio.get_running_loop().run_in_executor(inference_thread, _Loading(settings).load)
-            scoring = ScoringModel(loaded.runner, loaded.model.problem_type)
+            scoring = BatchModelAdapter(loaded.runner, loaded.model.problem_type)
             scorer = await Scorer.start(scoring, loaded.policy, settings.max_queue_tokens, inference_thread)
         except BaseException:
             inference_thread.shutdown(wait=False)

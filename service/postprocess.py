@@ -3,12 +3,12 @@ top-k ranking into each text's finished result (by the engine's front), as plain
 `schemas.TextResult`: the API serialises it without building and validating pydantic models again."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
+PROBLEM_TYPES: tuple[ProblemType, ...] = get_args(ProblemType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +21,9 @@ class LabelScore:
 
 def problem_type_of(configured: str | None, num_labels: int) -> ProblemType:
     """The checkpoint's problem type; unset means regression for one output and single-label otherwise (as in transformers)."""
-    if configured in ("single_label_classification", "multi_label_classification", "regression"):
-        return configured
+    for problem_type in PROBLEM_TYPES:
+        if configured == problem_type:
+            return problem_type
     if configured is not None:
         raise ValueError(f"unsupported problem_type {configured!r} in the model config")
     return "regression" if num_labels == 1 else "single_label_classification"

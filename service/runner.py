@@ -1,16 +1,20 @@
-"""The model runner: loads a sequence classifier and runs dynamically padded batches on one device."""
+"""The model runner: loads a sequence classifier and runs dynamically padded batches on one device; its adapter to
+the batcher (`BatchModelAdapter`) scores batches and warms the model up."""
 
 import copy
 import inspect
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from service.postprocess import ProblemType, problem_type_of
+from service.postprocess import ProblemType, activate, problem_type_of
+from service.scheduler import BatchingPolicy
+from service.splitting import OutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +177,43 @@ class ModelRunner:
     def run(self, sequences: list[list[int]], padded_length: int) -> torch.Tensor:
         """Logits for each sequence, as an fp32 CPU tensor of shape (len(sequences), num_labels)."""
         return self.forward(self.collate(sequences, padded_length))
+
+
+class BatchModelAdapter:
+    """Adapts a `ModelRunner` to the batcher's `splitting.BatchModel`: inputs collated on the host, scores activated
+    in fp32, and the framework's out-of-memory turned into the batcher's `OutOfMemory`."""
+
+    def __init__(self, runner: ModelRunner, problem_type: ProblemType) -> None:
+        self.runner = runner
+        self.problem_type = problem_type
+
+    def collate(self, sequences: list[list[int]], padded_length: int) -> dict[str, torch.Tensor]:
+        return self.runner.collate(sequences, padded_length)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> list[list[float]]:
+        """Scores for one batch. An out-of-memory becomes OutOfMemory (after the allocator's cache is released), so
+        the batcher can split the batch without knowing torch."""
+        try:
+            logits = self.runner.forward(inputs)
+        except torch.cuda.OutOfMemoryError as error:
+            release_cached_memory(self.runner.device)
+            raise OutOfMemory(str(error)) from error
+        return activate(logits, self.problem_type)
+
+    def warm_up(self, policy: BatchingPolicy) -> tuple[int, float]:
+        """One batch per bucket, so first requests do not pay for lazy initialisation (and CUDA OOMs show now).
+        Returns the real tokens run and the seconds they took: the model's first measured rate.
+
+        On the CPU one text per bucket is enough; on a GPU each batch is as big as the budget allows.
+        """
+        started = time.monotonic()
+        tokens = 0
+        on_cpu = self.runner.device.type == "cpu"
+        for bound in policy.bucket_bounds:
+            length = policy.padded_length(bound)
+            count = 1 if on_cpu else max(1, min(policy.max_batch_size, policy.max_batch_tokens // length))
+            self.run(self.collate([[self.runner.pad_token_id] * length] * count, length))
+            tokens += count * length
+        seconds = time.monotonic() - started
+        log.info("warmed up %d buckets in %.1f s", len(policy.bucket_bounds), seconds)
+        return tokens, seconds

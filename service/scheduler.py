@@ -8,8 +8,9 @@ Two older strategies stay available as modes, so a report can show what each ste
 `batching="arrival"` (one queue in arrival order, no buckets) and `padding="fixed"` (every batch padded to the
 longest bucket's bound, the model's maximum length).
 Texts also carry their caller's deadline: the queue hands back those whose deadline has passed, and those whose
-caller has gone, so they never reach the model; `unreachable` names the texts of a batch about to start whose
-deadline would pass before it ends.
+caller has gone, so they never reach the model; `missed_deadlines`, the one deadline decision, also names the texts
+of a batch about to start whose deadline would pass before it ends. A bucket is "due" when its time window has run
+out (or no partner is expected within it): that is the window's end, never a deadline.
 """
 
 import bisect
@@ -19,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from service.moving_average import MovingAverage
 
 FlushReason = Literal["budget", "size", "window"]
 Padding = Literal["dynamic", "fixed"]
@@ -64,6 +67,10 @@ class BatchingPolicy:
         the last bucket bound)."""
         return padded_length(self.bucket_bounds[-1] if self.padding == "fixed" else longest, self.pad_multiple)
 
+    def padded_length_of(self, items: list[QueuedText]) -> int:
+        """The length a batch of `items` is padded to."""
+        return self.padded_length(max(item.tokens for item in items))
+
 
 def padded_length(longest: int, pad_multiple: int) -> int:
     """`longest` rounded up to a multiple of `pad_multiple`: the length a batch with that longest text is padded to."""
@@ -98,19 +105,28 @@ class Batch:
         return self.real_tokens / self.padded_tokens
 
 
-def unreachable(items: list[QueuedText], now: float, tokens_per_second: float | None) -> list[QueuedText]:
-    """The texts of a batch starting at `now` whose deadline would pass before it ends, at `tokens_per_second` real
-    tokens (none before any measurement): their answer would come late, so the model should not run them.
+def deadline_passed(deadline: float, now: float) -> bool:
+    """Whether an answer still to be computed at `now` comes too late for `deadline`: the one definition every
+    deadline check uses (at admission, in the queue, at a batch's start, and the caller's own wait)."""
+    return deadline <= now
 
-    Earliest deadlines go first, and each text dropped shortens the batch for the rest.
+
+def missed_deadlines(
+    items: list[QueuedText], now: float, tokens_per_second: float | None = None, delivery_lag: float = 0.0
+) -> list[QueuedText]:
+    """The texts of `items` whose answer cannot reach its caller by its deadline, earliest deadline first: those
+    whose deadline has passed at `now`, and, for `items` about to start as one batch at `now` running at
+    `tokens_per_second` real tokens (none before any measurement), those whose deadline would pass before the batch
+    ends and its answers reach the event loop `delivery_lag` seconds later. Nobody waits for such an answer, so the
+    model should not run them. Each text dropped shortens the batch for the rest.
     """
-    if not tokens_per_second:
-        return []
     by_deadline = sorted(items, key=lambda item: item.deadline)
-    tokens = sum(item.tokens for item in items)
-    late: list[QueuedText] = []
-    for item in by_deadline:
-        if item.deadline >= now + tokens / tokens_per_second:
+    late = [item for item in by_deadline if deadline_passed(item.deadline, now)]
+    if not tokens_per_second:
+        return late
+    tokens = sum(item.tokens for item in by_deadline[len(late):])
+    for item in by_deadline[len(late):]:
+        if item.deadline >= now + delivery_lag + tokens / tokens_per_second:
             break
         late.append(item)
         tokens -= item.tokens
@@ -178,7 +194,7 @@ class BatchQueue:
     idling through the window; under load the window still gathers full batches.
     """
 
-    GAP_SMOOTHING = 0.2
+    GAP_SMOOTHING = 0.2  # weight of the newest gap between arrivals
 
     def __init__(self, policy: BatchingPolicy) -> None:
         self.policy = policy
@@ -188,9 +204,9 @@ class BatchQueue:
         self._texts = 0
         self._tokens = 0
         self._last_arrival: float | None = None
-        self._mean_gap: float | None = None
-        # No queued text expires before this; it may lag behind removals (then it is early, never late), and
-        # `remove_expired` scans the queue only once it has passed.
+        self._mean_gap = MovingAverage(self.GAP_SMOOTHING)
+        # No queued text's deadline passes before this; it may lag behind removals (then it is early, never late),
+        # and `remove_missed_deadlines` scans the queue only once it has passed.
         self._earliest_deadline = math.inf
 
     def __len__(self) -> int:
@@ -240,15 +256,16 @@ class BatchQueue:
         self._earliest_deadline = min(self._earliest_deadline, item.deadline)
         self._record_arrival(item.arrived_at)
 
-    def remove_expired(self, now: float) -> list[QueuedText]:
-        """Remove and return the texts whose deadline is at or before `now`: nobody would receive their answer."""
-        if now < self._earliest_deadline:
+    def remove_missed_deadlines(self, now: float) -> list[QueuedText]:
+        """Remove and return the texts whose deadline has passed at `now`: nobody would receive their answer."""
+        if not deadline_passed(self._earliest_deadline, now):
             return []
-        expired = self._remove_where(lambda item: item.deadline <= now, range(len(self._buckets)))
+        missed = {id(item) for item in missed_deadlines([item for bucket in self._buckets for item in bucket], now)}
+        removed = self._remove_where(lambda item: id(item) in missed, range(len(self._buckets)))
         self._earliest_deadline = min(
             (item.deadline for bucket in self._buckets for item in bucket), default=math.inf
         )
-        return expired
+        return removed
 
     def remove(self, items: list[QueuedText]) -> list[QueuedText]:
         """Remove those of `items` still queued (their caller has gone) and return them; the others already left."""
@@ -275,19 +292,18 @@ class BatchQueue:
     def _record_arrival(self, at: float) -> None:
         # Texts of one request arrive at the same instant: they are one arrival, not a zero gap.
         if self._last_arrival is not None and at > self._last_arrival:
-            gap = at - self._last_arrival
-            mean = self._mean_gap
-            self._mean_gap = gap if mean is None else mean + self.GAP_SMOOTHING * (gap - mean)
+            self._mean_gap.add(at - self._last_arrival)
         if self._last_arrival is None or at > self._last_arrival:
             self._last_arrival = at
 
     def _due_at(self, bucket: deque[QueuedText]) -> float:
-        """When a bucket stops waiting: its window's end, less the expected wait for the next arrival."""
-        return bucket[0].arrived_at + self.policy.window - (self._mean_gap or 0.0)
+        """When a bucket is due (stops waiting for partners): its window's end, less the expected wait for the next
+        arrival."""
+        return bucket[0].arrived_at + self.policy.window - (self._mean_gap.value or 0.0)
 
-    def next_deadline(self) -> float | None:
-        """When the queue next needs attention: a bucket stops waiting for partners, or a text may expire (None when
-        the queue is empty)."""
+    def wake_at(self) -> float | None:
+        """When the queue next needs attention: a bucket falls due, or a text's deadline may pass (None when the
+        queue is empty)."""
         due = [self._due_at(bucket) for bucket in self._buckets if bucket]
         return min(min(due), self._earliest_deadline) if due else None
 
@@ -297,16 +313,16 @@ class BatchQueue:
         Buckets that are due (window run out, or no partner expected within it) go first, oldest first, so no
         text starves behind a stream of full batches; otherwise the longest-waiting full bucket goes.
         """
-        expired, full = [], []
+        due, full = [], []
         for index, bucket in enumerate(self._buckets):
             if not bucket:
                 continue
-            if now >= self._due_at(bucket):  # the same sum as next_deadline, so waking on time finds it due
-                expired.append(index)
+            if now >= self._due_at(bucket):  # the same sum as wake_at, so waking on time finds it due
+                due.append(index)
             elif self._fills_a_batch(bucket):
                 full.append(index)
-        if expired:
-            seed = min(expired, key=lambda i: self._buckets[i][0].arrived_at)
+        if due:
+            seed = min(due, key=lambda i: self._buckets[i][0].arrived_at)
             return self._take(seed)
         if full:
             seed = min(full, key=lambda i: self._buckets[i][0].arrived_at)

@@ -110,8 +110,15 @@ def ladder_should_stop(trials: list[BudgetTrial], out_of_time: bool = False, dec
         return False
     if trials[-1].out_of_memory or out_of_time:
         return True
-    best = max(trial.tokens_per_second for trial in trials if not trial.out_of_memory)
-    return trials[-1].tokens_per_second < (1 - decline) * best
+    best = max(_speed(trial) for trial in trials if not trial.out_of_memory)
+    return _speed(trials[-1]) < (1 - decline) * best
+
+
+def _speed(trial: BudgetTrial) -> float:
+    """Tokens/s of a rung that fitted in memory."""
+    if trial.tokens_per_second is None:
+        raise ValueError(f"budget {trial.budget} ran out of memory: it has no speed")
+    return trial.tokens_per_second
 
 
 def choose_budget(
@@ -131,9 +138,9 @@ def choose_budget(
         limit_note = f"; out of memory above {largest}, so at most {ceiling}"
         if not eligible:
             return Choice(ceiling, f"only {largest} fit{limit_note}")
-    best = max(eligible, key=lambda trial: trial.tokens_per_second)
+    best = max(eligible, key=_speed)
     good = min(
-        (trial for trial in eligible if trial.tokens_per_second >= (1 - within) * best.tokens_per_second),
+        (trial for trial in eligible if _speed(trial) >= (1 - within) * _speed(best)),
         key=lambda trial: trial.budget,
     )
     return Choice(

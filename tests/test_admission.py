@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from service.admission import Backlog, WaitCalibration, plain_wait, predicted_ends, refusal, seconds_ahead
-from service.batcher import Overloaded
+from service.admission import Admitted, Backlog, Refusal, admit, plain_wait, predicted_ends, refusal, seconds_ahead
+from service.drain_rate import DrainRate
+from service.errors import Overloaded
 from service.scheduler import BatchingPolicy
 from tests.test_batcher import run, texts
 
@@ -83,25 +84,40 @@ def test_the_predicted_wait_decides_and_retry_after_stays_the_plain_work_ahead()
     assert refusal(Backlog(5_000), 100, 0.5, 10_000, RATE, predicted=0.3) is None  # joins a batch that leaves soon
 
 
-def test_the_wait_factor_is_a_high_quantile_of_real_over_predicted_waits():
-    calibration = WaitCalibration(quantile=0.9, window=100, min_predicted=0.05, min_samples=10)
-    for ratio in range(1, 10):  # 9 texts: too few to tell yet
-        calibration.record(predicted=1.0, waited=ratio * 0.25)
-    assert calibration.update() == 1.0
-    calibration.record(predicted=1.0, waited=2.5)
-    assert calibration.update() == 2.5  # the 90th percentile of 0.25, 0.5, ... 2.5
-    calibration.record(predicted=0.01, waited=5.0)  # a wait too short to have predicted anything: ignored
-    assert calibration.update() == 2.5
+def rates(tokens_per_second: float | None = RATE, delivered_after: float = 0.0, factor: float = 1.0) -> DrainRate:
+    """A drain-rate estimate that has measured `tokens_per_second` (model time), one batch's answers reaching the
+    event loop `delivered_after` seconds after it ended, and a wait `factor`."""
+    measured = DrainRate()
+    if tokens_per_second is not None:
+        measured.model_ran(round(tokens_per_second), 1.0)
+    measured.answers_delivered(delivered_after)
+    measured.calibration.factor = factor
+    return measured
 
 
-def test_the_wait_factor_never_falls_below_one_and_forgets_old_waits():
-    calibration = WaitCalibration(quantile=0.9, window=20, min_samples=10)
-    for _ in range(20):
-        calibration.record(predicted=1.0, waited=3.0)
-    assert calibration.update() == 3.0
-    for _ in range(20):  # the window has moved on: texts now run sooner than predicted
-        calibration.record(predicted=1.0, waited=0.5)
-    assert calibration.update() == 1.0
+def test_admitted_texts_carry_their_predicted_answer_and_only_openers_their_plain_wait():
+    """300 queued, 100 own tokens: the opener waits 0.4 s plainly, 0.6 s at factor 1.5; the joiner follows 10.2 s."""
+    admitted = admit(10.0, Backlog(300), 100, [50, 300], [10.2, None], 5.0, 10_000, rates(factor=1.5))
+    assert admitted == [Admitted(pytest.approx(10.3), None), Admitted(pytest.approx(10.6), pytest.approx(0.4))]
+
+
+def test_admission_refuses_a_full_queue_and_a_wait_past_the_time_left():
+    full = admit(10.0, Backlog(4_000), 100, [4_000], [None], 60.0, 4_050, rates())
+    assert isinstance(full, Refusal) and (full.reason, full.retry_after) == ("queue_full", 4)
+    late = admit(10.0, Backlog(300), 100, [300], [None], 0.5, 10_000, rates(factor=1.5))  # 0.6 s > 0.5 s
+    assert isinstance(late, Refusal) and late.reason == "predicted_wait" and "about 0.6 s" in late.message
+
+
+def test_admission_counts_the_answers_delivery_lag_against_the_time_left():
+    """0.4 s of work fits 0.5 s, but not once answers take 0.2 s more to reach the event loop (one batch's 1 s lag,
+    smoothed from none)."""
+    assert not isinstance(admit(10.0, Backlog(300), 100, [300], [None], 0.5, 10_000, rates()), Refusal)
+    refused = admit(10.0, Backlog(300), 100, [300], [None], 0.5, 10_000, rates(delivered_after=1.0))
+    assert isinstance(refused, Refusal) and refused.reason == "predicted_wait"
+
+
+def test_before_any_measurement_everything_fits_and_is_predicted_now():
+    assert admit(10.0, Backlog(10_000), 100, [10_000], [None], 0.001, 1_000_000, rates(None)) == [Admitted(10.0, 0.0)]
 
 
 def test_admission_counts_the_batch_running_now():
@@ -111,7 +127,7 @@ def test_admission_counts_the_batch_running_now():
         # Measures the drain rate, 250 tokens/s: the second text is taken while the first runs, the third behind it.
         warm = batcher.submit(texts(100, 100, 100), deadline=math.inf)
         await asyncio.wait(warm.futures, timeout=30)
-        assert batcher.backlog_meter.tokens_per_second == pytest.approx(250)
+        assert batcher.rates.backlog.value == pytest.approx(250)
         release = threading.Event()
         started = threading.Event()
         batcher.model.run = blocking_run(batcher.model.run, started, release)

@@ -7,8 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batcher import Batcher, DeadlineExceeded, Overloaded, ThroughputMeter
-from service.scheduler import BatchingPolicy, BatchQueue
+from service.admission import Backlog
+from service.batcher import Batcher, InFlight
+from service.drain_rate import DrainRate
+from service.errors import DeadlineExceeded, Overloaded
+from service.scheduler import Batch, BatchingPolicy, BatchQueue, QueuedText
 from tests.fakes import FakeClock, FakeModel
 
 
@@ -21,11 +24,11 @@ def texts(*lengths: int) -> list[list[int]]:
 
 
 def make_batcher(clock: FakeClock, model: FakeModel, policy: BatchingPolicy):
-    meter = ThroughputMeter()
-    meter.record(1000, 1.0)  # the model alone: 1000 tokens/s
+    rates = DrainRate()
+    rates.model_ran(1000, 1.0)  # the model alone: 1000 tokens/s
     max_queue_tokens = 10_000
 
-    return Batcher(BatchQueue(policy), model, max_queue_tokens, meter, clock)
+    return Batcher(BatchQueue(policy), model, max_queue_tokens, rates, clock)
 
 
 WAITING = BatchingPolicy(bucket_bounds=(16, 64, 128), max_batch_tokens=512, max_batch_size=8, window=30.0)
@@ -131,7 +134,7 @@ def test_admission_uses_the_drain_rate_measured_while_batches_run_back_to_back()
         backlog = batcher.submit(texts(100, 100, 100), deadline=math.inf)  # one batch per text
         await asyncio.wait(backlog.futures, timeout=30)
         assert ran == [100, 100, 100]
-        assert batcher.backlog_meter.tokens_per_second == pytest.approx(250)
+        assert batcher.rates.backlog.value == pytest.approx(250)
         assert len(batcher.queue) == 0
         with pytest.raises(Overloaded) as refused:  # its own 100 tokens take 0.4 s, not the model's 0.1 s
             batcher.submit(texts(100), deadline=clock.now + 0.3)
@@ -154,3 +157,19 @@ def test_a_text_joining_a_queued_batch_is_admitted_by_when_that_batch_ends():
         assert batcher.queue.tokens == 250
 
     run(scenario)
+
+
+def test_what_left_the_queue_counts_as_work_ahead_until_it_has_run():
+    in_flight = InFlight()
+    first = Batch([QueuedText(30, 0.0, "a"), QueuedText(20, 0.0, "b")], 30, "window")
+    in_flight.taken(first)  # taken while the inference thread is idle: it starts at once, nothing waits
+    assert in_flight.backlog(100, 1.0).queued_tokens == 100
+    in_flight.started(first.items, 2.0)
+    assert in_flight.backlog(100, 2.5) == Backlog(100, 50, 0.5)
+    waiting = QueuedText(10, 2.1, "c")
+    in_flight.taken(Batch([waiting], 10, "window"))  # collated while the first runs: it waits, cancellable
+    assert in_flight.backlog(100, 2.5) == Backlog(110, 50, 0.5)
+    assert in_flight.withdraw([waiting, first.items[0]]) == [waiting]  # the running text is not withdrawn
+    assert in_flight.backlog(100, 2.5) == Backlog(100, 50, 0.5)
+    in_flight.ended()
+    assert in_flight.backlog(100, 3.0).running_tokens == 0

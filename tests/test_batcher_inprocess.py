@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client import REGISTRY
 
-from service.admission import WaitCalibration
-from service.batcher import Batcher, ThroughputMeter
+from service.batcher import Batcher
+from service.drain_rate import DrainRate, WaitCalibration
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
 from service.scorer import Scorer
@@ -22,7 +22,9 @@ SHARED_BATCHES = BatchingPolicy(bucket_bounds=(16, 32, 64), max_batch_tokens=512
 async def until(condition, seconds: float = WAIT) -> None:
     """Returns once `condition()` holds (polled: the batcher's threads change it)."""
     async with asyncio.timeout(seconds):
-        while not condition():
+        while True:  # polled: no event tells when another thread has changed it
+            if condition():
+                return
             await asyncio.sleep(0.001)
 
 
@@ -34,25 +36,23 @@ def scores_of(ids: list[int]) -> list[float]:
     return [float(len(ids)), float(ids[0])]
 
 
-class FixedRate(ThroughputMeter):
+class FixedModelRate(DrainRate):
     """A model rate that batches run on the frozen fake clock do not change."""
 
-    def __init__(self, tokens_per_second: float) -> None:
-        super().__init__()
-        self.tokens_per_second = tokens_per_second
+    def __init__(self, tokens_per_second: float, calibration: WaitCalibration | None = None) -> None:
+        super().__init__(calibration)
+        super().model_ran(round(tokens_per_second), 1.0)
 
-    def record(self, tokens: int, seconds: float) -> None:
+    def model_ran(self, tokens: int, seconds: float) -> None:
         pass
 
 
-def run(scenario, model: FakeModel, policy: BatchingPolicy, meter: ThroughputMeter | None = None):
+def run(scenario, model: FakeModel, policy: BatchingPolicy, rates: DrainRate | None = None):
     """Run `scenario(batcher, clock)` with the batcher's threads started; it drains at the end."""
 
     async def main():
         clock = FakeClock()
-        batcher = Batcher(
-            BatchQueue(policy), model, max_queue_tokens=100_000, meter=meter or ThroughputMeter(), clock=clock
-        )
+        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens=100_000, rates=rates or DrainRate(), clock=clock)
         with ThreadPoolExecutor(1) as inference_thread:
             batcher.start(inference_thread)
             try:
@@ -119,7 +119,7 @@ def test_a_text_whose_deadline_would_pass_before_its_batch_ends_is_dropped_when_
         assert await asyncio.wait_for(patient.futures[0], WAIT) == scores_of(text(3, 30))
         assert text(2, 50) not in [ids for batch in model.ran for ids in batch]  # no model time for a late answer
 
-    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+    run(scenario, model, ONE_TEXT_BATCHES, rates=FixedModelRate(100.0))
 
 
 def test_the_event_loops_lag_counts_against_the_deadline():
@@ -129,8 +129,8 @@ def test_the_event_loops_lag_counts_against_the_deadline():
         first = batcher.submit([text(1, 10)])
         await model.running(1)
         late = batcher.submit([text(2, 30)], deadline=clock.now + 0.6)  # admitted: 0.4 s of work ahead
-        batcher._deliver([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
-        assert batcher.delivery_lag == pytest.approx(0.4)  # smoothed
+        batcher.answers.delivered([], [], ended=clock.now - 2.0)  # answers reached the loop 2 s after their batch ended
+        assert batcher.rates.delivery_lag == pytest.approx(0.4)  # smoothed
         with pytest.raises(Overloaded):  # 0.5 s of work would fit the 0.6 s left, but not with 0.4 s of lag
             batcher.submit([text(3, 10)], deadline=clock.now + 0.6)
         # Its batch would end 0.3 s before the deadline, but its answer would reach the loop after it, whether the
@@ -141,28 +141,28 @@ def test_the_event_loops_lag_counts_against_the_deadline():
             await asyncio.wait_for(late.futures[0], WAIT)
         assert model.ran == [[text(1, 10)]]
 
-    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+    run(scenario, model, ONE_TEXT_BATCHES, rates=FixedModelRate(100.0))
 
 
 def test_texts_that_waited_longer_than_predicted_make_admission_stricter():
     model = FakeModel(held=True)
 
     async def scenario(batcher, clock):
-        batcher.wait_calibration = WaitCalibration(min_predicted=0.05, min_samples=2)
         first = batcher.submit([text(1, 10)])  # predicted 0.1 s at 100 tokens/s
         await model.running(1)
         second = batcher.submit([text(2, 10)])  # 0.1 s behind the running batch, then its own 0.1 s
         clock.now += 0.4  # both batches end 0.4 s after they arrived: 4x and 2x their prediction
         model.release()
         await asyncio.wait_for(asyncio.gather(*first.futures, *second.futures), WAIT)
-        await until(lambda: batcher.wait_calibration.factor != 1.0)  # updated once the batch's answers are out
-        assert batcher.wait_calibration.factor == pytest.approx(4.0)
+        await until(lambda: batcher.rates.calibration.factor != 1.0)  # updated once the batch's answers are out
+        assert batcher.rates.calibration.factor == pytest.approx(4.0)
         assert REGISTRY.get_sample_value("classifier_admission_wait_factor") == pytest.approx(4.0)
-        with pytest.raises(Overloaded, match="about 0.4 s"):  # its own 0.1 s, 4x, does not fit 0.3 s any more
+        with pytest.raises(Overloaded, match=r"about 0\.4 s"):  # its own 0.1 s, 4x, does not fit 0.3 s any more
             batcher.submit([text(3, 10)], deadline=clock.now + 0.3)
         batcher.submit([text(4, 10)], deadline=clock.now + 0.5)
 
-    run(scenario, model, ONE_TEXT_BATCHES, meter=FixedRate(100.0))
+    calibration = WaitCalibration(min_predicted=0.05, min_samples=2)
+    run(scenario, model, ONE_TEXT_BATCHES, rates=FixedModelRate(100.0, calibration))
 
 
 def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
@@ -175,7 +175,7 @@ def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
         clock.now += 0.03
         model.release()
         await asyncio.wait_for(asyncio.gather(*short.futures, *long.futures), WAIT)
-        assert batcher.backlog_meter.tokens_per_second is None  # not 8 tokens per 30 ms: that is no drain rate
+        assert batcher.rates.backlog.value is None  # not 8 tokens per 30 ms: that is no drain rate
         # Two texts queued behind a running one: the first of them is taken with the other still waiting.
         model._released.clear()
         running = batcher.submit([text(3, 8)])
@@ -184,7 +184,7 @@ def test_one_text_waiting_for_another_does_not_count_as_a_backlog():
         clock.now += 0.04
         model.release()
         await asyncio.wait_for(asyncio.gather(*running.futures, *queued.futures), WAIT)
-        assert batcher.backlog_meter.tokens_per_second == pytest.approx(200.0)  # 8 tokens in 0.04 s, back to back
+        assert batcher.rates.backlog.value == pytest.approx(200.0)  # 8 tokens in 0.04 s, back to back
 
     run(scenario, model, ONE_TEXT_BATCHES)
 
@@ -194,7 +194,7 @@ def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late()
 
     async def scenario(batcher, clock):
         late_before = REGISTRY.get_sample_value("classifier_late_answers_total")
-        scorer = Scorer(batcher, model, inference_thread=None)
+        scorer = Scorer(batcher, inference_thread=None)
         answer = asyncio.create_task(scorer.score([text(1, 10)], deadline=clock.now + 0.01))
         await model.running(1)
         clock.now += 1.0  # the batch ran past the deadline: nothing queued is left to drop, so it finishes
@@ -208,6 +208,27 @@ def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late()
     run(scenario, model, ONE_TEXT_BATCHES)
 
 
+def test_a_request_fails_with_its_first_failure_even_while_an_earlier_text_still_runs():
+    """The poisoned short text runs first and fails at once; the long text before it in the request still runs."""
+
+    class FailsAtOnce(FakeModel):
+        def run(self, sequences: list[list[int]]) -> list[list[float]]:
+            if any(self.poison in ids for ids in sequences):
+                raise ValueError("poisoned batch")
+            return super().run(sequences)
+
+    model = FailsAtOnce(held=True, poison=666)
+
+    async def scenario(batcher, clock):
+        scorer = Scorer(batcher, inference_thread=None)
+        with pytest.raises(InferenceFailed, match="poisoned batch"):
+            await asyncio.wait_for(scorer.score([text(1, 60), [666] * 10], deadline=clock.now + 60), WAIT)
+        await model.running(1)
+        assert [[ids[0] for ids in batch] for batch in model.ran] == [[1]]  # the long text runs (and finishes)
+
+    run(scenario, model, SHARED_BATCHES)
+
+
 def test_a_poisoned_text_fails_alone_the_batch_split_down_to_it_and_the_error_is_logged_once(caplog):
     model = FakeModel(poison=666)
     texts = [text(name, 10) for name in range(1, 8)]
@@ -219,7 +240,7 @@ def test_a_poisoned_text_fails_alone_the_batch_split_down_to_it_and_the_error_is
         answers = await asyncio.wait_for(asyncio.gather(*submission.futures, return_exceptions=True), WAIT)
         return answers, batcher.queue.policy.max_batch_tokens
 
-    with caplog.at_level(logging.ERROR, logger="service.batcher"):
+    with caplog.at_level(logging.ERROR, logger="service.splitting"):
         answers, budget = run(scenario, model, SHARED_BATCHES)
     assert isinstance(answers[3], InferenceFailed) and "ValueError: poisoned batch" in str(answers[3])
     assert [answer for index, answer in enumerate(answers) if index != 3] == [

@@ -5,6 +5,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -92,7 +93,7 @@ def test_a_2_mb_text_costs_bounded_memory_and_a_short_text_beside_it_is_answered
     with run_service(tiny_model_dir) as (url, process):
 
         def memory_kib(field: str) -> int:
-            status = open(f"/proc/{process.pid}/status").read()
+            status = Path(f"/proc/{process.pid}/status").read_text()
             return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field)))
 
         httpx.post(f"{url}/classify", json={"texts": ["warm up the allocator"]}, timeout=30)

@@ -35,7 +35,7 @@ def test_a_padded_batch_gives_each_text_its_unpadded_logits(model_and_tokenizer)
 
 
 def test_collate_pads_each_row_to_the_batch_length_and_masks_the_padding(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+    model, _ = model_and_tokenizer
     runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=7)
     inputs = runner.collate([[1, 2, 3], [4], [5, 6, 8, 9]], padded_length=5)
     assert inputs["input_ids"].tolist() == [[1, 2, 3, 7, 7], [4, 7, 7, 7, 7], [5, 6, 8, 9, 7]]

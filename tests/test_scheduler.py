@@ -1,9 +1,19 @@
 """The batching decisions, driven with a fake clock: no threads, no sleeping, no torch."""
 
 
+import itertools
+
 import pytest
 
-from service.scheduler import BatchingPolicy, BatchQueue, Place, QueuedText, default_bucket_bounds, unreachable
+from service.scheduler import (
+    BatchingPolicy,
+    BatchQueue,
+    Place,
+    QueuedText,
+    deadline_passed,
+    default_bucket_bounds,
+    missed_deadlines,
+)
 
 WINDOW = 0.005
 
@@ -35,12 +45,12 @@ def test_a_lone_text_waits_for_the_window_then_leaves_alone():
     queue = BatchQueue(policy())
     queue.append(text(10, at=1.0))
     assert queue.next_batch(1.0 + WINDOW / 2) is None
-    assert queue.next_deadline() == pytest.approx(1.0 + WINDOW)
+    assert queue.wake_at() == pytest.approx(1.0 + WINDOW)
     batch = queue.next_batch(1.0 + WINDOW)
     assert [item.tokens for item in batch.items] == [10]
     assert batch.reason == "window"
     assert batch.padded_length == 10
-    assert len(queue) == 0 and queue.tokens == 0 and queue.next_deadline() is None
+    assert len(queue) == 0 and queue.tokens == 0 and queue.wake_at() is None
 
 
 def test_at_light_load_a_text_starts_at_once_instead_of_idling_through_the_window():
@@ -59,8 +69,8 @@ def test_at_high_rate_the_window_still_gathers_a_batch():
     for i in range(6):
         queue.append(text(10, at=i * 0.0005, name=i))
         assert queue.next_batch(i * 0.0005) is None
-    assert queue.next_deadline() == pytest.approx(WINDOW - 0.0005)
-    batch = queue.next_batch(queue.next_deadline())
+    assert queue.wake_at() == pytest.approx(WINDOW - 0.0005)
+    batch = queue.next_batch(queue.wake_at())
     assert [item.handle for item in batch.items] == list(range(6))
 
 
@@ -125,7 +135,7 @@ def test_dynamic_padding_pads_to_the_longest_text_rounded_to_the_multiple():
     assert batch.real_tokens == 58 and batch.padded_tokens == 72
 
 
-def test_an_expired_text_goes_before_full_batches_of_younger_texts():
+def test_a_due_bucket_goes_before_full_batches_of_younger_texts():
     queue = BatchQueue(policy(max_batch_size=2))
     queue.append(text(100, at=0.0, name="old"))
     for i in range(2):
@@ -136,7 +146,7 @@ def test_an_expired_text_goes_before_full_batches_of_younger_texts():
 
 def test_no_text_waits_longer_than_the_window_plus_one_batch_under_steady_load():
     """Short texts stream in fast enough to fill a batch every step; long ones trickle in. A batch takes one
-    step. Every text, long ones included, leaves within the window plus the one batch running when it expires."""
+    step. Every text, long ones included, leaves within the window plus the one batch running when its bucket falls due."""
     queue = BatchQueue(policy(max_batch_size=4, max_batch_tokens=512))
     step = 0.001
     waits, sent = [], 0
@@ -179,7 +189,7 @@ def test_texts_longer_than_the_last_bound_go_to_the_last_bucket():
 def test_default_bounds_are_ascending_narrow_and_end_at_the_max_length():
     bounds = default_bucket_bounds(512)
     assert bounds[-1] == 512 and list(bounds) == sorted(set(bounds))
-    assert all(b / a <= 1.26 for a, b in zip(bounds[3:], bounds[4:]))
+    assert all(b / a <= 1.26 for a, b in itertools.pairwise(bounds[3:]))
     assert all(b % 8 == 0 for b in default_bucket_bounds(512, pad_multiple=8))
 
 
@@ -193,22 +203,22 @@ def test_texts_past_their_deadline_are_removed_and_handed_back():
     queue.append(QueuedText(10, 0.0, "early", deadline=1.0))
     queue.append(QueuedText(20, 0.0, "late", deadline=3.0))
     queue.append(QueuedText(100, 0.0, "long", deadline=1.0))
-    assert queue.next_deadline() == pytest.approx(1.0)  # the inference thread wakes for the first expiry
-    assert queue.remove_expired(0.999) == []
-    expired = queue.remove_expired(1.0)
-    assert sorted(item.handle for item in expired) == ["early", "long"]
+    assert queue.wake_at() == pytest.approx(1.0)  # the collation thread wakes for the first deadline
+    assert queue.remove_missed_deadlines(0.999) == []
+    missed = queue.remove_missed_deadlines(1.0)
+    assert sorted(item.handle for item in missed) == ["early", "long"]
     assert (len(queue), queue.tokens) == (1, 20)
-    assert queue.next_deadline() == pytest.approx(3.0)
-    assert [item.handle for item in queue.remove_expired(5.0)] == ["late"]
-    assert (len(queue), queue.tokens, queue.next_deadline()) == (0, 0, None)
+    assert queue.wake_at() == pytest.approx(3.0)
+    assert [item.handle for item in queue.remove_missed_deadlines(5.0)] == ["late"]
+    assert (len(queue), queue.tokens, queue.wake_at()) == (0, 0, None)
 
 
-def test_a_text_that_left_in_a_batch_does_not_expire_later():
+def test_a_text_that_left_in_a_batch_is_not_handed_back_at_its_deadline():
     queue = BatchQueue(policy())
     queue.append(QueuedText(10, 0.0, "a", deadline=0.5))
     assert [item.handle for item in queue.next_batch(WINDOW).items] == ["a"]
     queue.append(QueuedText(12, 1.0, "b", deadline=9.0))
-    assert queue.remove_expired(1.0) == []  # "a" is gone; only "b" is queued, and it has time left
+    assert queue.remove_missed_deadlines(1.0) == []  # "a" is gone; only "b" is queued, and it has time left
     assert [item.handle for item in drain(queue, 1.0 + WINDOW)[0].items] == ["b"]
 
 
@@ -219,7 +229,7 @@ def test_texts_whose_caller_left_are_removed_from_the_queue_and_its_token_count(
     for item in (*mine, other):
         queue.append(item)
     batch_before = QueuedText(30, 0.0, "already-running")
-    assert queue.remove(mine + [batch_before]) == mine  # one was never (or no longer) queued
+    assert queue.remove([*mine, batch_before]) == mine  # one was never (or no longer) queued
     assert (len(queue), queue.tokens) == (1, 11)
     assert [item.handle for item in drain(queue, 1.0)[0].items] == ["other"]
 
@@ -229,7 +239,7 @@ def test_texts_whose_deadline_would_pass_before_their_batch_ends_are_named_earli
     soon = QueuedText(30, 0.0, "soon", deadline=0.39)  # still late once "later" is out (0.4 s)
     later = QueuedText(20, 0.0, "later", deadline=0.35)
     patient = QueuedText(10, 0.0, "patient", deadline=5.0)
-    assert [item.handle for item in unreachable([soon, later, patient], 0.0, 100.0)] == ["later", "soon"]
+    assert [item.handle for item in missed_deadlines([soon, later, patient], 0.0, 100.0)] == ["later", "soon"]
 
 
 def test_dropping_a_late_text_shortens_the_batch_enough_for_the_next():
@@ -237,12 +247,27 @@ def test_dropping_a_late_text_shortens_the_batch_enough_for_the_next():
     a = QueuedText(30, 0.0, "a", deadline=0.5)
     b = QueuedText(20, 0.0, "b", deadline=0.45)
     c = QueuedText(10, 0.0, "c", deadline=5.0)
-    assert [item.handle for item in unreachable([a, b, c], 0.0, 100.0)] == ["b"]
-    assert unreachable([a, c], 0.0, 100.0) == []  # 40 tokens end at 0.4 s
+    assert [item.handle for item in missed_deadlines([a, b, c], 0.0, 100.0)] == ["b"]
+    assert missed_deadlines([a, c], 0.0, 100.0) == []  # 40 tokens end at 0.4 s
 
 
-def test_no_text_is_called_unreachable_before_the_rate_is_measured():
-    assert unreachable([QueuedText(500, 0.0, "x", deadline=0.001)], 0.0, None) == []
+def test_the_answers_delivery_lag_counts_against_the_deadline():
+    # 40 tokens end at 0.4 s; with 0.15 s more to reach the event loop, "a" (0.5) would hear too late.
+    a = QueuedText(30, 0.0, "a", deadline=0.5)
+    c = QueuedText(10, 0.0, "c", deadline=5.0)
+    assert [item.handle for item in missed_deadlines([a, c], 0.0, 100.0, delivery_lag=0.15)] == ["a"]
+
+
+def test_before_the_rate_is_measured_only_passed_deadlines_are_missed():
+    assert missed_deadlines([QueuedText(500, 0.0, "x", deadline=0.001)], 0.0, None) == []
+    passed = QueuedText(5, 0.0, "passed", deadline=1.0)
+    assert missed_deadlines([QueuedText(500, 0.0, "x", deadline=9.0), passed], 1.0) == [passed]
+
+
+def test_a_deadline_has_passed_once_now_reaches_it():
+    assert not deadline_passed(1.0, 0.999)
+    assert deadline_passed(1.0, 1.0) and deadline_passed(1.0, 2.0)
+    assert not deadline_passed(float("inf"), 1e12)
 
 
 def test_a_text_joining_a_bucket_follows_its_last_text_after_the_buckets_whose_first_text_is_older():

@@ -91,17 +91,17 @@ def test_arrival_batching_waits_the_window_then_goes_with_what_it_has():
     queue.append(QueuedText(10, 1.0, "a"))
     queue.append(QueuedText(90, 1.001, "b"))
     assert queue.next_batch(1.0 + WINDOW / 2) is None
-    assert queue.next_deadline() == pytest.approx(1.0 + WINDOW - 0.001)  # less the expected gap to the next arrival
+    assert queue.wake_at() == pytest.approx(1.0 + WINDOW - 0.001)  # less the expected gap to the next arrival
     batch = queue.next_batch(1.0 + WINDOW)
     assert [item.handle for item in batch.items] == ["a", "b"] and batch.padded_length == 90
 
 
-def test_arrival_batching_drops_expired_and_cancelled_texts():
+def test_arrival_batching_drops_texts_past_their_deadline_and_cancelled_ones():
     queue = BatchQueue(policy(batching="arrival"))
     items = [QueuedText(tokens, 0.0, tokens, deadline) for tokens, deadline in ((10, 1.0), (90, 5.0), (40, 5.0))]
     for item in items:
         queue.append(item)
-    assert queue.remove_expired(2.0) == [items[0]]
+    assert queue.remove_missed_deadlines(2.0) == [items[0]]
     assert queue.remove([items[2]]) == [items[2]]
     assert len(queue) == 1 and queue.tokens == 90
     [batch] = drain(queue, 2.0)

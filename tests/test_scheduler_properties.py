@@ -41,10 +41,10 @@ def workloads(draw) -> tuple[BatchingPolicy, list[QueuedText]]:
 
 def run_with_a_free_worker(policy: BatchingPolicy, texts: list[QueuedText]) -> list[tuple[float, object]]:
     """Feed the arrivals in time order and take every batch as soon as the scheduler hands it out (an infinitely fast
-    worker, woken at each arrival and at `next_deadline`). Returns (time taken, batch) pairs."""
+    worker, woken at each arrival and at `wake_at`). Returns (time taken, batch) pairs."""
     queue, taken, pending, now = BatchQueue(policy), [], list(texts), 0.0
     for _ in range(10 * len(texts) + 10):  # each step takes a batch or admits a text: it ends
-        wake = queue.next_deadline()
+        wake = queue.wake_at()
         if pending and (wake is None or pending[0].arrived_at <= wake):
             now = max(now, pending[0].arrived_at)
             while pending and pending[0].arrived_at <= now:

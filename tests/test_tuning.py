@@ -58,9 +58,9 @@ def test_ladder_stops_at_out_of_memory_or_a_clear_decline():
     rising = [BudgetTrial(512, 4000.0), BudgetTrial(1024, 4500.0)]
     assert not ladder_should_stop([])
     assert not ladder_should_stop(rising)
-    assert not ladder_should_stop(rising + [BudgetTrial(2048, 4000.0)])  # 11% down: noise or a plateau
-    assert ladder_should_stop(rising + [BudgetTrial(2048, 3700.0)])
-    assert ladder_should_stop(rising + [BudgetTrial(2048, None)])
+    assert not ladder_should_stop([*rising, BudgetTrial(2048, 4000.0)])  # 11% down: noise or a plateau
+    assert ladder_should_stop([*rising, BudgetTrial(2048, 3700.0)])
+    assert ladder_should_stop([*rising, BudgetTrial(2048, None)])
     assert ladder_should_stop(rising, out_of_time=True)
     assert not ladder_should_stop([], out_of_time=True)  # one rung is always measured
 
