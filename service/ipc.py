@@ -408,7 +408,10 @@ class EngineServer:
         self._flush()
 
     async def close(self) -> None:
-        """Stop serving: tell clients the final state, then close (answers still running are cancelled)."""
+        """Stop serving: tell clients the final state, then close (answers still running are cancelled). Closing
+        again does nothing."""
+        if self._socket.closed:
+            return
         with contextlib.suppress(zmq.ZMQError):
             await self.publish_state()
         self._reader.stop()
@@ -466,6 +469,8 @@ class EngineServer:
     def _flush(self) -> None:
         """Send each client its queued frames as one multipart message."""
         outbox, self._outbox = self._outbox, {}
+        if not outbox:  # sent already (publish_state flushes at once), maybe by `close`: nothing to do
+            return
         for identity, frames in outbox.items():
             try:
                 self._socket.send_multipart((identity, *frames), flags=zmq.NOBLOCK)

@@ -76,7 +76,7 @@ def test_an_unexpected_exception_is_a_json_500(tiny_model_dir):
         async def classify(self, texts, *, top_k, truncate, deadline):
             raise RuntimeError("a bug")
 
-    app.state.engines.state = BrokenEngine()
+    app.state.slot.state = BrokenEngine()
     response = TestClient(app, raise_server_exceptions=False).post("/classify", json={"texts": ["hi"]})
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
@@ -243,7 +243,7 @@ def test_a_missing_model_directory_exits_1_saying_so(tmp_path):
     finished = run_until_exit(str(tmp_path / "missing"))
     assert finished.returncode == 1
     errors = [line for line in finished.stderr.splitlines() if " ERROR " in line]
-    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.engine: the model could not be loaded: "
+    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.loading: the model could not be loaded: "
                       f"FileNotFoundError: model directory {tmp_path / 'missing'} does not exist"]
     assert "Traceback" not in finished.stderr and "hub" not in finished.stderr
 
