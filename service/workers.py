@@ -16,7 +16,7 @@ the drain delay, listener closed, open requests answered by the engine, still ru
 the engine process gets SIGTERM and answers whatever is still queued, then exits.
 
 Metrics: every process writes its samples to `PROMETHEUS_MULTIPROC_DIR` (a private temporary directory unless set),
-and every API process serves the sum over all processes at /metrics (`service.metrics.exposition_registry`).
+and every API process serves the sum over all processes at /metrics (`service.metrics.EXPOSITION_REGISTRY`).
 """
 
 import asyncio
