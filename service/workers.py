@@ -1,7 +1,8 @@
 """`--workers N` (N > 1): N API processes in front of one engine process, under one supervising process.
 
-- The **engine process** loads the model once and owns the back half of the engine (queue, scheduler, batcher,
-  device), served over `service.ipc` to every API process, so batches form across all callers.
+- The **engine process** loads the model once and builds only the back half of the engine (queue, scheduler,
+  batcher, device: `service.loading.build_backend`), served over `service.ipc` to every API process, so batches
+  form across all callers. It publishes the facts it was built with (`EngineFacts`) and how it batches.
 - Each **API process** runs the HTTP server on the shared listening socket with the engine's front half: request
   validation, tokenization, ranking into results, built from the facts the engine process publishes. Its back half
   is `service.ipc.RemoteBackend`, which sends token ids to the engine process; the façade (`service.engine.Engine`)
