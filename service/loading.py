@@ -101,7 +101,7 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
     return scorer, facts
 
 
-def load_failure(error: Exception) -> str:
+def load_failure_reason(error: Exception) -> str:
     """Why the model could not be loaded, in one line an operator can act on; logged (the traceback only at debug
     level: it only helps when debugging)."""
     reason = f"{type(error).__name__}: {error}"

@@ -9,7 +9,7 @@ import torch
 
 from service.engine import Engine
 from service.errors import LoadFailed, NotAccepting, NotReady
-from service.loading import load_failure
+from service.loading import load_failure_reason
 from service.settings import Settings
 
 
@@ -42,7 +42,7 @@ class EngineSlot:
         try:
             self.state = await self._load(self.settings)
         except Exception as error:
-            self.state = Failed(load_failure(error))
+            self.state = Failed(load_failure_reason(error))
 
     @property
     def failure(self) -> str | None:

@@ -40,7 +40,7 @@ import uvloop
 from service.engine import Engine, EngineFacts
 from service.errors import LoadFailed, NotReady
 from service.ipc import EngineServer, EngineState, EngineStatus
-from service.loading import build_backend, load_engine, load_failure
+from service.loading import build_backend, load_engine, load_failure_reason
 from service.scorer import Scorer
 from service.server import freeze_loaded_heap
 from service.settings import Settings
@@ -118,7 +118,7 @@ async def _engine_main(settings: Settings, address: str) -> int:
         try:
             engine.backend, engine.facts = await build_backend(settings)
         except Exception as error:
-            engine.status, engine.failure = "failed", load_failure(error)
+            engine.status, engine.failure = "failed", load_failure_reason(error)
             await _tell_clients(server)
             return 1
         freeze_loaded_heap()
