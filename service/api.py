@@ -5,9 +5,9 @@ import inspect
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import pydantic_core
@@ -19,17 +19,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
-from service.engine import Engine, EngineLoader, EngineSlot
-from service.errors import ClassifierError, LoadFailed
+from service import loading, metrics
+from service.errors import ClassifierError, LoadFailed, internal_error_message
 from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 from service.settings import Settings
+from service.slot import EngineLoader, EngineSlot
 
 # nginx's status for a client that closed its connection before the response: not a server error, not a success.
 CLIENT_CLOSED_REQUEST = 499
 # FastAPI's OpenTelemetry hooks (recent FastAPI) ask the global providers on every request whether to trace: 3.7% of
 # the event loop's busy profile samples at saturation, for nothing when no provider is configured.
-WITHOUT_TELEMETRY = (
+WITHOUT_TELEMETRY: dict[str, Any] = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
     if "telemetry" in inspect.signature(FastAPI).parameters
     else {}
@@ -53,17 +53,17 @@ class ApiError(ClassifierError):
         self.status = status
 
 
-def create_app(settings: Settings, load_engine: EngineLoader = Engine.load) -> FastAPI:
+def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engine) -> FastAPI:
     """The FastAPI application serving `settings.model`; the engine loads (`load_engine`) in the background after
     start-up."""
-    engines = EngineSlot(settings, load_engine)
+    slot = EngineSlot(settings, load_engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loading = asyncio.create_task(engines.load(), name="load-model")
+        load = asyncio.create_task(slot.load(), name="load-model")
         yield
-        await loading
-        await engines.stop()
+        await load
+        await slot.stop()
 
     app = FastAPI(
         title="Text classification service",
@@ -74,7 +74,7 @@ def create_app(settings: Settings, load_engine: EngineLoader = Engine.load) -> F
             status: {"model": ErrorResponse} for status in (400, 408, 422, 429, 503)  # 400: a body that is not UTF-8
         },
     )
-    app.state.engines = engines
+    app.state.slot = slot
     # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
     app.state.draining = threading.Event()
     # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
@@ -84,13 +84,13 @@ def create_app(settings: Settings, load_engine: EngineLoader = Engine.load) -> F
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
-    _add_routes(app, settings, engines, app.state.draining)
+    _add_routes(app, settings, slot, app.state.draining)
     return app
 
 
-def _add_routes(app: FastAPI, settings: Settings, engines: EngineSlot, draining: threading.Event) -> None:
+def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: threading.Event) -> None:
     async def answer(body: ClassifyRequest, request: Request, header_timeout_ms: int | None) -> Response:
-        engine = engines.engine()
+        engine = slot.engine()
         if len(body.texts) > settings.max_texts_per_request:
             raise ApiError(
                 422,
@@ -132,20 +132,20 @@ def _add_routes(app: FastAPI, settings: Settings, engines: EngineSlot, draining:
 
     @app.get("/health", summary="Alive (200), or 503 when the model failed to load")
     async def health() -> dict:
-        if engines.failure:
-            raise LoadFailed(engines.failure)
+        if slot.failure:
+            raise LoadFailed(slot.failure)
         return {"status": "ok"}
 
     @app.get("/ready", summary="200 once the model is loaded and warmed up; 503 before, and while draining")
     async def ready() -> dict:
-        engines.engine()
+        slot.engine()
         if draining.is_set():
             raise ApiError(503, "draining: this replica is shutting down; send new requests elsewhere", {"Retry-After": "1"})
         return {"status": "ready"}
 
     @app.get("/info", summary="The model, its device and precision, and the batching settings")
     async def info() -> dict:
-        return engines.info()
+        return slot.info()
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
@@ -158,6 +158,7 @@ async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T | Non
     One watcher task per request, which cancels this one: a task for `work` and asyncio.wait over both cost more of
     the event loop at saturation."""
     waiting = asyncio.current_task()
+    assert waiting is not None, "awaited in a request's task"
     client_left = False
 
     async def cancel_when_client_leaves() -> None:
@@ -192,7 +193,7 @@ def well_formed_first(answer: Answer) -> type[APIRoute]:
     saturation with the near-zero-cost model, its body parsing and response validation a few more."""
 
     class WellFormedFirst(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             declared = super().get_route_handler()
 
             async def handle(request: Request) -> Response:
@@ -260,7 +261,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once."""
-        return JSONResponse({"error": f"internal error ({type(error).__name__}); the server log has the details"}, 500)
+        return JSONResponse({"error": internal_error_message(error)}, 500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -269,7 +270,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _http_error_message(request: Request, error: HTTPException) -> str:
     if error.status_code == 405:
-        return f"{request.method} is not allowed on {request.url.path}; use {error.headers.get('Allow', 'another method')}"
+        return f"{request.method} is not allowed on {request.url.path}; use {(error.headers or {}).get('Allow', 'another method')}"
     if error.status_code == 404:
         return f"no such endpoint: {request.url.path}; see /docs"
     if error.status_code == 400:
@@ -277,7 +278,7 @@ def _http_error_message(request: Request, error: HTTPException) -> str:
     return str(error.detail)
 
 
-def _describe(errors: list[dict]) -> str:
+def _describe(errors: Sequence[dict]) -> str:
     """One readable sentence per problem, e.g. `texts.1: Input should be a valid string`."""
     parts = []
     for error in errors:
@@ -287,7 +288,7 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _jsonable(errors: list[dict]) -> list[dict]:
+def _jsonable(errors: Sequence[dict]) -> list[dict]:
     return [{key: value for key, value in error.items() if key in ("loc", "msg", "type")} for error in errors]
 
 

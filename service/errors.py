@@ -1,7 +1,8 @@
 """The one error hierarchy of the classifier: every refusal or failure a caller can get, with its HTTP status.
 
 Stages raise these; the HTTP layer answers any of them generically as `{"error": message}` with `status` and
-`headers`. They carry only plain values, so they can cross a process boundary.
+`headers`. With --workers, `service.ipc` carries them from the engine process to the API process as their kind,
+message and headers (`encode_failure`, `decode_failure`).
 """
 
 
@@ -16,16 +17,10 @@ class ClassifierError(Exception):
         self.headers = headers or {}
         super().__init__(self.message)
 
-    def __reduce__(self):
-        """Pickled by its fields, whatever its subclass's constructor takes, so it crosses a process boundary."""
-        return _restore, (type(self), self.__dict__)
 
-
-def _restore(cls: type[ClassifierError], fields: dict) -> ClassifierError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, fields["message"])
-    error.__dict__.update(fields)
-    return error
+def internal_error_message(error: Exception) -> str:
+    """What a caller is told of an error that is not a ClassifierError (a bug): its type; the log has the rest."""
+    return f"internal error ({type(error).__name__}); the server log has the details"
 
 
 class TextTooLong(ClassifierError):
@@ -113,3 +108,13 @@ class InferenceFailed(ClassifierError):
 
     def __init__(self, cause: Exception) -> None:
         super().__init__(f"the model failed on a text: {type(cause).__name__}: {cause}")
+
+
+class EngineUnavailable(ClassifierError):
+    """The engine process stopped answering: this replica cannot classify until it is restarted."""
+
+    status = 503
+    message = "the inference engine of this replica has stopped; retry on another replica"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})

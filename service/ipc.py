@@ -1,9 +1,11 @@
 """The boundary between API processes and the one engine process: typed messages over ZeroMQ.
 
-Each API process holds an `EngineClient` (a DEALER socket); the engine process runs an `EngineServer` (a ROUTER
-socket bound to an `ipc://` address) in front of anything with `score(token_ids, deadline)`. Messages are msgspec
-Structs encoded with msgpack, tagged by type, so each side decodes exactly the union it expects and a malformed
-frame is an error, not a guess. Deadlines are `time.monotonic()` seconds: CLOCK_MONOTONIC is system-wide on Linux,
+Each API process holds an `EngineClient` (a DEALER socket), behind `RemoteBackend`, the engine's back half as
+the API process sees it; the engine process runs an `EngineServer` (a ROUTER socket bound to an `ipc://` address) in
+front of anything with `score(token_ids, deadline)`. Messages are msgspec Structs encoded with msgpack, tagged by
+type, so each side decodes exactly the union it expects and a malformed frame is an error, not a guess. An error
+crosses as a `Failure` (`encode_failure`) and is raised again on the other side as the same ClassifierError
+(`decode_failure`). Deadlines are `time.monotonic()` seconds: CLOCK_MONOTONIC is system-wide on Linux,
 so a deadline computed in an API process names the same instant in the engine process.
 
 Liveness, so nothing waits forever on a dead peer:
@@ -28,11 +30,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
+
+from service.engine import EngineFacts
+from service.errors import ClassifierError, EngineUnavailable, internal_error_message
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +75,23 @@ class Scores(msgspec.Struct, tag="scores", array_like=True):
 
 
 class Failure(msgspec.Struct, tag="failure", array_like=True):
-    """`request_id` failed: an error `kind` the API maps to its status, the message for the caller, and when to retry."""
+    """`request_id` failed with a ClassifierError: its class's name (`kind`, which says its status), its message for
+    the caller, and its headers (Retry-After)."""
 
     request_id: int
     kind: str
     message: str
-    retry_after: float | None = None
+    headers: dict[str, str] = {}
 
 
 class EngineState(msgspec.Struct, tag="state", array_like=True):
-    """The engine's status, what /info shows of it, and its Prometheus metrics (text exposition format)."""
+    """The engine's status; why it failed to load, if it did; once loaded, its facts and how it batches now (the
+    budget in force drops for a while after an out-of-memory)."""
 
     status: EngineStatus
-    info: dict = {}
-    metrics: bytes = b""
+    failure: str | None = None
+    facts: EngineFacts | None = None
+    batching: dict[str, Any] | None = None
 
 
 ToEngine = ScoreRequest | Cancel | Hello
@@ -94,12 +102,32 @@ class EngineGone(Exception):
     """The engine process stopped answering (it died, or its socket closed)."""
 
 
-class RemoteFailure(Exception):
-    """The engine refused or failed a request; `kind` names the error, as `Failure` carried it."""
+def encode_failure(request_id: int, error: Exception) -> Failure:
+    """The Failure that tells the API process about `error`. Anything but a ClassifierError is a bug: it is logged
+    here, with its traceback, and crosses as a plain ClassifierError (500) pointing to this log."""
+    if isinstance(error, ClassifierError):
+        return Failure(request_id, type(error).__name__, error.message, error.headers)
+    log.error("scoring failed unexpectedly", exc_info=error)
+    return Failure(request_id, ClassifierError.__name__, internal_error_message(error))
 
-    def __init__(self, kind: str, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.kind, self.message, self.retry_after = kind, message, retry_after
+
+def decode_failure(failure: Failure) -> ClassifierError:
+    """The engine's error again: the same ClassifierError subclass (a plain one, 500, if the kind is unknown here),
+    with the same message and headers. Its constructor is not called (each takes its own arguments, which did not
+    cross): the status, message and headers are all the HTTP answer needs."""
+    kind = _error_kinds().get(failure.kind, ClassifierError)
+    error = kind.__new__(kind)
+    ClassifierError.__init__(error, failure.message, failure.headers)
+    return error
+
+
+def _error_kinds() -> dict[str, type[ClassifierError]]:
+    found, pending = {}, [ClassifierError]
+    while pending:
+        kind = pending.pop()
+        found[kind.__name__] = kind
+        pending += kind.__subclasses__()
+    return found
 
 
 @dataclass(slots=True)
@@ -121,12 +149,12 @@ class _Readable:
     def __init__(self, socket: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
         self.socket, self.on_message = socket, on_message
         self._loop = asyncio.get_running_loop()
-        self._descriptor = socket.getsockopt(zmq.FD)
+        self._descriptor = socket.fileno()  # ZeroMQ's descriptor (zmq.FD)
         self._loop.add_reader(self._descriptor, self.check)
         self.check()  # the descriptor signals only changes after this; messages may be waiting already
 
     def check(self) -> None:
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self.on_message(self.socket.recv_multipart(zmq.NOBLOCK))
 
     def stop(self) -> None:
@@ -171,7 +199,7 @@ class EngineClient:
         self._tasks = [asyncio.create_task(self._beat(), name="ipc-heartbeat")]
 
     async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """Scores per text. Raises RemoteFailure as the engine decided, EngineGone if it stops answering (or has not
+        """Scores per text. Raises the engine's ClassifierError, or EngineGone if it stops answering (or has not
         answered `peer_timeout` after the deadline). Cancelling the awaiting task tells the engine to drop the texts
         still queued."""
         if self.gone is not None:
@@ -188,16 +216,15 @@ class EngineClient:
         finally:
             self._pending.pop(request_id, None)
 
-    async def wait_for_state(self, accept: Callable[[EngineState], bool] = lambda state: True, timeout: float | None = None) -> EngineState:
+    async def wait_for_state(self, accept: Callable[[EngineState], bool] = lambda state: True) -> EngineState:
         """The engine's state once `accept` holds for it. Raises EngineGone if the engine is gone first."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if self.gone is not None:
-                    raise EngineGone(self.gone)
-                if self.state is not None and accept(self.state):
-                    return self.state
-                self._state_changed.clear()
-                await self._state_changed.wait()
+        while True:
+            if self.gone is not None:
+                raise EngineGone(self.gone)
+            if self.state is not None and accept(self.state):
+                return self.state
+            self._state_changed.clear()
+            await self._state_changed.wait()
 
     async def close(self) -> None:
         for reader in self._readers:
@@ -245,7 +272,7 @@ class EngineClient:
             if isinstance(message, Scores):
                 waiting.future.set_result(message.scores)
             else:
-                waiting.future.set_exception(RemoteFailure(message.kind, message.message, message.retry_after))
+                waiting.future.set_exception(decode_failure(message))
 
     async def _beat(self) -> None:
         """Say hello each heartbeat; give up requests long past their deadline; declare the engine gone after
@@ -286,10 +313,52 @@ class EngineClient:
                 waiting.future.set_exception(EngineGone(reason))
 
 
+class RemoteBackend:
+    """The engine's back half as an API process sees it (a `service.engine.Backend`): the engine process, reached
+    through an `EngineClient`."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.client = client
+
+    @property
+    def ready(self) -> bool:
+        state = self.client.state
+        return self.client.gone is None and state is not None and state.status == "ready"
+
+    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+        """As `Scorer.score`; raises the engine's ClassifierError, or EngineUnavailable once it has gone."""
+        try:
+            return await self.client.score(token_ids, deadline)
+        except EngineGone:
+            raise EngineUnavailable() from None
+
+    def info(self) -> dict[str, Any]:
+        """How the engine batches, as it last said (each heartbeat)."""
+        state = self.client.state
+        assert state is not None and state.batching is not None, "built from a ready state, which has its batching"
+        return state.batching
+
+    async def stop(self) -> None:
+        """Let go of the engine process (it drains on its own signal, once every API process has exited)."""
+        await self.client.close()
+
+
+async def connect_backend(address: str) -> tuple[RemoteBackend, EngineFacts]:
+    """The engine process's back half and facts, once it has loaded. Raises when it reports that the model could not
+    be loaded (or EngineGone, when it stops answering first)."""
+    client = EngineClient(address)
+    try:
+        state = await client.wait_for_state(lambda s: s.status != "loading")
+        if state.status != "ready" or state.facts is None:
+            raise RuntimeError(state.failure or f"the engine process is {state.status}")
+    except BaseException:
+        await client.close()
+        raise
+    return RemoteBackend(client), state.facts
+
+
 # What the engine process serves: scores for token ids before a deadline; cancelling the call drops queued texts.
 Score = Callable[[list[list[int]], float], Awaitable[list[list[float]]]]
-# The engine's error -> (kind, message, retry_after) for the Failure message.
-DescribeError = Callable[[Exception], tuple[str, str, float | None]]
 # The engine's current state, sent to clients as heartbeat.
 CurrentState = Callable[[], EngineState]
 
@@ -301,12 +370,11 @@ class EngineServer:
         self,
         address: str,
         score: Score,
-        describe_error: DescribeError,
         current_state: CurrentState,
         heartbeat: float = HEARTBEAT_SECONDS,
         peer_timeout: float = PEER_TIMEOUT_SECONDS,
     ) -> None:
-        self.score, self.describe_error, self.current_state = score, describe_error, current_state
+        self.score, self.current_state = score, current_state
         self.heartbeat, self.peer_timeout = heartbeat, peer_timeout
         self._loop = asyncio.get_running_loop()
         self._context = zmq.Context()
@@ -317,6 +385,8 @@ class EngineServer:
         self._decoder = msgspec.msgpack.Decoder(ToEngine)
         self._clients: dict[bytes, float] = {}  # identity -> last heard (monotonic)
         self._work: dict[tuple[bytes, int], asyncio.Task] = {}
+        self._idle = asyncio.Event()  # set while no request is in progress
+        self._idle.set()
         self._outbox: dict[bytes, list[bytes]] = {}  # frames for each client, sent at the end of this loop turn
         self._reader = _Readable(self._socket, self._on_message)
         self._tasks = [asyncio.create_task(self._beat(), name="ipc-state")]
@@ -326,6 +396,10 @@ class EngineServer:
         """Requests received and not yet answered."""
         return len(self._work)
 
+    async def all_answered(self) -> None:
+        """Returns once no request is in progress."""
+        await self._idle.wait()
+
     async def publish_state(self) -> None:
         """Send the current state to every client now (on a change, rather than at the next heartbeat)."""
         frame = self._encoder.encode(self.current_state())
@@ -334,7 +408,10 @@ class EngineServer:
         self._flush()
 
     async def close(self) -> None:
-        """Stop serving: tell clients the final state, then close (answers still running are cancelled)."""
+        """Stop serving: tell clients the final state, then close (answers still running are cancelled). Closing
+        again does nothing."""
+        if self._socket.closed:
+            return
         with contextlib.suppress(zmq.ZMQError):
             await self.publish_state()
         self._reader.stop()
@@ -360,13 +437,19 @@ class EngineServer:
         if isinstance(message, ScoreRequest):
             key = (identity, message.request_id)
             work = self._work[key] = asyncio.create_task(self._answer(identity, message))
+            self._idle.clear()
             # Not in _answer's own `finally`: a task cancelled before it starts (its Cancel read in the same
             # wake-up) never runs any of it, and a drain would wait for it until the grace period.
-            work.add_done_callback(lambda _: self._work.pop(key, None))
+            work.add_done_callback(lambda _: self._done(key))
         elif isinstance(message, Cancel):
             task = self._work.get((identity, message.request_id))
             if task is not None:
                 task.cancel()
+
+    def _done(self, key: tuple[bytes, int]) -> None:
+        self._work.pop(key, None)
+        if not self._work:
+            self._idle.set()
 
     async def _answer(self, identity: bytes, request: ScoreRequest) -> None:
         try:
@@ -374,8 +457,7 @@ class EngineServer:
         except asyncio.CancelledError:
             return  # the caller left; nobody to answer
         except Exception as error:
-            kind, message, retry_after = self.describe_error(error)
-            reply = Failure(request.request_id, kind, message, retry_after)
+            reply = encode_failure(request.request_id, error)
         self._post(identity, self._encoder.encode(reply))
 
     def _post(self, identity: bytes, frame: bytes) -> None:
@@ -387,6 +469,8 @@ class EngineServer:
     def _flush(self) -> None:
         """Send each client its queued frames as one multipart message."""
         outbox, self._outbox = self._outbox, {}
+        if not outbox:  # sent already (publish_state flushes at once), maybe by `close`: nothing to do
+            return
         for identity, frames in outbox.items():
             try:
                 self._socket.send_multipart((identity, *frames), flags=zmq.NOBLOCK)

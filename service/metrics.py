@@ -119,7 +119,7 @@ BATCHING_INFO = Info(
 # Latency by text length. The label is a length class from a small fixed set (powers of two, model-independent), so
 # its cardinality never grows with traffic: 7 series per histogram.
 LENGTH_CLASS_BOUNDS = (16, 32, 64, 128, 256, 512)
-LENGTH_CLASSES = tuple(f"<={bound}" for bound in LENGTH_CLASS_BOUNDS) + (f">{LENGTH_CLASS_BOUNDS[-1]}",)
+LENGTH_CLASSES = (*(f"<={bound}" for bound in LENGTH_CLASS_BOUNDS), f">{LENGTH_CLASS_BOUNDS[-1]}")
 
 
 def length_class(tokens: int) -> str:
@@ -171,12 +171,14 @@ BATCH_SPLITS = Counter(
 
 def _exposition_registry() -> CollectorRegistry:
     """What /metrics serves: this process's metrics, or with PROMETHEUS_MULTIPROC_DIR set, every process's summed
-    plus this process's model info (an Info cannot be shared through the multiprocess files)."""
+    plus this process's model and batching info (an Info cannot be shared through the multiprocess files: each API
+    process sets them from the facts the engine process published)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     registry.register(MODEL_INFO)
+    registry.register(BATCHING_INFO)
     return registry
 
 

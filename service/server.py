@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import memory, metrics
-from service.engine import EngineSlot
 from service.settings import Settings
+from service.slot import EngineSlot
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,11 @@ class ClassifierServer(uvicorn.Server):
                 http=header_timeout_protocol(settings.header_timeout_seconds),
                 # Open requests get most of what the grace period leaves after the delay; the rest is for the
                 # lifespan's shutdown (texts of requests cut off here are still in the queue).
-                timeout_graceful_shutdown=0.8 * (settings.shutdown_grace_seconds - settings.drain_delay_seconds),
+                # Declared int, but uvicorn only passes it to asyncio.wait_for, which takes fractions of a second.
+                timeout_graceful_shutdown=0.8 * (settings.shutdown_grace_seconds - settings.drain_delay_seconds),  # type: ignore[arg-type]
             )
         )
-        self.engines: EngineSlot = app.state.engines
+        self.slot: EngineSlot = app.state.slot
         self.draining: threading.Event = app.state.draining
         self.settings = settings
         self.drain_ends: float | None = None
@@ -120,14 +121,14 @@ class ClassifierServer(uvicorn.Server):
     @property
     def failure(self) -> str | None:
         """Why the model could not be loaded, if it could not."""
-        return self.engines.failure
+        return self.slot.failure
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not recorded in `_captured_signals`: uvicorn would re-raise it at the end, and a clean drain exits 0.
         if self.drain_ends is not None:
             log.warning("second signal %d: exiting at once, without draining", sig)
             os._exit(1)
-        delay = self.settings.drain_delay_seconds if self.engines.ready else 0.0
+        delay = self.settings.drain_delay_seconds if self.slot.ready else 0.0
         log.info("signal %d: /ready answers 503 for %g s, then the listener closes and the queue drains", sig, delay)
         self.draining.set()
         self.drain_ends = time.monotonic() + delay
@@ -136,10 +137,10 @@ class ClassifierServer(uvicorn.Server):
         watchdog.start()
 
     async def on_tick(self, counter: int) -> bool:
-        if not self.heap_frozen and self.engines.ready:
+        if not self.heap_frozen and self.slot.ready:
             freeze_loaded_heap()
             self.heap_frozen = True
-        if self.engines.failure is not None:
+        if self.slot.failure is not None:
             self.should_exit = True
         if self.drain_ends is not None and time.monotonic() >= self.drain_ends:
             self.should_exit = True

@@ -1,10 +1,12 @@
 """`--workers N` (N > 1): N API processes in front of one engine process, under one supervising process.
 
-- The **engine process** loads the model once and owns the back half of the engine (queue, scheduler, batcher,
-  device), served over `service.ipc` to every API process, so batches form across all callers.
+- The **engine process** loads the model once and builds only the back half of the engine (queue, scheduler,
+  batcher, device: `service.loading.build_backend`), served over `service.ipc` to every API process, so batches
+  form across all callers. It publishes the facts it was built with (`EngineFacts`) and how it batches.
 - Each **API process** runs the HTTP server on the shared listening socket with the engine's front half: request
-  validation, tokenization, ranking into results. Its `Scorer` is `RemoteScorer`, which sends token ids to the
-  engine; the façade (`service.engine.Engine`) is the same object as in one process.
+  validation, tokenization, ranking into results, built from the facts the engine process publishes. Its back half
+  is `service.ipc.RemoteBackend`, which sends token ids to the engine process; the façade (`service.engine.Engine`)
+  is the same object as in one process.
 - The **supervisor** (the process started as `python -m service`) binds the socket, starts the others, forwards
   SIGTERM and SIGINT, and exits with a status that tells the orchestrator what happened: 0 after a clean drain;
   1 when the model cannot load, when the engine process dies (the API processes answer 503 meanwhile), when an
@@ -15,7 +17,7 @@ the drain delay, listener closed, open requests answered by the engine, still ru
 the engine process gets SIGTERM and answers whatever is still queued, then exits.
 
 Metrics: every process writes its samples to `PROMETHEUS_MULTIPROC_DIR` (a private temporary directory unless set),
-and every API process serves the sum over all processes at /metrics (`service.metrics.exposition_registry`).
+and every API process serves the sum over all processes at /metrics (`service.metrics.EXPOSITION_REGISTRY`).
 """
 
 import asyncio
@@ -30,23 +32,20 @@ import socket
 import tempfile
 import time
 from multiprocessing.connection import wait as wait_for_exit
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import uvloop
-from transformers import AutoTokenizer
 
-from service import errors, metrics
-from service.default_model import default_model_dir
-from service.engine import Engine, EngineSlot, Front
-from service.ipc import EngineClient, EngineGone, EngineServer, EngineState, EngineStatus, RemoteFailure
+from service.engine import Engine, EngineFacts
+from service.errors import LoadFailed, NotReady
+from service.ipc import EngineServer, EngineState, EngineStatus
+from service.loading import build_backend, load_engine, load_failure_reason
+from service.scorer import Scorer
 from service.server import freeze_loaded_heap
 from service.settings import Settings
-from service.tokenization import EncoderPool
 
 log = logging.getLogger(__name__)
-
-# How long an API process waits for the engine process to report its state at all (not to finish loading).
-ENGINE_CONTACT_SECONDS = 60.0
 
 
 def worker_count(settings: Settings) -> int:
@@ -63,82 +62,6 @@ def worker_count(settings: Settings) -> int:
 # --- the API processes' side ---
 
 
-class EngineUnavailable(errors.ClassifierError):
-    """The engine process stopped answering: this replica cannot classify until it is restarted."""
-
-    status = 503
-    message = "the inference engine of this replica has stopped; retry on another replica"
-
-    def __init__(self) -> None:
-        super().__init__(headers={"Retry-After": "1"})
-
-
-class RemoteScorer:
-    """The back half of the engine as the API process sees it: the engine process, reached through `EngineClient`."""
-
-    def __init__(self, client: EngineClient) -> None:
-        self.client = client
-
-    @property
-    def ready(self) -> bool:
-        state = self.client.state
-        return self.client.gone is None and state is not None and state.status == "ready"
-
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """As `Scorer.score`; raises the engine's ClassifierError, or EngineUnavailable once it has gone."""
-        try:
-            return await self.client.score(token_ids, deadline)
-        except RemoteFailure as failure:
-            raise classifier_error(failure) from None
-        except EngineGone:
-            raise EngineUnavailable() from None
-
-    def info(self) -> dict:
-        return self.client.state.info["batching"]
-
-    async def stop(self) -> None:
-        await self.client.close()
-
-
-def classifier_error(failure: RemoteFailure) -> errors.ClassifierError:
-    """The engine's error again, as the same ClassifierError subclass with the same message and Retry-After."""
-    kind = _error_classes().get(failure.kind, errors.ClassifierError)
-    error = kind.__new__(kind)
-    headers = {"Retry-After": f"{failure.retry_after:.0f}"} if failure.retry_after is not None else None
-    errors.ClassifierError.__init__(error, failure.message, headers)
-    if failure.retry_after is not None:
-        error.retry_after = failure.retry_after
-    return error
-
-
-def _error_classes() -> dict[str, type[errors.ClassifierError]]:
-    found, pending = {}, [errors.ClassifierError]
-    while pending:
-        kind = pending.pop()
-        found[kind.__name__] = kind
-        pending += kind.__subclasses__()
-    return found
-
-
-async def connect_engine(settings: Settings, address: str) -> Engine:
-    """The façade of an API process: its own tokenizers and ranking in front of the engine process's scorer.
-    Raises when the engine process reports that the model could not be loaded."""
-    client = EngineClient(address)
-    try:
-        state = await client.wait_for_state(lambda s: s.status != "loading", timeout=None)
-        if state.status != "ready":
-            raise RuntimeError(state.info.get("failure") or f"the engine process is {state.status}")
-        shared = state.info
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, shared["model_path"], use_fast=True)
-        encoders = EncoderPool(tokenizer, shared["facts"]["max_length"], settings.tokenizer_workers)
-    except BaseException:
-        await client.close()
-        raise
-    facts = shared["facts"]
-    metrics.MODEL_INFO.info({"model": shared["model_id"], "device": facts["device"], "precision": facts["precision"]})
-    return Engine(shared["model_id"], Front(encoders, tuple(shared["labels"])), RemoteScorer(client), facts)
-
-
 def _serve_api(settings: Settings, address: str, listener: socket.socket, index: int) -> None:
     """An API process: the HTTP server on the shared socket, its engine in the engine process."""
     from service.api import create_app
@@ -147,7 +70,7 @@ def _serve_api(settings: Settings, address: str, listener: socket.socket, index:
     _become(f"clf-api-{index}", settings)
 
     async def load(settings: Settings) -> Engine:
-        return await connect_engine(settings, address)
+        return await load_engine(settings, engine_address=address)
 
     server = ClassifierServer(create_app(settings, load), settings)
     server.run(sockets=[listener])
@@ -164,56 +87,53 @@ def _serve_engine(settings: Settings, address: str) -> None:
         raise SystemExit(runner.run(_engine_main(settings, address)))
 
 
+class _EngineProcess:
+    """What the engine process knows of itself: its status, why loading failed, and once loaded, its back half."""
+
+    def __init__(self) -> None:
+        self.status: EngineStatus = "loading"
+        self.failure: str | None = None
+        self.backend: Scorer | None = None
+        self.facts: EngineFacts | None = None
+
+    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+        if self.backend is None:  # API processes ask only once it is ready; refused as in one process
+            raise LoadFailed(self.failure) if self.failure is not None else NotReady()
+        return await self.backend.score(token_ids, deadline)
+
+    def state(self) -> EngineState:
+        """For the API processes: why it failed, or once loaded, its facts and how it batches now."""
+        if self.backend is None:
+            return EngineState(self.status, self.failure)
+        return EngineState(self.status, facts=self.facts, batching=self.backend.info())
+
+
 async def _engine_main(settings: Settings, address: str) -> int:
-    """Load the model, serve scores until SIGTERM, then answer everything queued. Returns the exit status."""
+    """Build the back half, serve scores until SIGTERM, then answer everything queued. Returns the exit status."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    engines = EngineSlot(settings)  # NotReady while loading, as in one process
-    status: EngineStatus = "loading"
-
-    async def score(token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        return await engines.engine().scorer.score(token_ids, deadline)
-
-    def state() -> EngineState:
-        return EngineState(status, _engine_facts(settings, engines))
-
-    server = EngineServer(address, score, describe_error, state)
+    engine = _EngineProcess()
+    server = EngineServer(address, engine.score, engine.state)
     try:
-        await engines.load()
-        if engines.failure is not None:
-            status = "failed"
+        try:
+            engine.backend, engine.facts = await build_backend(settings)
+        except Exception as error:
+            engine.status, engine.failure = "failed", load_failure_reason(error)
             await _tell_clients(server)
             return 1
-        engine = engines.engine()
         freeze_loaded_heap()
-        status = "ready"
+        engine.status = "ready"
         await server.publish_state()
         await stop.wait()
-        status = "draining"
+        engine.status = "draining"
         await server.publish_state()
-        await engine.stop()
+        await engine.backend.stop()
         async with asyncio.timeout(settings.shutdown_grace_seconds):
-            while server.in_progress:  # the last answers are on their way out
-                await asyncio.sleep(0.01)
-        status = "stopped"
+            await server.all_answered()  # the last answers are on their way out
+        engine.status = "stopped"
         return 0
     finally:
         await server.close()
-
-
-def _engine_facts(settings: Settings, engines: EngineSlot) -> dict:
-    """What the API processes need of the engine: why it failed, or once loaded, the model and how it batches."""
-    if not isinstance(engines.state, Engine):
-        return {"failure": engines.failure} if engines.failure is not None else {}
-    engine = engines.state
-    cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    return {
-        "model_id": engine.model_id,
-        "model_path": settings.model or str(default_model_dir(cache_dir)),
-        "labels": list(engine.labels),
-        "facts": engine.facts,
-        "batching": engine.scorer.info(),  # live: the budget in force drops after an out-of-memory
-    }
 
 
 async def _tell_clients(server: EngineServer) -> None:
@@ -221,15 +141,6 @@ async def _tell_clients(server: EngineServer) -> None:
     await server.publish_state()
     await asyncio.sleep(2 * server.heartbeat)
     await server.publish_state()
-
-
-def describe_error(error: Exception) -> tuple[str, str, float | None]:
-    """(kind, message, retry_after) of an error for the API process that asked."""
-    if isinstance(error, errors.ClassifierError):
-        retry_after = error.headers.get("Retry-After")
-        return type(error).__name__, error.message, float(retry_after) if retry_after is not None else None
-    log.error("scoring failed unexpectedly", exc_info=error)
-    return "ClassifierError", f"internal error ({type(error).__name__}); the server log has the details", None
 
 
 def _become(name: str, settings: Settings) -> None:
@@ -295,7 +206,7 @@ class Supervisor:
             self.engine.kill()  # its queue belongs to API processes that exit now
         for process in self.apis:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)  # a second one makes each exit at once, as in one process
+                process.terminate()  # SIGTERM; a second one makes each exit at once, as in one process
 
     def _watch(self) -> int:
         failed = False
@@ -303,32 +214,33 @@ class Supervisor:
         while any(process.is_alive() for process in self.apis):
             if self._grace_period_over():
                 return 1
-            for sentinel in wait_for_exit(list(running), timeout=0.2):
-                process = running.pop(sentinel)
+            exited = wait_for_exit(list(running), timeout=0.2)
+            for process in [process for sentinel, process in running.items() if sentinel in exited]:
+                del running[process.sentinel]
                 process.join()
-                _forget(process.pid)
+                _forget(process)
                 if self.stopping_since is None or process is self.engine:
                     failed = failed or process.exitcode != 0 or process is self.engine
                     self._stop_after_death(process)
                 elif process.exitcode != 0:
                     failed = True
         if self.engine.is_alive():  # every API process has drained: the engine answers what is left, then stops
-            os.kill(self.engine.pid, signal.SIGTERM)
+            self.engine.terminate()
             while self.engine.is_alive():
                 if self._grace_period_over():
                     return 1
                 self.engine.join(0.2)
-            _forget(self.engine.pid)
+            _forget(self.engine)
         return 1 if failed or self.engine.exitcode != 0 else 0
 
-    def _stop_after_death(self, process: multiprocessing.Process) -> None:
+    def _stop_after_death(self, process: BaseProcess) -> None:
         """One process ended on its own: stop the rest, so the orchestrator restarts the whole replica."""
         if self.stopping_since is None:
             log.error("the %s process exited with status %s: stopping the service", process.name, process.exitcode)
             self.stopping_since = time.monotonic()
             for api in self.apis:
                 if api.is_alive():
-                    os.kill(api.pid, signal.SIGTERM)
+                    api.terminate()
 
     def _grace_period_over(self) -> bool:
         if self.stopping_since is None or time.monotonic() - self.stopping_since < self.settings.shutdown_grace_seconds:
@@ -337,9 +249,10 @@ class Supervisor:
         return True
 
 
-def _forget(pid: int) -> None:
+def _forget(process: BaseProcess) -> None:
     """Drop a dead process's live gauges (requests in flight, queue depth) from the summed metrics."""
     from prometheus_client import multiprocess
 
-    with contextlib.suppress(OSError, KeyError):
-        multiprocess.mark_process_dead(pid)
+    if process.pid is not None:  # it was started
+        with contextlib.suppress(OSError, KeyError):
+            multiprocess.mark_process_dead(process.pid)

@@ -82,6 +82,7 @@ class FakeScorer:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.cancelled: list[list[list[int]]] = []
+        self.some_cancelled = asyncio.Event()  # set once `cancelled` has one
         self.deadlines: list[float] = []
         self.accepting = True
 
@@ -99,12 +100,13 @@ class FakeScorer:
                 await self.release.wait()
             except asyncio.CancelledError:
                 self.cancelled.append(token_ids)
+                self.some_cancelled.set()
                 raise
         return [[float(len(ids)), float(sum(ids))] for ids in token_ids]
 
     def info(self) -> dict:
         """The batching section of /info."""
-        return {"max_batch_tokens": 512, "effective_max_batch_tokens": 512}
+        return {"max_batch_tokens": 512, "effective_max_batch_tokens": 512, "padding": "dynamic", "batching": "buckets"}
 
     async def stop(self) -> None:
         self.accepting = False

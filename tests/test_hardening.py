@@ -176,7 +176,7 @@ def test_a_missing_model_directory_exits_1_saying_so(tmp_path):
     finished = run_until_exit(str(tmp_path / "missing"))
     assert finished.returncode == 1
     errors = [line for line in finished.stderr.splitlines() if " ERROR " in line]
-    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.engine: the model could not be loaded: "
+    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.loading: the model could not be loaded: "
                       f"FileNotFoundError: model directory {tmp_path / 'missing'} does not exist"]
     assert "Traceback" not in finished.stderr and "hub" not in finished.stderr
 

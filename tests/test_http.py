@@ -20,16 +20,20 @@ from starlette.types import Message
 
 from service import api
 from service.api import create_app
-from service.engine import Engine, EngineLoader, Front
+from service.engine import Engine, EngineFacts, Front
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
 from service.settings import Settings
+from service.slot import EngineLoader
 from service.tokenization import EncoderPool
 from tests.conftest import TINY_MAX_LENGTH, build_tiny_tokenizer
 from tests.fakes import WAIT, FakeScorer
 
 MODEL_ID = "fake-model"
 LABELS = ("NEGATIVE", "POSITIVE")
-FACTS = {"problem_type": "single_label_classification", "max_length": TINY_MAX_LENGTH, "device": "cpu", "precision": "fp32"}
+SHOWN = {"problem_type": "single_label_classification", "max_length": TINY_MAX_LENGTH, "device": "cpu", "precision": "fp32"}
+FACTS = EngineFacts(
+    model_id=MODEL_ID, model_path=MODEL_ID, labels=LABELS, tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"}, **SHOWN
+)
 JSON = {"content-type": "application/json"}
 T = TypeVar("T")
 TOKENIZER = build_tiny_tokenizer()
@@ -49,7 +53,7 @@ def fake_engine(back: FakeScorer) -> EngineLoader:
 
     async def load(settings: Settings) -> Engine:
         encoders = EncoderPool(TOKENIZER, TINY_MAX_LENGTH, settings.tokenizer_workers)
-        return Engine(MODEL_ID, Front(encoders, LABELS), back, dict(FACTS))
+        return Engine(Front(encoders, LABELS), back, FACTS)
 
     return load
 
@@ -531,7 +535,7 @@ def test_health_ready_info_docs_and_metrics():
     assert health.json() == {"status": "ok"} and ready.json() == {"status": "ready"}
     info = info.json()
     assert (info["model"], info["ready"], info["failure"], info["labels"]) == (MODEL_ID, True, None, list(LABELS))
-    assert {key: info[key] for key in FACTS} == FACTS
+    assert {key: info[key] for key in SHOWN} == SHOWN
     assert info["batching"] == FakeScorer().info()
     assert info["settings"]["model"] == MODEL_ID
     assert docs.status_code == 200

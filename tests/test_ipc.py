@@ -1,7 +1,9 @@
-"""The API-process <-> engine-process transport (service/ipc.py), standalone: no model, no HTTP.
+"""The API-process <-> engine-process transport (service/ipc.py) and the back half built on it (`RemoteBackend`),
+standalone: no model, no HTTP.
 
 Both ends run in one event loop over a real `ipc://` socket, except the dead-peer tests, which kill a real engine
-process. Every wait is bounded, so a hang fails the test instead of stalling the suite.
+process. Every wait is bounded, so a hang fails the test instead of stalling the suite. `serving` is the one harness:
+tests/test_boundary.py serves real back halves with it.
 """
 
 import asyncio
@@ -14,7 +16,8 @@ import time
 import msgspec
 import pytest
 
-from service.errors import Overloaded
+from service.engine import EngineFacts
+from service.errors import EngineUnavailable, Overloaded
 from service.ipc import (
     Cancel,
     EngineClient,
@@ -24,7 +27,7 @@ from service.ipc import (
     Failure,
     FromEngine,
     Hello,
-    RemoteFailure,
+    RemoteBackend,
     ScoreRequest,
     Scores,
     ToEngine,
@@ -33,22 +36,27 @@ from tests.fakes import FakeScorer
 
 BOUND = 20  # seconds any single wait may take on a loaded machine before the test fails
 
-
-def describe(error: Exception) -> tuple[str, str, float | None]:
-    if isinstance(error, Overloaded):
-        return "overloaded", str(error), 3.0
-    return "inference_failed", f"{type(error).__name__}: {error}", None
+FACTS = EngineFacts(
+    model_id="fake",
+    model_path="/models/fake",
+    labels=("A", "B"),
+    problem_type="single_label_classification",
+    max_length=64,
+    device="cpu",
+    precision="fp32",
+    tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"},
+)
 
 
 def ready_state() -> EngineState:
-    return EngineState("ready", {"model": "fake", "labels": ["A", "B"]}, b"# metrics\n")
+    return EngineState("ready", facts=FACTS, batching={"max_batch_tokens": 2048})
 
 
 @contextlib.asynccontextmanager
 async def serving(address: str, score, state=ready_state, server: dict | None = None, client: dict | None = None):
     """An EngineServer serving `score` and an EngineClient connected to it (each with its keyword options), closed
     after; everything in between must end within BOUND."""
-    engine = EngineServer(address, score, describe, state, **(server or {}))
+    engine = EngineServer(address, score, state, **(server or {}))
     line = EngineClient(address, **(client or {}))
     try:
         async with asyncio.timeout(BOUND):
@@ -58,9 +66,13 @@ async def serving(address: str, score, state=ready_state, server: dict | None = 
         await engine.close()
 
 
+def engine_address(directory) -> str:
+    return f"ipc://{directory}/engine.sock"
+
+
 @pytest.fixture
 def address(tmp_path) -> str:
-    return f"ipc://{tmp_path}/engine.sock"
+    return engine_address(tmp_path)
 
 
 def test_messages_round_trip_through_msgpack():
@@ -71,9 +83,10 @@ def test_messages_round_trip_through_msgpack():
         assert to_engine.decode(encoder.encode(message)) == message
     for message in (
         Scores(7, [[0.25, 0.75]]),
-        Failure(7, "overloaded", "the queue is full", 2.0),
-        Failure(8, "deadline", "too late"),
-        EngineState("draining", {"model": "m"}, b"x 1\n"),
+        Failure(7, "Overloaded", "the queue is full", {"Retry-After": "2"}),
+        Failure(8, "DeadlineExceeded", "too late"),
+        EngineState("draining", facts=FACTS, batching={"max_batch_tokens": 2048}),
+        EngineState("failed", "FileNotFoundError: model directory /models/x does not exist"),
     ):
         assert from_engine.decode(encoder.encode(message)) == message
     with pytest.raises(msgspec.ValidationError):  # a reply where a request belongs is refused, not guessed
@@ -86,17 +99,16 @@ def test_scores_errors_and_state_travel_both_ways(address):
 
 async def _scores_errors_and_state_travel_both_ways(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score) as (server, client):
+    async with serving(address, scorer.score) as (_, client):
         state = await client.wait_for_state()
-        assert state.status == "ready" and state.info["labels"] == ["A", "B"]
+        assert state.status == "ready" and state.facts == FACTS and state.batching == {"max_batch_tokens": 2048}
         deadline = time.monotonic() + 5
         scores = await asyncio.gather(*(client.score([[i, 2], [3]], deadline) for i in range(1, 50)))
         assert scores == [[[2.0, i + 2.0], [1.0, 3.0]] for i in range(1, 50)]
         assert scorer.deadlines[0] == deadline  # monotonic seconds cross the boundary unchanged
-        with pytest.raises(RemoteFailure) as failure:
+        with pytest.raises(Overloaded) as refused:  # the engine's error, raised again on this side
             await client.score([[-1]], deadline)
-        assert (failure.value.kind, failure.value.retry_after) == ("overloaded", 3.0)
-        assert "queue is full" in failure.value.message
+        assert (refused.value.message, refused.value.headers) == ("the queue is full; retry in about 3 s", {"Retry-After": "3"})
 
 
 def test_a_cancelled_caller_cancels_its_work_in_the_engine(address):
@@ -112,8 +124,8 @@ async def _a_cancelled_caller_cancels_its_work_in_the_engine(address):
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        while not scorer.cancelled:
-            await asyncio.sleep(0.01)
+        await scorer.some_cancelled.wait()
+        await server.all_answered()
         assert scorer.cancelled == [[[0, 5]]]
         assert server.in_progress == 0
         assert await client.score([[4]], time.monotonic() + 5) == [[1.0, 4.0]]  # the line still works
@@ -134,8 +146,8 @@ async def _a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress
             waiting.cancel()  # and its cancellation right behind it
             with pytest.raises(asyncio.CancelledError):
                 await waiting
-        while server.in_progress:
-            await asyncio.sleep(0.01)
+        await server.all_answered()
+        assert server.in_progress == 0
 
 
 def test_state_changes_reach_clients(address):
@@ -144,7 +156,8 @@ def test_state_changes_reach_clients(address):
 
 async def _state_changes_reach_clients(address):
     status = {"now": "loading"}
-    async with serving(address, FakeScorer().score, lambda: EngineState(status["now"]), server={"heartbeat": 0.05}, client={"heartbeat": 0.05}) as (server, client):
+    fast = {"heartbeat": 0.05}
+    async with serving(address, FakeScorer().score, lambda: EngineState(status["now"]), server=fast, client=fast) as (server, client):
         assert (await client.wait_for_state()).status == "loading"
         status["now"] = "ready"
         await server.publish_state()
@@ -154,7 +167,7 @@ async def _state_changes_reach_clients(address):
 def _serve_forever(address: str, started) -> None:
     async def main() -> None:
         scorer = FakeScorer()
-        EngineServer(address, scorer.score, describe, ready_state, heartbeat=0.05)
+        EngineServer(address, scorer.score, ready_state, heartbeat=0.05)
         started.set()
         await asyncio.Event().wait()
 
@@ -200,12 +213,11 @@ def test_a_request_is_given_up_after_its_deadline_and_the_peer_timeout(address):
 
 async def _given_up(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score, server={"heartbeat": 0.05}, client={"heartbeat": 0.05, "peer_timeout": 0.5}) as (server, client):
+    async with serving(address, scorer.score, server={"heartbeat": 0.05}, client={"heartbeat": 0.05, "peer_timeout": 0.5}) as (_, client):
         await client.wait_for_state()
         with pytest.raises(EngineGone, match="after the request's deadline"):
             await client.score([[0, 1]], time.monotonic() + 0.2)  # the engine never answers it
-        while not scorer.cancelled:  # and the engine was told to drop it
-            await asyncio.sleep(0.02)
+        await scorer.some_cancelled.wait()  # and the engine was told to drop it
 
 
 def test_a_silent_client_has_its_work_dropped(address):
@@ -216,10 +228,34 @@ async def _a_silent_client_has_its_work_dropped(address):
     scorer = FakeScorer()
     async with serving(address, scorer.score, server={"heartbeat": 0.05, "peer_timeout": 0.5}, client={"heartbeat": 0.05}) as (server, client):
         await client.wait_for_state()
-        asyncio.create_task(client.score([[0, 9]], time.monotonic() + 60))
+        abandoned = asyncio.create_task(client.score([[0, 9]], time.monotonic() + 60))
         await scorer.started.wait()
         for task in client._tasks:  # the client process freezes: no more heartbeats
             task.cancel()
-        while not scorer.cancelled:
-            await asyncio.sleep(0.02)
+        await scorer.some_cancelled.wait()
+        await server.all_answered()
         assert scorer.cancelled == [[[0, 9]]] and server.in_progress == 0
+        abandoned.cancel()
+
+
+def test_the_remote_backend_is_the_engine_processes_back_half_until_it_goes(address):
+    asyncio.run(_the_remote_backend_is_the_engine_processes_back_half_until_it_goes(address))
+
+
+async def _the_remote_backend_is_the_engine_processes_back_half_until_it_goes(address):
+    scorer = FakeScorer()
+    async with serving(address, scorer.score) as (server, client):
+        backend = RemoteBackend(client)
+        await client.wait_for_state()
+        assert backend.ready and backend.info() == {"max_batch_tokens": 2048}
+        assert await backend.score([[1, 2], [5]], time.monotonic() + 5) == [[2.0, 3.0], [1.0, 5.0]]
+        with pytest.raises(Overloaded):
+            await backend.score([[-1]], time.monotonic() + 5)
+        await server.close()  # as if the engine process died
+        with pytest.raises(EngineUnavailable) as gone:
+            await backend.score([[1]], time.monotonic() + 5)
+        assert gone.value.status == 503 and gone.value.headers == {"Retry-After": "1"}
+        assert "retry on another replica" in gone.value.message
+        with pytest.raises(EngineGone):  # once the client has seen the connection close
+            await client.wait_for_state(lambda state: False)
+        assert not backend.ready

@@ -114,11 +114,11 @@ def test_texts_that_fail_alone_get_clear_errors_and_the_rest_answers(tiny_model_
     settings = Settings(model=str(tiny_model_dir), tune=False, torch_threads=1)
     app = create_app(settings)
     with TestClient(app) as client:
-        engines = app.state.engines
+        slot = app.state.slot
         deadline = time.monotonic() + 60
-        while not engines.ready and time.monotonic() < deadline:
+        while not slot.ready and time.monotonic() < deadline:
             time.sleep(0.05)
-        scoring = engines.engine().scorer.batcher.model
+        scoring = slot.engine().backend.batcher.model
         runner = scoring.runner
         poison = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids("boring")
         failing = FailingClassifier(runner.model, max_tokens=40, poison=poison)

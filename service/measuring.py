@@ -166,7 +166,7 @@ class Tuner:
     def _scores(self, runner: ModelRunner, budget: int) -> list[list[float]]:
         """Scores of every calibration text, in order, from length-sorted batches within `budget`."""
         order = sorted(range(len(self.calibration)), key=lambda i: self.lengths[i])
-        scores: list[list[float] | None] = [None] * len(order)
+        scores: dict[int, list[float]] = {}
         start = 0
         while start < len(order):
             end = start + 1
@@ -182,7 +182,7 @@ class Tuner:
             for index, text_scores in zip(batch, batch_scores):
                 scores[index] = text_scores
             start = end
-        return scores
+        return [scores[index] for index in range(len(order))]
 
     def _throughput(self, precision: str, budget: int, samples: int) -> float:
         """Real tokens/s over batches shaped like traffic at `budget`, one per stratum of the calibration lengths,
