@@ -33,6 +33,7 @@ from tqdm import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BatchEncoding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     get_linear_schedule_with_warmup,
@@ -181,7 +182,7 @@ def _bucketed_batches(lengths: list[int], rng: random.Random) -> list[list[int]]
     return batches
 
 
-def _collate(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]], rows: list[int]) -> dict:
+def _collate(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]], rows: list[int]) -> BatchEncoding:
     return tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
 
 

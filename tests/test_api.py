@@ -85,9 +85,9 @@ def test_batching_does_not_change_answers(tiny_model_dir):
         assert by_label == pytest.approx({"NEGATIVE": scores[0], "POSITIVE": scores[1]}, abs=1e-4)
 
 
-async def _until(condition, what: str, timeout: float = 30) -> None:
+async def _until(condition, what: str, seconds: float = 30) -> None:
     """Wait, off the event loop, until `condition()` holds; events are ordered by what the service shows."""
-    await asyncio.to_thread(wait_for, condition, timeout, what)
+    await asyncio.to_thread(wait_for, condition, seconds, what)
 
 
 def _metric(url: str, name: str, **labels: str) -> float:

@@ -51,9 +51,9 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     schema = {key: strict(value) for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema:
-        if not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
+    open_to_unknown = "additionalProperties" in schema or schema.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in schema and not open_to_unknown:
+        schema["additionalProperties"] = False
     return schema
 
 

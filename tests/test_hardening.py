@@ -118,8 +118,7 @@ def test_an_oversized_body_reaches_urllib_as_a_413_with_its_message(service_url,
 async def _queue_a_text_then_sigterm(client: httpx.AsyncClient, url: str, process) -> asyncio.Task:
     """Send a text, wait until the service shows it queued, then SIGTERM; the task holds its response."""
     accepted = asyncio.create_task(client.post("/classify", json={"texts": ["accepted before SIGTERM"]}))
-    while _gauge(url, "classifier_queue_texts") < 1:
-        await asyncio.sleep(0.02)
+    await asyncio.to_thread(wait_for, lambda: _gauge(url, "classifier_queue_texts") >= 1, 30, "the text queued")
     process.send_signal(signal.SIGTERM)
     return accepted
 
@@ -131,7 +130,10 @@ def test_sigterm_makes_ready_503_while_requests_are_still_served_then_exits_0(ti
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 accepted = await _queue_a_text_then_sigterm(client, url, process)
-                while (ready := await client.get("/ready")).status_code == 200:
+                while True:  # polled: the service says nothing when its drain starts
+                    ready = await client.get("/ready")
+                    if ready.status_code != 200:
+                        break
                     await asyncio.sleep(0.02)
                 during_delay = await client.post("/classify", json={"texts": ["sent while draining"]})
                 return await accepted, ready, during_delay

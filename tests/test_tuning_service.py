@@ -30,7 +30,7 @@ def test_info_reports_what_tuning_measured_and_chose(tiny_model_dir):
     assert tuning["calibration_texts"] == 160
     assert 0 < tuning["seconds"] == pytest.approx(tuning_seconds, abs=0.01)
     precision_trials = [PrecisionTrial(**trial) for trial in tuning["precision_trials"]]
-    assert [trial.precision for trial in precision_trials][0] == "fp32" and precision_trials[0].max_deviation == 0
+    assert precision_trials[0].precision == "fp32" and precision_trials[0].max_deviation == 0
     assert all(trial.tokens_per_second > 0 for trial in precision_trials)
     assert tuning["precision"]["value"] == info["precision"] == choose_precision(precision_trials, 0.01).value
     budget_trials = [BudgetTrial(**trial) for trial in tuning["budget_trials"]]
