@@ -1,6 +1,6 @@
 """Native memory the process would otherwise keep after load: oneDNN's primitive cache and glibc's free heap.
 
-Measured under the chaos run (README, "Overload, deadlines and clients that leave"): bf16 matmuls on the CPU go
+Measured under the chaos run (docs/design.md, "What holds the memory (RSS)"): bf16 matmuls on the CPU go
 through oneDNN, which compiles and caches one primitive per distinct matrix shape, and batch shapes (texts x padded
 length) are nearly all distinct; its default cache of 1,024 primitives held ~180 MiB of the inference thread's heap
 once full. And glibc keeps the pages of freed activations and request bodies: malloc_trim gave back ~250 MiB
