@@ -103,6 +103,20 @@ QUICK = Plan(
     client_processes=2, light_rate=10, light_duration=1, offline_texts=100, memory_ladder_cap=4096,
 )  # fmt: skip
 SATURATION_MODEL = "minilm"
+STAGES = ["cuda_tests", "models", "tuning", "saturation", "offline", "memory_ladder"]
+
+
+def selected_stages(requested: str | None) -> list[str]:
+    """The stages to run for `--stages` (comma-separated; None: all), in their order, with `models` added where a
+    stage needs the models. Without `tuning`, the later stages use the service's untuned defaults."""
+    if requested is None:
+        return list(STAGES)
+    names = {name.strip() for name in requested.split(",") if name.strip()}
+    if unknown := names - set(STAGES):
+        raise ValueError(f"no such stage: {', '.join(sorted(unknown))} (the stages: {', '.join(STAGES)})")
+    if names - {"cuda_tests"}:
+        names.add("models")
+    return [name for name in STAGES if name in names]
 
 
 # ---------------------------------------------------------------- GPU utilisation
@@ -211,14 +225,16 @@ class Check:
             "stages": {},
         }
 
-    def run(self) -> dict:
+    def run(self, stages: list[str] = STAGES) -> dict:
         texts = self._texts()
-        self.stage("cuda_tests", self.cuda_tests)
-        self.stage("models", self.build_models)
-        self.stage("tuning", self.tuning)
-        self.stage("saturation", lambda: self.saturation(texts))
-        self.stage("offline", lambda: self.offline(texts))
-        self.stage("memory_ladder", self.memory_ladder)
+        functions = {
+            "cuda_tests": self.cuda_tests, "models": self.build_models, "tuning": self.tuning,
+            "saturation": lambda: self.saturation(texts), "offline": lambda: self.offline(texts),
+            "memory_ladder": self.memory_ladder,
+        }  # fmt: skip
+        for name in STAGES:
+            if name in stages:
+                self.stage(name, functions[name])
         self.report["seconds"] = round(time.monotonic() - self.started, 1)
         self.write()
         return self.report
@@ -607,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--time-limit", type=float, default=480, help="seconds; stages not started by then are skipped")
     run.add_argument("--corpus", type=Path, help="texts, one JSON string per line, gzipped (default: .gpu/corpus.jsonl.gz, else loadtest/corpus.py)")
     run.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: .gpu/tokenizer, else the default model's)")
+    run.add_argument("--stages", help=f"comma-separated, to rerun only some (models is added where needed): {','.join(STAGES)}")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         result = gpu_travel.prepare(wheels=not args.no_wheels)
@@ -617,9 +634,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{json.dumps({k: round(v / 2**20, 1) for k, v in size['carried_bytes'].items()})} MiB) of {size['limit_bytes'] / 2**20:.0f} MiB")
         print(f"device run: carry {json.dumps(gpu_travel.CARRY)}, timeout_s 600, command ({len(command)} characters):\n{command}")
         return 0 if size["fits"] and len(command) <= gpu_travel.COMMAND_LIMIT else 1
+    try:
+        stages = selected_stages(args.stages)
+    except ValueError as error:
+        parser.error(str(error))
     check = Check(args.out, args.device, QUICK if args.quick else FULL, args.time_limit, args.corpus, args.tokenizer)
     print(f"gpu check: {shlex.join(sys.argv)}; results in {args.out}", flush=True)
-    report = check.run()
+    report = check.run(stages)
     print(render_summary(report), flush=True)
     failed = [name for name, stage in report["stages"].items() if "error" in stage or stage.get("failed") or stage.get("errors")]
     return 1 if failed else 0

@@ -12,7 +12,7 @@ import pytest
 
 import tests.test_cuda
 from loadtest import gpu_travel
-from loadtest.gpu_check import GpuSampler, cpu_by_role, junit_results
+from loadtest.gpu_check import STAGES, GpuSampler, cpu_by_role, junit_results, selected_stages
 from tests.conftest import ROOT
 
 CUDA_TESTS = [name for name in dir(tests.test_cuda) if name.startswith("test_")]
@@ -116,6 +116,14 @@ def test_junit_results_counts_each_outcome_and_keeps_the_failure_message(tmp_pat
     assert junit_results(tmp_path / "missing.xml") == {"tests": []}
 
 
+def test_a_rerun_of_some_stages_keeps_their_order_and_builds_the_models_they_need():
+    assert selected_stages(None) == STAGES
+    assert selected_stages("cuda_tests") == ["cuda_tests"]
+    assert selected_stages("memory_ladder, saturation") == ["models", "saturation", "memory_ladder"]
+    with pytest.raises(ValueError, match="no such stage: warmup"):
+        selected_stages("warmup,tuning")
+
+
 @pytest.mark.integration
 def test_the_cpu_dry_run_runs_every_stage_of_the_gpu_check(tmp_path):
     from loadtest.corpus import load_texts
@@ -129,7 +137,7 @@ def test_the_cpu_dry_run_runs_every_stage_of_the_gpu_check(tmp_path):
     assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-5000:]
     report = json.loads((out / "gpu-check.json").read_text())
     stages = report["stages"]
-    assert list(stages) == ["cuda_tests", "models", "tuning", "saturation", "offline", "memory_ladder"]
+    assert list(stages) == STAGES
     assert not [name for name, stage in stages.items() if "error" in stage or "not_run" in stage], stages
     # Without CUDA every CUDA test is collected and skipped.
     assert stages["cuda_tests"]["skipped"] == len(CUDA_TESTS) and stages["cuda_tests"]["passed"] == 0
