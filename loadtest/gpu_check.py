@@ -30,6 +30,7 @@ check cannot rot while no GPU is around. How to send it to a GPU host: docs/gpu-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -41,9 +42,10 @@ import threading
 import time
 import traceback
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loadtest import gpu_travel
 from loadtest.probe import (
@@ -62,6 +64,10 @@ from loadtest.probe import (
 
 # Heavy modules (torch, transformers, the service) are imported inside the stages: the load generator's client
 # processes are spawned, and each imports this module again.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from service.runner import ModelRunner
 
 MAX_LENGTH = 512  # the models' maximum length in tokens, as the default model's
 
@@ -251,7 +257,7 @@ class Check:
             result = function()
         except Exception as error:
             traceback.print_exc()
-            result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
+            result = failure(error)
         self.report["stages"][name] = {"seconds": round(time.monotonic() - began, 1), **result}
         print(f"== {name}: {time.monotonic() - began:.1f} s{' ERROR ' + result['error'] if 'error' in result else ''}", flush=True)
         self.write()
@@ -303,19 +309,31 @@ class Check:
     # --- 3. start-up tuning
 
     def tuning(self) -> dict:
+        return self.each_model(self.tune)
+
+    def tune(self, name: str, model: Path) -> dict:
         import httpx
 
+        began = time.monotonic()
+        env = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_TUNING_TIME_LIMIT": str(self.plan.tuning_time_limit), "CLASSIFIER_LOG_LEVEL": "info"}
+        with self.service(model, f"tuning-{name}", env) as server:
+            ready_seconds = time.monotonic() - began
+            info = httpx.get(f"{server.url}/info", timeout=30).json()
+        self.chosen[name] = {"precision": info["precision"], "max_batch_tokens": info["batching"]["max_batch_tokens"]}
+        print(f"  {name}: {json.dumps(info['tuning'])[:2000]}", flush=True)
+        return {**self.chosen[name], "ready_seconds": round(ready_seconds, 1), "tuning": info["tuning"]}
+
+    def each_model(self, measure: Callable[[str, Path], dict]) -> dict:
+        """`measure(name, model directory)` for each model; one that fails is recorded and the next one still runs."""
         results = {}
         for name, model in self.models.items():
-            began = time.monotonic()
-            env = {"CLASSIFIER_WORKERS": "1", "CLASSIFIER_TUNING_TIME_LIMIT": str(self.plan.tuning_time_limit), "CLASSIFIER_LOG_LEVEL": "info"}
-            with self.service(model, f"tuning-{name}", env) as server:
-                ready_seconds = time.monotonic() - began
-                info = httpx.get(f"{server.url}/info", timeout=30).json()
-            self.chosen[name] = {"precision": info["precision"], "max_batch_tokens": info["batching"]["max_batch_tokens"]}
-            results[name] = {**self.chosen[name], "ready_seconds": round(ready_seconds, 1), "tuning": info["tuning"]}
-            print(f"  {name}: {json.dumps(results[name]['tuning'])[:2000]}", flush=True)
-        return {"models": results}
+            try:
+                results[name] = measure(name, model)
+            except Exception as error:
+                traceback.print_exc()
+                results[name] = failure(error)
+        failed = [name for name, result in results.items() if "error" in result]
+        return {"models": results, **({"error": f"failed for {', '.join(failed)}"} if failed else {})}
 
     # --- 4. saturation and light load
 
@@ -410,22 +428,16 @@ class Check:
     # --- 5. the model alone
 
     def offline(self, texts: list[str]) -> dict:
-        import torch
+        return self.each_model(lambda name, model: self.model_alone(name, model, texts))
 
+    def model_alone(self, name: str, model_dir: Path, texts: list[str]) -> dict:
         from loadtest.benchmark import sorted_batches
-        from service.runner import ModelRunner, load_classifier
 
-        device = torch.device(self.device)
-        results = {}
-        for name, model_dir in self.models.items():
-            loaded = load_classifier(str(model_dir), device)
-            precision = self.chosen.get(name, {}).get("precision", "fp16" if device.type == "cuda" else "fp32")
-            runner = ModelRunner(loaded.model, device, precision, loaded.tokenizer.pad_token_id or 0)
-            encoded = loaded.tokenizer(texts[: self.plan.offline_texts], truncation=True, max_length=MAX_LENGTH)["input_ids"]
+        with self.runner(name, model_dir) as (runner, tokenizer):
+            encoded = tokenizer(texts[: self.plan.offline_texts], truncation=True, max_length=MAX_LENGTH)["input_ids"]
             chosen_budget = int(self.chosen.get(name, {}).get("max_batch_tokens", 4 * MAX_LENGTH))
-            budgets = sorted({max(MAX_LENGTH, chosen_budget // 2), chosen_budget, 2 * chosen_budget})
             by_budget = {}
-            for budget in budgets:
+            for budget in sorted({max(MAX_LENGTH, chosen_budget // 2), chosen_budget, 2 * chosen_budget}):
                 batches = sorted_batches(encoded, budget)
                 for batch in batches[:: max(1, len(batches) // 8)]:  # warm up this budget's kernels
                     runner.run(batch, len(batch[-1]))
@@ -438,45 +450,65 @@ class Check:
                 real = sum(len(ids) for ids in encoded)
                 padded = sum(len(batch) * len(batch[-1]) for batch in batches)
                 by_budget[budget] = {"texts_per_second": round(len(encoded) / min(passes), 1), "padding_efficiency": round(real / padded, 3)}
-            best = max(by_budget, key=lambda budget: by_budget[budget]["texts_per_second"])
-            results[name] = {"precision": precision, "best_budget": best, **by_budget[best], "by_budget": by_budget}
-            del runner, loaded
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        return {"models": results}
+        best = max(by_budget, key=lambda budget: by_budget[budget]["texts_per_second"])
+        return {"precision": runner.precision, "best_budget": best, **by_budget[best], "by_budget": by_budget}
 
     # --- 6. the memory ladder past the tuning ladder's ceiling
 
     def memory_ladder(self) -> dict:
+        return {**self.each_model(self.climb), "cap": self.plan.memory_ladder_cap}
+
+    def climb(self, name: str, model_dir: Path) -> dict:
+        """One batch of maximum-length texts per budget, doubling from twice the tuning ladder's ceiling, until the
+        first out-of-memory, the cap, the time limit, or another error (recorded: a kernel's launch limits, say)."""
         import torch
 
-        from service.runner import ModelRunner, load_classifier, release_cached_memory
+        from service.runner import release_cached_memory
         from service.tuning import LADDER_CEILING
 
-        device = torch.device(self.device)
-        start = 2 * LADDER_CEILING["cuda"] if device.type == "cuda" else 2 * MAX_LENGTH
-        results = {}
-        for name, model_dir in self.models.items():
-            loaded = load_classifier(str(model_dir), device)
-            precision = self.chosen.get(name, {}).get("precision", "fp16" if device.type == "cuda" else "fp32")
-            runner = ModelRunner(loaded.model, device, precision, loaded.tokenizer.pad_token_id or 0)
-            rungs, budget = [], start
+        rungs: list[dict] = []
+        with self.runner(name, model_dir) as (runner, tokenizer):
+            if runner.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(runner.device)
+            budget = 2 * LADDER_CEILING["cuda"] if runner.device.type == "cuda" else 2 * MAX_LENGTH
             while budget <= self.plan.memory_ladder_cap and time.monotonic() < self.deadline:
-                texts = budget // MAX_LENGTH
+                rung: dict = {"budget": budget, "texts": budget // MAX_LENGTH}
+                rungs.append(rung)
                 began = time.perf_counter()
                 try:
-                    runner.run([[loaded.tokenizer.unk_token_id or 100] * MAX_LENGTH] * texts, MAX_LENGTH)
-                    rungs.append({"budget": budget, "texts": texts, "seconds": round(time.perf_counter() - began, 3)})
+                    runner.run([[tokenizer.unk_token_id or 100] * MAX_LENGTH] * rung["texts"], MAX_LENGTH)
                 except torch.cuda.OutOfMemoryError:
-                    release_cached_memory(device)
-                    rungs.append({"budget": budget, "texts": texts, "out_of_memory": True})
+                    release_cached_memory(runner.device)
+                    rung["out_of_memory"] = True
                     break
+                except RuntimeError as error:
+                    rung["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                    break
+                rung["seconds"] = round(time.perf_counter() - began, 3)
                 budget *= 2
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            results[name] = {"precision": precision, "rungs": rungs, "peak_gib": None if peak is None else round(peak, 1)}
-            del runner, loaded
+            peak = torch.cuda.max_memory_allocated(runner.device) / 2**30 if runner.device.type == "cuda" else None
+        return {"precision": runner.precision, "rungs": rungs, "peak_gib": None if peak is None else round(peak, 1)}
+
+    @contextlib.contextmanager
+    def runner(self, name: str, model_dir: Path) -> Iterator[tuple[ModelRunner, PreTrainedTokenizerBase]]:
+        """The model on the device in the precision tuning chose (else the service's untuned default), as the
+        service runs it; its memory is handed back after the block."""
+        import torch
+
+        from service.runner import ModelRunner, load_classifier, release_cached_memory, resolve_precision
+
+        device = torch.device(self.device)
+        loaded = load_classifier(str(model_dir), device)
+        precision = self.chosen.get(name, {}).get("precision") or resolve_precision("auto", device)
+        try:
+            yield ModelRunner(loaded.model, device, precision, loaded.tokenizer.pad_token_id or 0), loaded.tokenizer
+        finally:
+            del loaded
             release_cached_memory(device)
-        return {"models": results, "cap": self.plan.memory_ladder_cap}
+
+
+def failure(error: Exception) -> dict:
+    return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
 
 
 def build_classifier(directory: Path, tokenizer, shape: ModelShape, seed: int = 0) -> tuple[Path, int]:
@@ -524,6 +556,10 @@ def _cell(value: object, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _rung_outcome(rung: dict) -> str:
+    return "OOM" if rung.get("out_of_memory") else rung.get("error") or f"{rung['seconds']} s"
+
+
 def render_summary(report: dict) -> str:
     """The short markdown summary of a report (also of a partial one)."""
     stages = report["stages"]
@@ -550,6 +586,9 @@ def render_summary(report: dict) -> str:
                   f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped."]  # fmt: skip
         lines += [f"- {test['outcome']}: {test['name']}: {test['message']}" for test in tests["tests"] if test["outcome"] in ("failed", "error")]
     for name, result in stages.get("tuning", {}).get("models", {}).items():
+        if "error" in result:
+            lines += ["", f"**Tuning, {name}**: **error**: {result['error']}"]
+            continue
         tuning = result["tuning"]
         precision = "; ".join(
             f"{t['precision']} {t['tokens_per_second']:,.0f} tok/s, dev {t['max_deviation']:.4f}, {t['label_changes']} flips"
@@ -599,10 +638,16 @@ def render_summary(report: dict) -> str:
         lines += ["", f"**Light load** ({light['rate']:g} requests/s, {light['configuration']}): p50 {_cell(light['p50_ms'])} ms, "
                   f"p99 {_cell(light['p99_ms'])} ms, {light['failures']} failures."]  # fmt: skip
     for name, result in offline.items():
+        if "error" in result:
+            lines += ["", f"**Model alone, {name}**: **error**: {result['error']}"]
+            continue
         lines += ["", f"**Model alone, {name}** ({result['precision']}): {_cell(result['texts_per_second'])} texts/s at "
                   f"{result['best_budget']} tokens, padding efficiency {result['padding_efficiency']}."]  # fmt: skip
     for name, result in stages.get("memory_ladder", {}).get("models", {}).items():
-        rungs = ", ".join(f"{r['budget']}: {'OOM' if r.get('out_of_memory') else str(r['seconds']) + ' s'}" for r in result["rungs"])
+        if "error" in result:
+            lines += ["", f"**Memory ladder, {name}**: **error**: {result['error']}"]
+            continue
+        rungs = ", ".join(f"{r['budget']}: {_rung_outcome(r)}" for r in result["rungs"])
         lines += ["", f"**Memory ladder, {name}** ({result['precision']}, peak {_cell(result['peak_gib'])} GiB): {rungs or '-'}"]
     return "\n".join(lines) + "\n"
 

@@ -161,7 +161,7 @@ def device_command(quick: bool = False) -> str:
     its output also in $OUT/console.log. Runs from the tree's root, as the service does (`python -m service`)."""
     check = "python3 -m loadtest.gpu_check run --device cuda --out $OUT" + (" --quick" if quick else "")
     return (
-        "set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
+        "set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
         ".gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && nvidia-smi -L; "
         f"{check} 2>&1 | tee $OUT/console.log"
     )

@@ -12,7 +12,7 @@ import pytest
 
 import tests.test_cuda
 from loadtest import gpu_travel
-from loadtest.gpu_check import STAGES, GpuSampler, cpu_by_role, junit_results, selected_stages
+from loadtest.gpu_check import STAGES, GpuSampler, cpu_by_role, junit_results, render_summary, selected_stages
 from tests.conftest import ROOT
 
 CUDA_TESTS = [name for name in dir(tests.test_cuda) if name.startswith("test_")]
@@ -122,6 +122,30 @@ def test_a_rerun_of_some_stages_keeps_their_order_and_builds_the_models_they_nee
     assert selected_stages("memory_ladder, saturation") == ["models", "saturation", "memory_ladder"]
     with pytest.raises(ValueError, match="no such stage: warmup"):
         selected_stages("warmup,tuning")
+
+
+def test_the_summary_of_a_run_cut_short_names_each_error_and_what_did_not_run():
+    machine = {"gpu": "NVIDIA H100 80GB HBM3", "cpus": 16, "cpu": "x86_64", "torch": "2.11.0+cu130", "transformers": "5.17.0", "python": "3.12.3"}
+    report = {
+        "started_at": "2026-12-08T10:00:00Z", "device": "cuda", "plan": {"concurrency": 256}, "machine": machine,
+        "source": {"commit": "abc1234", "uncommitted_changes": False},
+        "stages": {
+            "cuda_tests": {"seconds": 40.0, "exit_status": 1, "passed": 3, "failed": 1, "errors": 0, "skipped": 0,
+                           "tests": [{"name": "test_x", "outcome": "failed", "seconds": 1.0, "message": "assert 2 <= 1"}]},
+            "models": {"seconds": 9.0, "models": {}},
+            "tuning": {"seconds": 30.0, "error": "failed for bert-base", "models": {"bert-base": {"error": "ServiceNotReady: exited"}}},
+            "saturation": {"not_run": "out of time (--time-limit)"},
+            "memory_ladder": {"seconds": 3.0, "cap": 2**23, "models": {"minilm": {"precision": "fp16", "peak_gib": 60.2, "rungs": [
+                {"budget": 131072, "texts": 256, "seconds": 0.1}, {"budget": 262144, "texts": 512, "out_of_memory": True}]}}},
+        },
+    }  # fmt: skip
+    summary = render_summary(report)
+    assert "NVIDIA H100 80GB HBM3" in summary and "commit abc1234;" in summary and "not finished" in summary
+    assert "| tuning | 30.0 | **error**: failed for bert-base |" in summary
+    assert "| saturation | - | out of time (--time-limit) |" in summary
+    assert "1 failed" in summary and "- failed: test_x: assert 2 <= 1" in summary
+    assert "**Tuning, bert-base**: **error**: ServiceNotReady: exited" in summary
+    assert "131072: 0.1 s, 262144: OOM" in summary
 
 
 @pytest.mark.integration
