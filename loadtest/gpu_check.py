@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import shlex
 import subprocess
@@ -109,6 +108,9 @@ QUICK = Plan(
     client_processes=2, light_rate=10, light_duration=1, offline_texts=100, memory_ladder_cap=4096,
 )  # fmt: skip
 SATURATION_MODEL = "minilm"
+CUDA_TESTS_SECONDS = 180
+READY_SECONDS = 120  # a server not ready by then failed (tuning takes 20 s of it)
+IDLE_SECONDS = 60  # a backlog not drained by then is a hang
 STAGES = ["cuda_tests", "models", "tuning", "saturation", "offline", "memory_ladder"]
 
 
@@ -285,9 +287,19 @@ class Check:
 
     def cuda_tests(self) -> dict:
         xml = self.out / "cuda-tests.xml"
-        command = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={xml}"]
-        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        print(completed.stdout[-6000:], completed.stderr[-2000:], flush=True)
+        # faulthandler_timeout: a test still running after a minute prints every thread's stack (a hang shows where).
+        command = [
+            sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rA", "-p", "no:cacheprovider",
+            "-o", "faulthandler_timeout=60", f"--junitxml={xml}",
+        ]  # fmt: skip
+        try:
+            completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=CUDA_TESTS_SECONDS)
+        except subprocess.TimeoutExpired as timeout:
+            output = timeout.stdout or ""
+            output = output.decode(errors="replace") if isinstance(output, bytes) else output  # bytes, even with text=True
+            print(output[-8000:], flush=True)
+            return {"error": f"the CUDA tests ran past {CUDA_TESTS_SECONDS} s", "output": output[-8000:], **junit_results(xml)}
+        print(completed.stdout[-8000:], completed.stderr[-2000:], flush=True)
         return {"exit_status": completed.returncode, **junit_results(xml)}
 
     # --- 2. the models
@@ -358,13 +370,20 @@ class Check:
                 runs[label] = {"not_run": "out of time (--time-limit)"}
                 continue
             slug = label.replace(", ", "-").replace(" ", "-").replace("(s)", "")
-            server = self.service(model, slug, env) if env is not None else self.plain_server(model)
-            with server:
-                runs[label] = self.load(server, bodies, has_metrics=env is not None)
-                if env is not None and env.get("CLASSIFIER_WORKERS") == str(default_workers) and "CLASSIFIER_MAX_BATCH_SIZE" not in env:
-                    light = {"configuration": label, **self.light_load(server, bodies)}
+            try:  # one server that fails leaves the others' runs
+                with self.service(model, slug, env) if env is not None else self.plain_server(model) as server:
+                    runs[label] = self.load(server, bodies, has_metrics=env is not None)
+                    if env is not None and env.get("CLASSIFIER_WORKERS") == str(default_workers) and "CLASSIFIER_MAX_BATCH_SIZE" not in env:
+                        light = {"configuration": label, **self.light_load(server, bodies)}
+            except Exception as error:
+                traceback.print_exc()
+                runs[label] = failure(error)
             print(f"  {label}: {json.dumps(runs[label])[:1500]}", flush=True)
-        return {"model": SATURATION_MODEL, "chosen": chosen, "runs": runs, "light_load": light}
+        failed = [label for label, run in runs.items() if "error" in run]
+        return {
+            "model": SATURATION_MODEL, "chosen": chosen, "runs": runs, "light_load": light,
+            **({"error": f"failed for {'; '.join(failed)}"} if failed else {}),
+        }  # fmt: skip
 
     def load(self, server: ServerProcess, bodies: list[bytes], has_metrics: bool) -> dict:
         """Warm up, then one measured closed-loop run: texts/s, latency, GPU utilisation, CPU per role, and what the
@@ -374,7 +393,7 @@ class Check:
 
         plan = self.plan
         python_saturate(server.url, bodies, min(plan.concurrency, 16), plan.warm_up, processes=1)
-        wait_until_idle(server.url, has_metrics)
+        wait_until_idle(server.url, has_metrics, IDLE_SECONDS)
         pids = process_tree(server.process.pid)
         before_metrics = scrape(server.url) if has_metrics else None
         before_cpu, began = cpu_seconds(pids), time.monotonic()
@@ -385,7 +404,7 @@ class Check:
         result.update(gpu.summary())
         result["cpu"] = cpu_by_role(before_cpu, after_cpu, result["texts"], seconds)
         if before_metrics is not None:
-            wait_until_idle(server.url, has_metrics)
+            wait_until_idle(server.url, has_metrics, IDLE_SECONDS)
             result["server"] = server_view(server_summary(Interval(before_metrics, scrape(server.url))))
         return result
 
@@ -394,15 +413,18 @@ class Check:
 
         from loadtest.benchmark import server_view
 
-        wait_until_idle(server.url)
+        wait_until_idle(server.url, timeout=IDLE_SECONDS)
         before = scrape(server.url)
         run = asyncio.run(poisson_requests(server.url, bodies, self.plan.light_rate, self.plan.light_duration, random.Random(0)))
-        wait_until_idle(server.url)
+        wait_until_idle(server.url, timeout=IDLE_SECONDS)
         return {"rate": self.plan.light_rate, **run.summary(), "server": server_view(server_summary(Interval(before, scrape(server.url))))}
 
     def default_workers(self) -> int:
-        """The service's own default (service.workers.worker_count): up to 4 API processes on CUDA, 1 on a CPU."""
-        return min(4, os.cpu_count() or 1) if self.device.startswith("cuda") else 1
+        """The service's own default worker count on this device (up to 4 API processes on CUDA, 1 on a CPU)."""
+        from service.settings import Settings
+        from service.workers import worker_count
+
+        return worker_count(Settings(device=self.device, workers=None))
 
     def service(self, model: Path, name: str, env: dict[str, str]) -> ServerProcess:
         from loadtest.probe import free_port
@@ -414,7 +436,7 @@ class Check:
             "CLASSIFIER_DEVICE": self.device, "CLASSIFIER_DRAIN_DELAY_SECONDS": "0", "CLASSIFIER_LOG_LEVEL": "warning",
             **({"CLASSIFIER_TORCH_THREADS": "1"} if self.device == "cpu" else {}), **env,
         }  # fmt: skip
-        return ServerProcess(service_command(model, port), port, log, environment, ready_timeout=240)
+        return ServerProcess(service_command(model, port), port, log, environment, ready_timeout=READY_SECONDS)
 
     def plain_server(self, model: Path) -> ServerProcess:
         from loadtest.probe import free_port
@@ -423,7 +445,7 @@ class Check:
         log = self.work / "plain-server.log"
         self.logs.append(log)
         env = {"DEVICE": self.device, **({"TORCH_THREADS": "1"} if self.device == "cpu" else {})}
-        return ServerProcess(plain_server_command(model, port), port, log, env, ready_timeout=240)
+        return ServerProcess(plain_server_command(model, port), port, log, env, ready_timeout=READY_SECONDS)
 
     # --- 5. the model alone
 
@@ -611,8 +633,8 @@ def render_summary(report: dict) -> str:
                   "| server | texts/s | p50 ms | p99 ms | failures | GPU busy % | CPU ms/request (cores busy) | padding eff. | batch |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for label, run in saturation["runs"].items():
-            if "not_run" in run:
-                lines.append(f"| {label} | {run['not_run']} | | | | | | | |")
+            if "not_run" in run or "error" in run:
+                lines.append(f"| {label} | {run.get('not_run') or '**error**: ' + run['error']} | | | | | | | |")
                 continue
             cpu = ", ".join(f"{role} {v['cpu_ms_per_request']:.2f} ({v['cores_busy']:.1f})" for role, v in run["cpu"].items())
             server = run.get("server", {})

@@ -134,7 +134,9 @@ def test_the_summary_of_a_run_cut_short_names_each_error_and_what_did_not_run():
                            "tests": [{"name": "test_x", "outcome": "failed", "seconds": 1.0, "message": "assert 2 <= 1"}]},
             "models": {"seconds": 9.0, "models": {}},
             "tuning": {"seconds": 30.0, "error": "failed for bert-base", "models": {"bert-base": {"error": "ServiceNotReady: exited"}}},
-            "saturation": {"not_run": "out of time (--time-limit)"},
+            "saturation": {"seconds": 50.0, "error": "failed for service, 8 worker(s)", "model": "minilm", "light_load": None, "runs": {
+                "service, 8 worker(s)": {"error": "ServiceNotReady: timed out"}, "plain server": {"not_run": "out of time (--time-limit)"}}},
+            "offline": {"not_run": "out of time (--time-limit)"},
             "memory_ladder": {"seconds": 3.0, "cap": 2**23, "models": {"minilm": {"precision": "fp16", "peak_gib": 60.2, "rungs": [
                 {"budget": 131072, "texts": 256, "seconds": 0.1}, {"budget": 262144, "texts": 512, "out_of_memory": True}]}}},
         },
@@ -142,7 +144,9 @@ def test_the_summary_of_a_run_cut_short_names_each_error_and_what_did_not_run():
     summary = render_summary(report)
     assert "NVIDIA H100 80GB HBM3" in summary and "commit abc1234;" in summary and "not finished" in summary
     assert "| tuning | 30.0 | **error**: failed for bert-base |" in summary
-    assert "| saturation | - | out of time (--time-limit) |" in summary
+    assert "| offline | - | out of time (--time-limit) |" in summary
+    assert "| service, 8 worker(s) | **error**: ServiceNotReady: timed out |" in summary
+    assert "| plain server | out of time (--time-limit) |" in summary
     assert "1 failed" in summary and "- failed: test_x: assert 2 <= 1" in summary
     assert "**Tuning, bert-base**: **error**: ServiceNotReady: exited" in summary
     assert "131072: 0.1 s, 262144: OOM" in summary
