@@ -601,6 +601,8 @@ def render_summary(report: dict) -> str:
     ]
     for name, stage in stages.items():
         outcome = stage.get("not_run") or (f"**error**: {stage['error']}" if "error" in stage else "ok")
+        if stage.get("failed") or stage.get("errors"):
+            outcome = f"**{stage.get('failed', 0)} tests failed, {stage.get('errors', 0)} errors**"
         lines.append(f"| {name} | {_cell(stage.get('seconds'))} | {outcome} |")
     tests = stages.get("cuda_tests", {})
     if "tests" in tests:

@@ -147,7 +147,7 @@ def test_the_summary_of_a_run_cut_short_names_each_error_and_what_did_not_run():
     assert "| offline | - | out of time (--time-limit) |" in summary
     assert "| service, 8 worker(s) | **error**: ServiceNotReady: timed out |" in summary
     assert "| plain server | out of time (--time-limit) |" in summary
-    assert "1 failed" in summary and "- failed: test_x: assert 2 <= 1" in summary
+    assert "| cuda_tests | 40.0 | **1 tests failed, 0 errors** |" in summary and "- failed: test_x: assert 2 <= 1" in summary
     assert "**Tuning, bert-base**: **error**: ServiceNotReady: exited" in summary
     assert "131072: 0.1 s, 262144: OOM" in summary
 
