@@ -4,7 +4,8 @@
 (`{"texts": str | [str], "top_k": int | null, "truncate": bool}` -> `{"model", "results": [{"label", "score",
 "labels", "tokens", "truncated"}]}`) and `GET /ready`, with no queue, no batching and no padding (a single text needs
 none), in fp32, as a first server for a classifier is usually written. The benchmark and the report start it beside
-the service; set `TORCH_THREADS` to give it the same torch threads as the service.
+the service; set `TORCH_THREADS` to give it the same torch threads as the service, and `DEVICE` (default `cpu`) to
+run it where the service runs (`cuda` on a GPU host: loadtest/gpu_check.py).
 """
 
 import os
@@ -27,9 +28,9 @@ class Request(BaseModel):
     truncate: bool = True
 
 
-def create_app(model_dir: str) -> FastAPI:
+def create_app(model_dir: str, device: str = "cpu") -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
     labels = model.config.id2label
     max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     app = FastAPI()
@@ -40,7 +41,7 @@ def create_app(model_dir: str) -> FastAPI:
             return None
         kept = ids[:max_length - 1] + ids[-1:] if len(ids) > max_length else ids  # keep the closing special token
         with torch.inference_mode():
-            scores = model(input_ids=torch.tensor([kept])).logits.float().softmax(-1)[0].tolist()
+            scores = model(input_ids=torch.tensor([kept], device=device)).logits.float().softmax(-1)[0].tolist()
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
         return {
             "label": labels[ranked[0]],
@@ -68,4 +69,4 @@ def create_app(model_dir: str) -> FastAPI:
 if __name__ == "__main__":
     if os.environ.get("TORCH_THREADS"):
         torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
-    uvicorn.run(create_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+    uvicorn.run(create_app(sys.argv[1], os.environ.get("DEVICE", "cpu")), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")

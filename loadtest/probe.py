@@ -3,6 +3,7 @@ outside. One of each thing:
 
     with ServerProcess(service_command(model, port), port, log_path, env) as server: ...   # the one server starter
     saturate(server.url, bodies, concurrency=256, duration=30)     # the one wrk runner (closed loop)
+    python_saturate(server.url, bodies, 256, 30, processes=4)     # the same closed loop in Python, where wrk is not
     await poisson_requests(server.url, bodies, rate=20, duration=30, rng=random.Random(0))  # open loop, one client
     before = scrape(url); ...; summary = server_summary(Interval(before, scrape(url)))      # what /metrics said
     change.histogram("classifier_queue_wait_seconds").quantile(0.99)  # as Prometheus' histogram_quantile would
@@ -600,6 +601,72 @@ def saturate(url: str, bodies: Path, concurrency: int, duration: float, texts_pe
     }
 
 
+# ---------------------------------------------------------------- load: a closed loop in Python, where wrk is not
+
+
+def python_saturate(
+    url: str, bodies: Sequence[bytes], concurrency: int, duration: float, processes: int = 1,
+    texts_per_request: int = 1, give_up_after: float = 60,
+) -> dict:
+    """What `saturate` reports (texts, failures, texts/s, p50/p99), from `concurrency` keep-alive clients in Python
+    (each sends the next body as soon as its last is answered) spread over `processes` client processes, for hosts
+    without wrk (a bare GPU host). Each process is one asyncio loop (uvloop when installed); it costs the machine
+    more CPU per request than wrk, so use several processes where one cannot keep up with the server."""
+    import multiprocessing
+
+    shares = [concurrency // processes + (index < concurrency % processes) for index in range(processes)]
+    jobs = [(url, list(bodies), share, duration, index * len(bodies) // processes, give_up_after) for index, share in enumerate(shares) if share]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        runs = pool.starmap(_closed_loop_process, jobs)
+    latencies = [seconds for answered, _, _ in runs for seconds in answered]
+    failures = sum(failed for _, failed, _ in runs)
+    return {
+        "texts": len(latencies) * texts_per_request,
+        "failures": failures,
+        # Each process counts over its own window (they start a few ms apart): the rates add up.
+        "texts_per_second": sum(len(answered) / seconds for answered, _, seconds in runs) * texts_per_request,
+        **latency_ms(latencies),
+    }
+
+
+def _closed_loop_process(
+    url: str, bodies: list[bytes], connections: int, duration: float, first: int, give_up_after: float
+) -> tuple[list[float], int, float]:
+    """One client process of python_saturate: (seconds of each request answered 200, failures, seconds run)."""
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(_closed_loop(url, bodies, connections, duration, first, give_up_after))
+
+
+async def _closed_loop(
+    url: str, bodies: list[bytes], connections: int, duration: float, first: int, give_up_after: float
+) -> tuple[list[float], int, float]:
+    client = Client.of(url)
+    answered: list[float] = []
+    failures = 0
+    started = time.perf_counter()
+    stop_at = started + duration
+
+    async def connection(index: int) -> None:
+        nonlocal failures
+        while time.perf_counter() < stop_at:
+            answer = await client.request("/classify", bodies[index % len(bodies)], give_up_after=give_up_after)
+            if answer.status == "200":
+                answered.append(answer.seconds)
+            else:
+                failures += 1
+            index += connections
+
+    await asyncio.gather(*(connection(first + offset) for offset in range(connections)))
+    client.close()
+    return answered, failures, time.perf_counter() - started
+
+
 # ---------------------------------------------------------------- the machine
 
 
@@ -618,7 +685,10 @@ def machine() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     with open("/proc/meminfo") as meminfo:
         memory_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on the machine (a bare GPU host): the tree travelled without its history
+        commit = ""
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),
