@@ -51,7 +51,7 @@ def test_prefix_reading_gives_exactly_the_ids_of_tokenizing_the_whole_text(make_
         assert got.ids == cut, text[:80]
         assert got.truncated == (len(whole) > MAX_LENGTH)
     # and the prefix path was taken, or this test would prove nothing
-    assert sum(encoder._sufficient_prefix(text) is not None for text in texts) > 100
+    assert sum(encoder._sufficient_part(text, "right", encoder._content_tokens) is not None for text in texts) > 100
 
 
 def test_a_text_cut_before_leaves_no_truncation_behind():
@@ -63,7 +63,7 @@ def test_a_text_cut_before_leaves_no_truncation_behind():
 
 def test_a_huge_text_is_tokenized_from_a_short_prefix():
     encoder = TextEncoder(build_tiny_tokenizer(MAX_LENGTH), MAX_LENGTH)
-    prefix = encoder._sufficient_prefix("!" * 2_000_000)
+    prefix = encoder._sufficient_part("!" * 2_000_000, "right", encoder._content_tokens)
     assert prefix is not None and len(prefix) <= MAX_LENGTH * TextEncoder.PREFIX_CHARS_PER_TOKEN
 
 
