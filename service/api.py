@@ -4,6 +4,7 @@ import asyncio
 import hmac
 import inspect
 import json
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -36,6 +37,8 @@ from service.settings import Settings
 from service.slot import EngineLoader, EngineSlot
 from service.tokenization import TextInput, TruncationSide
 
+log = logging.getLogger(__name__)
+
 # nginx's status for a client that closed its connection before the response: not a server error, not a success.
 CLIENT_CLOSED_REQUEST = 499
 # FastAPI's OpenTelemetry hooks (recent FastAPI) ask the global providers on every request whether to trace: 3.7% of
@@ -59,7 +62,6 @@ TEI_ERRORS = {
     503: (503, "unhealthy"),
     504: (504, "backend"),
     500: (424, "backend"),
-    507: (424, "backend"),
 }
 
 T = TypeVar("T")
@@ -367,6 +369,8 @@ def error_response(
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClassifierError)
     async def classifier_error(request: Request, error: ClassifierError) -> JSONResponse:
+        if error.status == 500:  # the model failed on a text: worth a line the request's id finds
+            log.warning("%s answered 500: %s", request.scope["path"], error.message)
         return error_response(request.scope["path"], error.status, error.message, error.headers)
 
     @app.exception_handler(HTTPException)
@@ -376,8 +380,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once."""
-        return error_response(request.scope["path"], 500, internal_error_message(error))
+        """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once. Sent
+        from outside the middlewares, so it names its request id itself."""
+        headers = {"X-Request-Id": request_ids.current.get()}
+        return error_response(request.scope["path"], 500, internal_error_message(error), headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -51,8 +51,9 @@ class TextEncoder:
     that split a word by what follows it (byte-level BPE gives the last space of a run to the next word). Earlier words
     tokenize the same whatever follows. A suffix mirrors it: more tokens than the model takes must lie after its first
     two words (the first may be cut, and the second is a margin for a word read by what precedes it).
-    tests/test_tokenization.py checks both against whole-text tokenization. A pair's parts are read the same way:
-    `longest_first` truncation cuts a part longer than the model takes to the same length whatever its true length.
+    tests/test_tokenization.py checks both against whole-text tokenization. A pair's huge text is read the same way
+    when the other is short (`_pair_read` says when): `longest_first` truncation cuts a text longer than the model
+    takes to the same length whatever its true length.
     """
 
     PREFIX_CHARS_PER_TOKEN = 8  # the first prefix tried; grown fourfold while it is not provably enough
@@ -130,7 +131,7 @@ class TextEncoder:
             ]
             if not truncate and any(part is not None for part in parts):
                 raise TextTooLong(position, self.max_length + 1, self.max_length, exact=False)
-            read.append((parts[0] or pair[0], parts[1] or pair[1]))
+            read.append(self._pair_read(pair, parts))
         full = self._whole_ids(read)
         too_long = [i for i, encoding in enumerate(full) if len(encoding) > self.max_length]
         if too_long and not truncate:
@@ -141,6 +142,25 @@ class TextEncoder:
             for index, encoding in zip(too_long, self._backend.encode_batch([read[i] for i in too_long])):
                 full[index] = encoding
         return [self._pair_text(encoding, i in too_long) for i, encoding in enumerate(full)]
+
+    def _pair_read(self, pair: tuple[str, str], parts: list[str | None]) -> tuple[str, str]:
+        """The pair as it is read: a part stands for its whole text only when it provably truncates the same. When
+        both texts are cut to half the budget, the longer gets the odd token, which parts cannot tell: both are read
+        whole then (a pair of two huge texts costs the tokenizer their whole length, within the body limit). One part
+        must stay longer in tokens than the other text, so that the same text is the longer."""
+        first, second = parts
+        if first is None and second is None:
+            return pair
+        if first is not None and second is not None:
+            return pair
+        part, other = (first, pair[1]) if first is not None else (second, pair[0])
+        assert part is not None
+        if self._token_count(part) <= self._token_count(other):
+            return pair
+        return (part, pair[1]) if first is not None else (pair[0], part)
+
+    def _token_count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
     def _pair_text(self, encoding, truncated: bool) -> EncodedText:  # encoding: tokenizers.Encoding
         if not self._type_ids or 1 not in encoding.type_ids:
