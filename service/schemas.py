@@ -96,20 +96,23 @@ def _inputs(items: object, field: str) -> list[TextInput]:
     inputs: list[TextInput] = []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            _check_readable(f"{field}[{index}]", item)
+            _check_readable(item, field, index)
             inputs.append(item)
         elif isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item):
-            _check_readable(f"{field}[{index}][0]", item[0])
-            _check_readable(f"{field}[{index}][1]", item[1])
+            _check_readable(item[0], field, index, 0)
+            _check_readable(item[1], field, index, 1)
             inputs.append((item[0], item[1]))
         else:
             raise ValueError(f"{field}[{index}] must be a string or a [text, text_pair] pair of strings")
     return inputs
 
 
-def _check_readable(where: str, text: str) -> None:
+def _check_readable(text: str, field: str, index: int, part: int | None = None) -> None:
     """Reject what JSON can carry but a tokenizer cannot read: blank texts, lone surrogates, and texts with nothing
-    visible."""
+    visible. The text's place (`field[index]`, and `[part]` in a pair) is written out only for a refusal."""
+    if text.strip() and text.isprintable() and text.isascii():  # the common case, checked at C speed
+        return
+    where = f"{field}[{index}]" if part is None else f"{field}[{index}][{part}]"
     if not text.strip():
         raise ValueError(f"{where} is empty or blank; every text needs some content")
     try:
