@@ -1,7 +1,8 @@
 """The clients people already have, against a real service process: huggingface_hub's InferenceClient (a TEI client
 nobody here wrote) on /predict and TEI's root route, text pairs, raw scores, left truncation and multi-label
 thresholds against a direct transformers run, API keys and request ids, across the engine process boundary
-(--workers 2). Every status and shape is tested in process in tests/test_clients.py."""
+(--workers 2); and pairs and left truncation with the default model. Every status and shape is tested in process in
+tests/test_clients.py."""
 
 import httpx
 import pytest
@@ -10,6 +11,9 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from service.default_model import build_default_model
+from service.runner import ModelRunner, load_classifier
+from service.tokenization import PairIds, TextEncoder
 from tests.conftest import TINY_MAX_LENGTH, start_service
 
 pytestmark = pytest.mark.integration  # service processes (see pyproject's markers)
@@ -110,3 +114,25 @@ def test_a_multi_label_model_lists_the_labels_above_the_threshold(multi_label_mo
         assert by_label(result["labels"]) == pytest.approx(probabilities, abs=1e-4)
         above = sorted((label for label, p in probabilities.items() if p > 0.5), key=lambda label: -probabilities[label])
         assert result["above_threshold"] == above
+
+
+def test_with_the_default_model_pairs_and_left_truncation_match_the_model_run_alone(tmp_path):
+    """The embedded default model (a smoke build: MiniLM's WordPiece tokenizer, which gives pairs token type ids)."""
+    build_default_model(tmp_path / "default", limit=32, progress=False)
+    loaded = load_classifier(str(tmp_path / "default"), torch.device("cpu"))
+    tokenizer, model = loaded.tokenizer, loaded.model
+    max_length = tokenizer.model_max_length
+    review = "The opening was dull. " * 200 + "But the ending was wonderful and moving."
+    inputs = [("A man is eating food.", "Someone eats."), review, (review, "Was the ending good?")]
+    encoded = TextEncoder(tokenizer, max_length).encode(inputs, truncate=True, side="left")
+    assert [type(text.ids) for text in encoded] == [PairIds, list, PairIds] and all(text.truncated for text in encoded[1:])
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id)
+    sequences = [text.ids for text in encoded]
+    batched = runner.forward(runner.collate(sequences, max(map(len, sequences))))
+    reference = AutoTokenizer.from_pretrained(tmp_path / "default", truncation_side="left")
+    with torch.inference_mode():
+        for item, ids, logits in zip(inputs, sequences, batched):
+            texts = [item] if isinstance(item, str) else item
+            alone = reference(*texts, truncation="longest_first", max_length=max_length, return_tensors="pt")
+            assert list(ids) == alone["input_ids"][0].tolist()
+            torch.testing.assert_close(logits, model(**alone).logits[0], atol=1e-4, rtol=1e-4)
