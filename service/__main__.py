@@ -5,12 +5,11 @@ Exit status: 0 after a clean drain on SIGTERM/SIGINT; 1 when the settings are in
 """
 
 import argparse
-import logging
 import os
 
 from pydantic import ValidationError
 
-from service import memory
+from service import memory, request_ids
 from service.api import create_app
 from service.server import ClassifierServer
 from service.settings import Settings
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings(**parse_flags(argv))
     except ValidationError as error:
         raise SystemExit(f"invalid settings:\n{error}") from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    request_ids.configure_logging(settings.log_level)
     memory.cap_primitive_caches(settings.onednn_primitive_cache_capacity, settings.torch_primitive_cache_capacity)
     workers = worker_count(settings)
     if workers > 1:

@@ -1,11 +1,13 @@
 """HTTP in and out: routes, request validation, error responses, connection limits and request metrics."""
 
 import asyncio
+import hmac
 import inspect
 import json
+import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -13,17 +15,29 @@ import pydantic
 import pydantic_core
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import loading, metrics
+from service import loading, metrics, request_ids
 from service.errors import ClassifierError, LoadFailed, internal_error_message
-from service.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
+from service.postprocess import Activation
+from service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    LabelScoreOut,
+    PredictRequest,
+    TeiErrorResponse,
+)
 from service.settings import Settings
 from service.slot import EngineLoader, EngineSlot
+from service.tokenization import TextInput, TruncationSide
+
+log = logging.getLogger(__name__)
 
 # nginx's status for a client that closed its connection before the response: not a server error, not a success.
 CLIENT_CLOSED_REQUEST = 499
@@ -39,6 +53,16 @@ DISCARD_FACTOR = 16
 # What FastAPI's header parameter declares: the body's timeout_ms, as a header.
 TIMEOUT_HEADER = b"x-request-timeout-ms"
 MAX_TIMEOUT_MS = 600_000
+REQUEST_ID_HEADER = b"x-request-id"
+# TEI's routes (its root route answers /predict for classifiers): their errors come in TEI's shape and statuses.
+TEI_PATHS = frozenset({"/predict", "/"})
+# Our status -> TEI's status and error_type; any other 4xx is a "validation" error with its own status.
+TEI_ERRORS = {
+    429: (429, "overloaded"),
+    503: (503, "unhealthy"),
+    504: (504, "backend"),
+    500: (424, "backend"),
+}
 
 T = TypeVar("T")
 # Answers a validated /classify request: its body, the request, and the timeout header's value.
@@ -81,7 +105,18 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     app.add_middleware(
         RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds
     )
+    if keys := settings.api_key_list():  # no middleware at all (and no cost) when the service is open
+        protected = KEYED_PATHS | ({"/metrics"} if settings.metrics_require_key else set())
+        app.add_middleware(ApiKeyMiddleware, keys=keys, protected=frozenset(protected))
     app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
+    if origins := settings.cors_origin_list():  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout-Ms"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
     _add_routes(app, settings, slot, app.state.draining)
@@ -89,23 +124,52 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
 
 
 def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: threading.Event) -> None:
-    async def answer(body: ClassifyRequest, request: Request, header_timeout_ms: int | None) -> Response:
+    async def classified(
+        inputs: list[TextInput],
+        request: Request,
+        timeouts_ms: tuple[int | None, int | None],
+        *,
+        top_k: int | None,
+        truncate: bool,
+        side: TruncationSide | None,
+        activation: Activation | None,
+        threshold: float,
+    ) -> tuple[str, list[dict]] | None:
+        """The model's id and each input's result (`Engine.classify`, which both routes answer from); None when the
+        client left first. `timeouts_ms`: the body's and the header's, the smaller wins."""
         engine = slot.engine()
-        if len(body.texts) > settings.max_texts_per_request:
+        if len(inputs) > settings.max_texts_per_request:
             raise ApiError(
                 422,
-                f"too many texts: {len(body.texts)} sent, at most {settings.max_texts_per_request} "
+                f"too many texts: {len(inputs)} sent, at most {settings.max_texts_per_request} "
                 "per request; split them over several requests",
             )
-        timeouts = [t for t in (body.timeout_ms, header_timeout_ms) if t is not None]
+        timeouts = [t for t in timeouts_ms if t is not None]
         # The deadline counts from the request's first bytes (set by service.server's protocol), not from now.
         arrived_at = getattr(request.state, "arrived_at", None) or time.monotonic()
         deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
-        work = engine.classify(body.texts, top_k=body.top_k, truncate=body.truncate, deadline=deadline)
+        work = engine.classify(
+            inputs, top_k=top_k, truncate=truncate, deadline=deadline, side=side, activation=activation,
+            threshold=threshold,
+        )
         results = await _unless_client_leaves(work, request.receive)  # raises its ClassifierError, if any
-        if results is None:
-            return NoAnswer()  # its queued texts were dropped when `work` was cancelled
-        return JsonBytesResponse({"model": engine.model_id, "results": results})
+        return None if results is None else (engine.model_id, results)
+
+    async def answer(body: ClassifyRequest, request: Request, header_timeout_ms: int | None) -> Response:
+        answered = await classified(
+            body.texts,
+            request,
+            (body.timeout_ms, header_timeout_ms),
+            top_k=body.top_k,
+            truncate=body.truncate,
+            side=body.truncation_direction,
+            activation="none" if body.raw_scores else None,
+            threshold=body.threshold,
+        )
+        if answered is None:
+            return NoAnswer()  # its queued texts were dropped when the work was cancelled
+        model_id, results = answered
+        return JsonBytesResponse({"model": model_id, "results": results})
 
     async def classify(
         body: ClassifyRequest,
@@ -122,13 +186,56 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
         methods=["POST"],
         response_model=ClassifyResponse,
         responses={
+            401: {"model": ErrorResponse, "description": "No valid API key (only when CLASSIFIER_API_KEYS is set)"},
             413: {"model": ErrorResponse},
             429: {"model": ErrorResponse, "description": "Overloaded: retry after the Retry-After header's seconds"},
             504: {"model": ErrorResponse, "description": "The deadline passed before the texts reached the model"},
         },
-        summary="Classify texts; each answer comes back in the order sent",
+        summary="Classify texts and text pairs; each answer comes back in the order sent",
+        response_model_exclude_unset=True,  # above_threshold only where the model is multi-label, as the fast path
         route_class_override=well_formed_first(answer),
     )
+
+    async def predict(
+        body: PredictRequest,
+        request: Request,
+        x_request_timeout_ms: Annotated[
+            int | None, Header(ge=1, le=MAX_TIMEOUT_MS, description="How long you wait for the answer, from arrival.")
+        ] = None,
+    ) -> list[LabelScoreOut] | list[list[LabelScoreOut]] | Response:
+        parameters = body.parameters
+        answered = await classified(
+            body.inputs,
+            request,
+            (None, x_request_timeout_ms),
+            top_k=parameters.top_k if parameters else None,
+            truncate=bool(body.truncate),
+            side=body.truncation_direction,
+            activation="none" if body.raw_scores else parameters.function_to_apply if parameters else None,
+            threshold=0.5,
+        )
+        if answered is None:
+            return NoAnswer()
+        ranked = [result["labels"] for result in answered[1]]
+        return JsonBytesResponse(ranked[0] if body.one_input and parameters is None else ranked)
+
+    tei_errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": TeiErrorResponse} for status in (400, 401, 408, 413, 422, 424, 429, 503, 504)
+    }
+    for path in sorted(TEI_PATHS, reverse=True):
+        app.router.add_api_route(
+            path,
+            predict,
+            methods=["POST"],
+            response_model=list[LabelScoreOut] | list[list[LabelScoreOut]],
+            responses=tei_errors,
+            summary="TEI-compatible prediction" + (" (TEI's root route)" if path == "/" else ""),
+            description="Text-embeddings-inference's /predict: every label and its score per input, best first; one "
+            "text or pair answers one list, a list answers a list of lists. With the Hugging Face Inference API's "
+            "`parameters` (huggingface_hub's InferenceClient.text_classification), every input answers a list. "
+            "Errors come in TEI's shape, `{\"error\", \"error_type\"}`, with TEI's statuses (424 for a failure of "
+            "the model).",
+        )
 
     @app.get("/health", summary="Alive (200), or 503 when the model failed to load")
     async def health() -> dict:
@@ -248,24 +355,39 @@ class NoAnswer(Response):
         return
 
 
+def error_response(
+    path: str, status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """An error's JSON answer: its message and the request's id; on TEI's routes in TEI's shape and statuses
+    (`error_type` beside the message)."""
+    body: dict[str, Any] = {"error": message, "request_id": request_ids.current.get() or None, **extra}
+    if path in TEI_PATHS:
+        status, body["error_type"] = TEI_ERRORS.get(status, (status, "validation" if status < 500 else "backend"))
+    return JSONResponse(body, status, headers=headers)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClassifierError)
     async def classifier_error(request: Request, error: ClassifierError) -> JSONResponse:
-        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
+        if error.status == 500:  # the model failed on a text: worth a line the request's id finds
+            log.warning("%s answered 500: %s", request.scope["path"], error.message)
+        return error_response(request.scope["path"], error.status, error.message, error.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         """Starlette's own answers (404, 405 with its Allow header) in the documented error body."""
-        return JSONResponse({"error": _http_error_message(request, error)}, error.status_code, headers=error.headers)
+        return error_response(request.scope["path"], error.status_code, _http_error_message(request, error), error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once."""
-        return JSONResponse({"error": internal_error_message(error)}, 500)
+        """A bug: a JSON 500 for the client; Starlette re-raises the error afterwards, so it is logged once. Sent
+        from outside the middlewares, so it names its request id itself."""
+        headers = {"X-Request-Id": request_ids.current.get()}
+        return error_response(request.scope["path"], 500, internal_error_message(error), headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _describe(error.errors()), "detail": _jsonable(error.errors())}, status_code=422)
+        return error_response(request.scope["path"], 422, _describe(error.errors()), detail=_jsonable(error.errors()))
 
 
 def _http_error_message(request: Request, error: HTTPException) -> str:
@@ -362,6 +484,36 @@ class RequestBodyLimitsMiddleware:
         await _error_response(scope, send, 413, message, {"Connection": "close"})
 
 
+# The routes that need a key when keys are set (/metrics too with metrics_require_key); probes and docs stay open.
+KEYED_PATHS = frozenset({"/classify", *TEI_PATHS})
+
+
+class ApiKeyMiddleware:
+    """Answers 401 (with `WWW-Authenticate: Bearer`) to a request for a `protected` path without an
+    `Authorization: Bearer <key>` header naming one of `keys`. Every key is compared, each in constant time, so the
+    time taken says nothing about how much of a key matched, nor which key did; keys are never logged."""
+
+    def __init__(self, app: ASGIApp, keys: list[bytes], protected: frozenset[str]) -> None:
+        self.app = app
+        self.keys = keys
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.protected and not self._authorized(scope):
+            message = "a valid API key is required: send it as the header `Authorization: Bearer <key>`"
+            await _error_response(scope, send, 401, message, {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        scheme, _, key = header.partition(b" ")
+        matched = False
+        for accepted in self.keys:
+            matched |= hmac.compare_digest(key.strip(), accepted)
+        return matched and scheme.lower() == b"bearer"
+
+
 class ConcurrencyLimitMiddleware:
     """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests).
 
@@ -394,7 +546,7 @@ class ConcurrencyLimitMiddleware:
 
 
 async def _error_response(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str]) -> None:
-    await JSONResponse({"error": message}, status_code=status, headers=headers)(scope, _no_body, send)
+    await error_response(scope["path"], status, message, headers)(scope, _no_body, send)
 
 
 async def _no_body() -> Message:
@@ -411,7 +563,10 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by route and status and times them, by the route's template (not the raw path).
+    """Counts requests by route and status and times them, by the route's template (not the raw path); and, being
+    the outermost middleware, gives each request its id (`request_ids`): the client's X-Request-Id or a new one, set
+    for the request's task (its log lines and error bodies) and echoed in the response's X-Request-Id header. One
+    middleware for both: each wraps the response's start, and a layer more costs the event loop at saturation.
 
     A client that went away before its response started is counted as 499 (nginx's "client closed request"), not
     as 500 or 200: it is not the server's failure, and nobody received an answer. The disconnect is seen in the
@@ -432,6 +587,10 @@ class RequestMetricsMiddleware:
         started = time.perf_counter()
         status: int | None = None
         client_gone = False
+        sent_id = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), None)
+        request_id = request_ids.from_header(sent_id)
+        request_ids.current.set(request_id)
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
 
         async def noting_receive() -> Message:
             nonlocal client_gone
@@ -444,6 +603,7 @@ class RequestMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = CLIENT_CLOSED_REQUEST if client_gone else message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:

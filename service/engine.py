@@ -1,20 +1,22 @@
 """The engine façade for one model: texts in, finished per-text results out.
 
 It is two halves, declared here: the front (`Front`: tokenization, then ranking into results) and the back
-(`Backend`: queue, scheduler, batcher and model runner), which takes token ids and returns activated scores. Only
+(`Backend`: queue, scheduler, batcher and model runner), which takes token ids and returns fp32 logits (the front
+activates them, so a request may have its raw logits or another activation without a second forward pass). Only
 plain data and `service.errors` cross between them, so the back can run in the same process (`service.scorer.Scorer`)
 or in the engine process (`service.ipc.RemoteBackend`); `service.loading.make_backend` picks one. `EngineFacts` is
 what building the back half decided, which the front is built from and /info shows.
 """
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgspec
 
 from service import metrics
-from service.postprocess import ProblemType, text_result
-from service.tokenization import EncodedText, EncoderPool
+from service.postprocess import ACTIVATIONS, Activation, ProblemType, above_threshold, activated, text_result
+from service.tokenization import EncodedText, EncoderPool, TextInput, TruncationSide
 
 
 class Backend(Protocol):
@@ -26,7 +28,7 @@ class Backend(Protocol):
         ...
 
     async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """Each text's activated fp32 scores, once all have run, by `deadline` (`time.monotonic()` seconds).
+        """Each text's fp32 logits, once all have run, by `deadline` (`time.monotonic()` seconds).
 
         Raises a ClassifierError: Overloaded, NotAccepting, DeadlineExceeded, TextTooLargeForDevice, InferenceFailed
         (or, remote, EngineUnavailable). Cancelling the caller drops its texts still queued.
@@ -72,27 +74,44 @@ class EngineFacts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Front:
-    """The engine's front half: texts to token ids (on tokenizer threads), scores to ranked per-text results."""
+    """The engine's front half: texts to token ids (on tokenizer threads), logits to ranked per-text results."""
 
-    def __init__(self, encoders: EncoderPool, labels: tuple[str, ...]) -> None:
+    def __init__(self, encoders: EncoderPool, labels: tuple[str, ...], problem_type: ProblemType) -> None:
         self.encoders = encoders
         self.labels = labels
+        self.problem_type = problem_type
+        self.multi_label = problem_type == "multi_label_classification"
 
-    async def encode(self, texts: list[str], truncate: bool) -> list[EncodedText]:
-        """Token ids for the texts, computed off the event loop by a free tokenizer worker; raises TextTooLong."""
-        encoded = await asyncio.wrap_future(self.encoders.submit(texts, truncate))
+    async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None) -> list[EncodedText]:
+        """Token ids for the texts and pairs, computed off the event loop by a free tokenizer worker; raises
+        TextTooLong."""
+        encoded = await asyncio.wrap_future(self.encoders.submit(texts, truncate, side))
         for text in encoded:
             metrics.INPUT_TOKENS.observe(len(text.ids))
             if text.truncated:
                 metrics.TRUNCATED_TEXTS.inc()
         return encoded
 
-    def results(self, encoded: list[EncodedText], scores: list[list[float]], top_k: int | None) -> list[dict]:
-        """Each text's `schemas.TextResult`, as plain data."""
-        return [
-            text_result(text_scores, self.labels, top_k, len(text.ids), text.truncated)
-            for text, text_scores in zip(encoded, scores)
-        ]
+    def results(
+        self,
+        encoded: list[EncodedText],
+        logits: list[list[float]],
+        top_k: int | None,
+        activation: Activation | None,
+        threshold: float,
+    ) -> list[dict]:
+        """Each text's `schemas.TextResult`, as plain data: scored by `activation` (None: the model's own); a
+        multi-label model's also lists the labels whose probability is above `threshold`."""
+        activation = activation or ACTIVATIONS[self.problem_type]
+        results = []
+        for text, text_logits in zip(encoded, logits):
+            scores = activated(text_logits, activation)
+            result = text_result(scores, self.labels, top_k, len(text.ids), text.truncated)
+            if self.multi_label:
+                probabilities = scores if activation == "sigmoid" else activated(text_logits, "sigmoid")
+                result["above_threshold"] = above_threshold(probabilities, self.labels, threshold)
+            results.append(result)
+        return results
 
 
 class Engine:
@@ -118,18 +137,27 @@ class Engine:
         return self.backend.ready
 
     async def classify(
-        self, texts: list[str], *, top_k: int | None, truncate: bool, deadline: float
+        self,
+        texts: Sequence[TextInput],
+        *,
+        top_k: int | None,
+        truncate: bool,
+        deadline: float,
+        side: TruncationSide | None = None,
+        activation: Activation | None = None,
+        threshold: float = 0.5,
     ) -> list[dict]:
-        """Each text's result (a `schemas.TextResult` as plain data), in order, once all have run by `deadline`
-        (`time.monotonic()` seconds).
+        """Each text's or pair's result (a `schemas.TextResult` as plain data), in order, once all have run by
+        `deadline` (`time.monotonic()` seconds); long texts cut on `side` (None: the tokenizer's own), scored by
+        `activation` (None: the model's own; "none": the raw logits). /classify and /predict both answer from this.
 
         Raises a ClassifierError: TextTooLong, or any the back half raises. Cancelling the caller (its client left)
         drops its texts still queued.
         """
-        encoded = await self.front.encode(texts, truncate)
-        scores = await self.backend.score([text.ids for text in encoded], deadline)
+        encoded = await self.front.encode(texts, truncate, side)
+        logits = await self.backend.score([text.ids for text in encoded], deadline)
         metrics.CLASSIFIED_TEXTS.inc(len(encoded))
-        return self.front.results(encoded, scores, top_k)
+        return self.front.results(encoded, logits, top_k, activation, threshold)
 
     def info(self) -> dict[str, Any]:
         """What /info shows of the loaded model: labels, how and where it runs, and how it batches."""

@@ -36,8 +36,10 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from service import request_ids
 from service.engine import EngineFacts
 from service.errors import ClassifierError, EngineUnavailable, internal_error_message
+from service.tokenization import PairIds
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,15 @@ EngineStatus = Literal["loading", "ready", "draining", "stopped", "failed"]
 
 
 class ScoreRequest(msgspec.Struct, tag="score", array_like=True):
-    """Score these token-id sequences (one per text) before `deadline` (time.monotonic seconds)."""
+    """Score these token-id sequences (one per text) before `deadline` (time.monotonic seconds). `second_starts`:
+    where the second text of each pair starts (`PairIds.second_start`, by the text's index); `http_request_id`: the
+    HTTP request's id, for the engine process's log lines about it."""
 
     request_id: int
     token_ids: list[list[int]]
     deadline: float
+    second_starts: dict[int, int] = {}
+    http_request_id: str = ""
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -208,7 +214,8 @@ class EngineClient:
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Waiting(future, deadline + self.peer_timeout)
         try:
-            self._send(ScoreRequest(request_id, token_ids, deadline))
+            second_starts = {i: ids.second_start for i, ids in enumerate(token_ids) if type(ids) is PairIds}
+            self._send(ScoreRequest(request_id, token_ids, deadline, second_starts, request_ids.current.get()))
             return await future
         except asyncio.CancelledError:
             self._cancel(request_id)
@@ -452,8 +459,12 @@ class EngineServer:
             self._idle.set()
 
     async def _answer(self, identity: bytes, request: ScoreRequest) -> None:
+        request_ids.current.set(request.http_request_id)  # this task's own context: its log lines name the request
+        token_ids = request.token_ids
         try:
-            reply: FromEngine = Scores(request.request_id, await self.score(request.token_ids, request.deadline))
+            for index, second_start in request.second_starts.items():
+                token_ids[index] = PairIds(token_ids[index], second_start)
+            reply: FromEngine = Scores(request.request_id, await self.score(token_ids, request.deadline))
         except asyncio.CancelledError:
             return  # the caller left; nobody to answer
         except Exception as error:

@@ -23,7 +23,6 @@ from service.default_model import ensure_default_model, read_build_report
 from service.engine import Backend, Engine, EngineFacts, Front
 from service.ipc import connect_backend
 from service.measuring import Tuner, TuningReport, calibration_texts
-from service.postprocess import ProblemType
 from service.runner import (
     BatchModelAdapter,
     LoadedModel,
@@ -77,7 +76,7 @@ async def make_backend(settings: Settings, engine_address: str | None) -> tuple[
 async def build_front(settings: Settings, facts: EngineFacts) -> Front:
     """The front half for the back half's model: its own tokenizers (from the model's path) and labels."""
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, facts.model_path, use_fast=True)
-    return Front(EncoderPool(tokenizer, facts.max_length, settings.tokenizer_workers), facts.labels)
+    return Front(EncoderPool(tokenizer, facts.max_length, settings.tokenizer_workers), facts.labels, facts.problem_type)
 
 
 async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
@@ -89,7 +88,7 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
     inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     try:
         prepared = await asyncio.get_running_loop().run_in_executor(inference_thread, _prepare, settings)
-        scoring = BatchModelAdapter(prepared.runner, prepared.problem_type)
+        scoring = BatchModelAdapter(prepared.runner)
         scorer = await Scorer.start(scoring, prepared.policy, settings.max_queue_tokens, inference_thread)
     except BaseException:
         inference_thread.shutdown(wait=False)
@@ -113,10 +112,9 @@ def load_failure_reason(error: Exception) -> str:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What the inference thread prepared for batching: the runner, its activation, the policy, and the facts."""
+    """What the inference thread prepared for batching: the runner, the policy, and the facts."""
 
     runner: ModelRunner
-    problem_type: ProblemType
     policy: BatchingPolicy
     facts: EngineFacts
 
@@ -165,7 +163,7 @@ def _prepare(settings: Settings) -> _Prepared:
         tuning=tuning.as_dict() if tuning else {"enabled": False, "reason": off_reason},
         default_model_build=build_report,
     )
-    return _Prepared(runner, loaded.problem_type, policy, facts)
+    return _Prepared(runner, policy, facts)
 
 
 def _names_a_directory(model: str) -> bool:

@@ -1,7 +1,9 @@
-"""From logits to answers: the activation each problem type calls for (computed in fp32, by the scorer), then
-top-k ranking into each text's finished result (by the engine's front), as plain data in the shape of
-`schemas.TextResult`: the API serialises it without building and validating pydantic models again."""
+"""From logits to answers: the activation each problem type calls for (or the one a request asks for, or none for raw
+logits), computed in the engine's front from the fp32 logits the back half returns, then top-k ranking into each
+text's finished result, as plain data in the shape of `schemas.TextResult`: the API serialises it without building
+and validating pydantic models again."""
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -9,6 +11,13 @@ import torch
 
 ProblemType = Literal["single_label_classification", "multi_label_classification", "regression"]
 PROBLEM_TYPES: tuple[ProblemType, ...] = get_args(ProblemType)
+# What turns a text's logits into its scores: "none" leaves the logits as they are (raw scores).
+Activation = Literal["softmax", "sigmoid", "none"]
+ACTIVATIONS: dict[ProblemType, Activation] = {
+    "single_label_classification": "softmax",
+    "multi_label_classification": "sigmoid",
+    "regression": "none",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,16 +38,30 @@ def problem_type_of(configured: str | None, num_labels: int) -> ProblemType:
     return "regression" if num_labels == 1 else "single_label_classification"
 
 
+def activated(logits: list[float], activation: Activation) -> list[float]:
+    """One text's scores: softmax, sigmoid per label, or the logits themselves. Plain Python: for the few labels of a
+    classifier it costs less than a tensor, and the front applies it per text."""
+    if activation == "softmax":
+        top = max(logits)
+        exps = [math.exp(logit - top) for logit in logits]
+        total = sum(exps)
+        return [value / total for value in exps]
+    if activation == "sigmoid":
+        return [_sigmoid(logit) for logit in logits]
+    return logits
+
+
+def _sigmoid(logit: float) -> float:
+    if logit >= 0:
+        return 1 / (1 + math.exp(-logit))
+    exp = math.exp(logit)  # exp(-logit) would overflow for very negative logits
+    return exp / (1 + exp)
+
+
 def activate(logits: torch.Tensor, problem_type: ProblemType) -> list[list[float]]:
-    """Scores per text: softmax for single-label, sigmoid for multi-label, the raw value for regression."""
-    logits = logits.float()
-    if problem_type == "single_label_classification":
-        scores = logits.softmax(dim=-1)
-    elif problem_type == "multi_label_classification":
-        scores = logits.sigmoid()
-    else:
-        scores = logits
-    return scores.tolist()
+    """Scores per text of a batch's logits: softmax for single-label, sigmoid for multi-label, the raw value for
+    regression."""
+    return [activated(row, ACTIVATIONS[problem_type]) for row in logits.float().tolist()]
 
 
 def rank(scores: list[float], labels: tuple[str, ...], top_k: int | None) -> list[LabelScore]:
@@ -58,3 +81,8 @@ def text_result(scores: list[float], labels: tuple[str, ...], top_k: int | None,
         "tokens": tokens,
         "truncated": truncated,
     }
+
+
+def above_threshold(probabilities: list[float], labels: tuple[str, ...], threshold: float) -> list[str]:
+    """A multi-label model's answer: every label whose probability is above `threshold`, best first."""
+    return [item.label for item in rank(probabilities, labels, None) if item.score > threshold]

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from service.postprocess import ProblemType, activate, problem_type_of
+from service.postprocess import ProblemType, problem_type_of
 from service.scheduler import BatchingPolicy
 from service.splitting import OutOfMemory
+from service.tokenization import PairIds
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,11 @@ class ModelRunner:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_token_type_ids:
             token_type_ids = torch.empty(shape, dtype=torch.long, pin_memory=self._pin_memory)
-            token_type_ids.numpy().fill(0)
+            types_view = token_type_ids.numpy()
+            types_view.fill(0)
+            if any(type(ids) is PairIds for ids in sequences):  # a pair's second text has token type 1
+                second_starts = np.array([getattr(ids, "second_start", padded_length) for ids in sequences])
+                types_view[real & (np.arange(padded_length) >= second_starts[:, None])] = 1
             inputs["token_type_ids"] = token_type_ids
         return inputs
 
@@ -180,25 +185,25 @@ class ModelRunner:
 
 
 class BatchModelAdapter:
-    """Adapts a `ModelRunner` to the batcher's `splitting.BatchModel`: inputs collated on the host, scores activated
-    in fp32, and the framework's out-of-memory turned into the batcher's `OutOfMemory`."""
+    """Adapts a `ModelRunner` to the batcher's `splitting.BatchModel`: inputs collated on the host, fp32 logits out
+    (the engine's front applies the activation, so a request can have the raw logits instead at no cost), and the
+    framework's out-of-memory turned into the batcher's `OutOfMemory`."""
 
-    def __init__(self, runner: ModelRunner, problem_type: ProblemType) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.problem_type = problem_type
 
     def collate(self, sequences: list[list[int]], padded_length: int) -> dict[str, torch.Tensor]:
         return self.runner.collate(sequences, padded_length)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> list[list[float]]:
-        """Scores for one batch. An out-of-memory becomes OutOfMemory (after the allocator's cache is released), so
+        """fp32 logits for one batch. An out-of-memory becomes OutOfMemory (after the allocator's cache is released), so
         the batcher can split the batch without knowing torch."""
         try:
             logits = self.runner.forward(inputs)
         except torch.cuda.OutOfMemoryError as error:
             release_cached_memory(self.runner.device)
             raise OutOfMemory(str(error)) from error
-        return activate(logits, self.problem_type)
+        return logits.tolist()
 
     def warm_up(self, policy: BatchingPolicy) -> tuple[int, float]:
         """One batch per bucket, so first requests do not pay for lazy initialisation (and CUDA OOMs show now).

@@ -1,7 +1,8 @@
 """The engine's back half: queue, scheduler, batcher and model runner, on one inference thread.
 
-`Scorer.score` takes token ids and returns each text's activated fp32 scores; what crosses it is plain data and
-`service.errors`, so the back can run in a process of its own, apart from tokenization and post-processing.
+`Scorer.score` takes token ids and returns each text's fp32 logits (the front activates them); what crosses it is
+plain data and `service.errors`, so the back can run in a process of its own, apart from tokenization and
+post-processing.
 """
 
 import asyncio
@@ -50,7 +51,7 @@ class Scorer:
         return self.batcher.queue.policy
 
     async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """Each text's scores, once all have run, by `deadline` (`time.monotonic()` seconds).
+        """Each text's logits, once all have run, by `deadline` (`time.monotonic()` seconds).
 
         Raises Overloaded or NotAccepting (refused at admission), DeadlineExceeded (texts still queued at the
         deadline, now dropped), TextTooLargeForDevice or InferenceFailed (a text that failed alone). Cancelling the

@@ -1,8 +1,9 @@
 """The service's one settings object: every knob, typed, from flags or the environment, checked at start-up."""
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.scheduler import Batching, Padding, check_bucket_bounds
@@ -121,6 +122,36 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         60.0, gt=0, description="SIGTERM to exit, at most: after it the process exits 1 even with texts unanswered."
     )
+
+    # Who may call: API keys and browsers' origins.
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Bearer keys that /classify and /predict require (401 without one): a file with one key a line "
+        "(# comments allowed), or a comma-separated list; unset = open. Kept secret: never logged or shown.",
+    )
+    metrics_require_key: bool = Field(False, description="With api_keys set, /metrics requires a key too.")
+    cors_allow_origins: str | None = Field(
+        None,
+        description="Comma-separated origins browsers may call from (CORS), or *; unset = no CORS headers (off).",
+    )
+
+    def api_key_list(self) -> list[bytes]:
+        """The accepted keys (none when api_keys is unset): the file's lines, or the list's items."""
+        if self.api_keys is None:
+            return []
+        value = self.api_keys.get_secret_value().strip()
+        path = Path(value)
+        lines = path.read_text().splitlines() if "," not in value and path.is_file() else value.split(",")
+        return [key.encode() for line in lines if (key := line.strip()) and not key.startswith("#")]
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in (self.cors_allow_origins or "").split(",") if origin.strip()]
+
+    @model_validator(mode="after")
+    def _check_api_keys(self) -> "Settings":
+        if self.api_keys is not None and not self.api_key_list():
+            raise ValueError("api_keys names no key: give a file with one key a line, or a comma-separated list")
+        return self
 
     @model_validator(mode="after")
     def _check_bucket_bounds(self) -> "Settings":

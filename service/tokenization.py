@@ -1,35 +1,59 @@
 """Turning request texts into token ids the model accepts: the fast tokenizer, truncation and length checks."""
 
 import copy
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import SimpleQueue
+from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from service.errors import TextTooLong
 
+# Which end of a long text is cut: "right" keeps its beginning, "left" its end (TEI's truncation_direction).
+TruncationSide = Literal["right", "left"]
+# One input: a text, or a (text, text_pair) pair for cross-encoders and NLI models.
+TextInput = str | tuple[str, str]
+
+
+class PairIds(list[int]):
+    """A text pair's token ids, which carry where the second text's tokens (token type 1) start: they travel as the
+    plain id list through the queue, and the runner builds the token type ids from `second_start` when it collates."""
+
+    __slots__ = ("second_start",)
+
+    def __init__(self, ids: list[int], second_start: int) -> None:
+        super().__init__(ids)
+        self.second_start = second_start
+
 
 @dataclass(frozen=True, slots=True)
 class EncodedText:
-    """A text's token ids (special tokens included, within the model's maximum length) and whether it was cut."""
+    """A text's token ids (special tokens included, within the model's maximum length; a `PairIds` for a pair whose
+    model reads token type ids) and whether it was cut."""
 
     ids: list[int]
     truncated: bool
 
 
 class TextEncoder:
-    """Encodes batches of texts with a fast tokenizer, truncating to `max_length` or refusing longer texts.
+    """Encodes batches of texts and text pairs with a fast tokenizer, truncating to `max_length` (from the side asked
+    for) or refusing longer texts.
 
     Not thread-safe: a fast tokenizer's truncation setting is state of the tokenizer object, so two threads encoding
     with one tokenizer can each get the other's truncation. `EncoderPool` gives each thread its own.
 
-    A text far longer than the model reads is tokenized from a prefix only, so a 2 MB text costs the tokenizer time
-    and memory for a few thousand characters, not for two million tokens and their offsets. The prefix is used only
-    when it yields the same ids: more tokens than the model takes must lie before the prefix's last two
-    pre-tokenized words. The last may be cut in half; the one before is a margin for pre-tokenizers that split a
-    word by what follows it (byte-level BPE gives the last space of a run to the next word). Earlier words
-    tokenize the same whatever follows; tests/test_tokenization.py checks this against whole-text tokenization.
+    A text far longer than the model reads is tokenized from a prefix only (or, truncated on the left, a suffix), so a
+    2 MB text costs the tokenizer time and memory for a few thousand characters, not for two million tokens and their
+    offsets. The prefix is used only when it yields the same ids: more tokens than the model takes must lie before the
+    prefix's last two pre-tokenized words. The last may be cut in half; the one before is a margin for pre-tokenizers
+    that split a word by what follows it (byte-level BPE gives the last space of a run to the next word). Earlier words
+    tokenize the same whatever follows. A suffix mirrors it: more tokens than the model takes must lie after its first
+    two words (the first may be cut, and the second is a margin for a word read by what precedes it).
+    tests/test_tokenization.py checks both against whole-text tokenization. A pair's huge text is read the same way
+    when the other is short (`_pair_read` says when): `longest_first` truncation cuts a text longer than the model
+    takes to the same length whatever its true length.
     """
 
     PREFIX_CHARS_PER_TOKEN = 8  # the first prefix tried; grown fourfold while it is not provably enough
@@ -41,56 +65,136 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self._backend = tokenizer.backend_tokenizer
         self.max_length = max_length
+        self.default_side: TruncationSide = "left" if tokenizer.truncation_side == "left" else "right"
         self._content_tokens = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-        # Left truncation keeps a text's end, which a prefix does not hold.
-        self._prefix_chars = max_length * self.PREFIX_CHARS_PER_TOKEN if tokenizer.truncation_side == "right" else None
+        self._pair_content_tokens = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+        self._part_chars = max_length * self.PREFIX_CHARS_PER_TOKEN
+        # The model reads token type ids only where its tokenizer hands them to it.
+        self._type_ids = "token_type_ids" in tokenizer.model_input_names
 
-    def encode(self, texts: list[str], truncate: bool) -> list[EncodedText]:
-        """Token ids for each text, in order. Raises TextTooLong when truncate is False and a text is too long."""
+    def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None) -> list[EncodedText]:
+        """Token ids for each text or pair, in order, cut on `side` (None: the tokenizer's own). Raises TextTooLong
+        when truncate is False and one is too long."""
+        side = side or self.default_side
+        singles = [i for i, text in enumerate(texts) if isinstance(text, str)]
+        if len(singles) == len(texts):
+            return self._encode_texts(texts, list(range(len(texts))), truncate, side)  # type: ignore[arg-type]
+        encoded: list[EncodedText | None] = [None] * len(texts)
+        pairs = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+        singles_encoded = self._encode_texts([texts[i] for i in singles], singles, truncate, side)  # type: ignore[misc]
+        pairs_encoded = self._encode_pairs([texts[i] for i in pairs], pairs, truncate, side)  # type: ignore[misc]
+        for index, text in [*zip(singles, singles_encoded), *zip(pairs, pairs_encoded)]:
+            encoded[index] = text
+        return encoded  # type: ignore[return-value]
+
+    def _encode_texts(
+        self, texts: list[str], positions: list[int], truncate: bool, side: TruncationSide
+    ) -> list[EncodedText]:
+        """Single texts; `positions` are their places in the request, which a refusal names."""
         # Refusals name a text's exact length unless it is huge; only then is it "more than" the maximum.
         shortest_cut = self.max_length * (self.PREFIX_CHARS_PER_TOKEN if truncate else self.EXACT_COUNT_CHARS_PER_TOKEN)
-        prefixes = {
-            i: prefix
+        parts = {
+            i: part
             for i, text in enumerate(texts)
-            if len(text) > shortest_cut and (prefix := self._sufficient_prefix(text)) is not None
+            if len(text) > shortest_cut and (part := self._sufficient_part(text, side, self._content_tokens)) is not None
         }
-        if prefixes and not truncate:
-            first = min(prefixes)
-            raise TextTooLong(first, self.max_length + 1, self.max_length, exact=False)
-        texts = [prefixes.get(i, text) for i, text in enumerate(texts)]
+        if parts and not truncate:
+            raise TextTooLong(positions[min(parts)], self.max_length + 1, self.max_length, exact=False)
+        texts = [parts.get(i, text) for i, text in enumerate(texts)]
         full = self._whole_ids(texts)
         too_long = [i for i, ids in enumerate(full) if len(ids) > self.max_length]
         if too_long and not truncate:
             first = too_long[0]
-            raise TextTooLong(first, len(full[first]), self.max_length)
-        # Re-encode only the long ones, so the tokenizer itself decides where special tokens go when cutting.
-        cut = self.tokenizer(
-            [texts[i] for i in too_long], add_special_tokens=True, truncation=True, max_length=self.max_length
-        )["input_ids"] if too_long else []
+            raise TextTooLong(positions[first], len(full[first]), self.max_length)
         encoded = [EncodedText(ids, False) for ids in full]
-        for index, ids in zip(too_long, cut):
-            encoded[index] = EncodedText(ids, True)
+        if too_long:
+            # Re-encode only the long ones, so the tokenizer itself decides where special tokens go when cutting.
+            self.tokenizer.truncation_side = side
+            cut = self.tokenizer(
+                [texts[i] for i in too_long], add_special_tokens=True, truncation=True, max_length=self.max_length
+            )["input_ids"]
+            for index, ids in zip(too_long, cut):
+                encoded[index] = EncodedText(ids, True)
         return encoded
 
-    def _whole_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text's ids, special tokens included, uncut: the Rust tokenizer called directly, as transformers' call
-        with truncation=False does after turning off the truncation (and padding) a previous call left on it; that
-        call's own Python cost 60 of the 160 us a corpus text took to encode."""
+    def _encode_pairs(
+        self, pairs: list[tuple[str, str]], positions: list[int], truncate: bool, side: TruncationSide
+    ) -> list[EncodedText]:
+        """Text pairs as the tokenizer encodes them (its pair template, `longest_first` truncation), each a `PairIds`
+        when the model reads token type ids."""
+        shortest_cut = self.max_length * (self.PREFIX_CHARS_PER_TOKEN if truncate else self.EXACT_COUNT_CHARS_PER_TOKEN)
+        read = []
+        for position, pair in zip(positions, pairs):
+            parts = [
+                self._sufficient_part(text, side, self._pair_content_tokens) if len(text) > shortest_cut else None
+                for text in pair
+            ]
+            if not truncate and any(part is not None for part in parts):
+                raise TextTooLong(position, self.max_length + 1, self.max_length, exact=False)
+            read.append(self._pair_read(pair, parts))
+        full = self._whole_ids(read)
+        too_long = [i for i, encoding in enumerate(full) if len(encoding) > self.max_length]
+        if too_long and not truncate:
+            first = too_long[0]
+            raise TextTooLong(positions[first], len(full[first]), self.max_length)
+        if too_long:
+            self._backend.enable_truncation(self.max_length, strategy="longest_first", direction=side)
+            for index, encoding in zip(too_long, self._backend.encode_batch([read[i] for i in too_long])):
+                full[index] = encoding
+        return [self._pair_text(encoding, i in too_long) for i, encoding in enumerate(full)]
+
+    def _pair_read(self, pair: tuple[str, str], parts: list[str | None]) -> tuple[str, str]:
+        """The pair as it is read: a part stands for its whole text only when it provably truncates the same. When
+        both texts are cut to half the budget, the longer gets the odd token, which parts cannot tell: both are read
+        whole then (a pair of two huge texts costs the tokenizer their whole length, within the body limit). One part
+        must stay longer in tokens than the other text, so that the same text is the longer."""
+        first, second = parts
+        if first is None and second is None:
+            return pair
+        if first is not None and second is not None:
+            return pair
+        part, other = (first, pair[1]) if first is not None else (second, pair[0])
+        assert part is not None
+        if self._token_count(part) <= self._token_count(other):
+            return pair
+        return (part, pair[1]) if first is not None else (pair[0], part)
+
+    def _token_count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    def _pair_text(self, encoding, truncated: bool) -> EncodedText:  # encoding: tokenizers.Encoding
+        if not self._type_ids or 1 not in encoding.type_ids:
+            return EncodedText(encoding.ids, truncated)
+        second_start = encoding.type_ids.index(1)
+        if any(type_id != 1 for type_id in encoding.type_ids[second_start:]):
+            raise ValueError("the tokenizer's pair template does not give the second text's tokens one type id")
+        return EncodedText(PairIds(encoding.ids, second_start), truncated)
+
+    def _whole_ids(self, texts: list) -> list:
+        """Each text's (or pair's) encoding, special tokens included, uncut: the Rust tokenizer called directly, as
+        transformers' call with truncation=False does after turning off the truncation (and padding) a previous call
+        left on it; that call's own Python cost 60 of the 160 us a corpus text took to encode. Single texts' ids,
+        pairs' whole encodings (which hold their type ids)."""
         if self._backend.truncation is not None:
             self._backend.no_truncation()
         if self._backend.padding is not None:
             self._backend.no_padding()
-        return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=True)]
+        encodings = self._backend.encode_batch(texts, add_special_tokens=True)
+        if texts and isinstance(texts[0], str):
+            return [encoding.ids for encoding in encodings]
+        return encodings
 
-    def _sufficient_prefix(self, text: str) -> str | None:
-        """A prefix of `text` that truncates to the same ids as the whole and is longer than the model takes;
-        None when the text is short, or no prefix is provably enough (then the whole text is tokenized)."""
-        chars = self._prefix_chars
-        while chars is not None and chars < len(text):
-            prefix = text[:chars]
-            words = self.tokenizer(prefix, add_special_tokens=False, truncation=False, verbose=False).word_ids()
-            if _tokens_before_last_words(words, 2) > self._content_tokens:
-                return prefix
+    def _sufficient_part(self, text: str, side: TruncationSide, content_tokens: int) -> str | None:
+        """A prefix (side "right") or suffix (side "left") of `text` that truncates to the same ids as the whole and
+        is longer than `content_tokens`; None when the text is short, or no part is provably enough (then the whole
+        text is tokenized)."""
+        chars = self._part_chars
+        while chars < len(text):
+            part = text[:chars] if side == "right" else text[-chars:]
+            words = self.tokenizer(part, add_special_tokens=False, truncation=False, verbose=False).word_ids()
+            kept = _tokens_before_last_words(words, 2) if side == "right" else _tokens_after_first_words(words, 2)
+            if kept > content_tokens:
+                return part
             chars *= 4
         return None
 
@@ -101,6 +205,14 @@ def _tokens_before_last_words(words: list[int | None], last: int) -> int:
     if not final_words:
         return 0
     return next(i for i, word in enumerate(words) if word is not None and word >= final_words[0])
+
+
+def _tokens_after_first_words(words: list[int | None], first: int) -> int:
+    """How many trailing tokens belong to words after the `first` leading words."""
+    leading_words = sorted({word for word in words if word is not None})[:first]
+    if not leading_words:
+        return 0
+    return sum(1 for word in words if word is not None and word > leading_words[-1])
 
 
 class EncoderPool:
@@ -114,14 +226,14 @@ class EncoderPool:
             self._idle.put(TextEncoder(tokenizer if worker == 0 else copy.deepcopy(tokenizer), max_length))
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 
-    def submit(self, texts: list[str], truncate: bool) -> Future:
+    def submit(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None) -> Future:
         """Encode on a free worker; the future holds the EncodedTexts or TextTooLong."""
-        return self._threads.submit(self._encode, texts, truncate)
+        return self._threads.submit(self._encode, texts, truncate, side)
 
-    def _encode(self, texts: list[str], truncate: bool) -> list[EncodedText]:
+    def _encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None) -> list[EncodedText]:
         encoder = self._idle.get()  # as many encoders as threads: one is always free here
         try:
-            return encoder.encode(texts, truncate)
+            return encoder.encode(texts, truncate, side)
         finally:
             self._idle.put(encoder)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import uvloop
 
+from service import request_ids
 from service.engine import Engine, EngineFacts
 from service.errors import LoadFailed, NotReady
 from service.ipc import EngineServer, EngineState, EngineStatus
@@ -149,7 +150,7 @@ def _become(name: str, settings: Settings) -> None:
     os.setpgrp()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+    request_ids.configure_logging(settings.log_level, name)
 
 
 # --- the supervisor ---

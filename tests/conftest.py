@@ -32,7 +32,7 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> PreTrainedTokeniz
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -42,6 +42,7 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> PreTrainedTokeniz
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # BERT's: pairs carry token type ids
     )
 
 

@@ -67,8 +67,8 @@ class FakeModel:
 
 
 class FakeScorer:
-    """The engine's back half (what `Engine` and the engine process call: `score`, `ready`, `info`, `stop`): scores
-    each text as [len(ids), sum(ids)].
+    """The engine's back half (what `Engine` and the engine process call: `score`, `ready`, `info`, `stop`): its
+    logits for each text are [len(ids), sum(ids)].
 
     A request with a text holding `hold_token` waits in `score` until `release` is set (`started` says it got
     there); if its caller is cancelled meanwhile (its client left), its token ids go to `cancelled`. A request with a

@@ -37,7 +37,8 @@ class FakeClassifier(torch.nn.Module):
 
 
 def expected_scores(ids: list[int]) -> list[float]:
-    return torch.tensor([sum(ids) / 100, 0.0]).softmax(-1).tolist()
+    """The logits the batcher answers with (the engine's front activates them)."""
+    return [sum(ids) / 100, 0.0]
 
 
 def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int = 1024) -> Batcher:
@@ -46,7 +47,7 @@ def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int 
         merge_min_efficiency=0.01,  # every text joins one batch, so the failure has innocent neighbours
     )
     runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=0)
-    adapter = BatchModelAdapter(runner, "single_label_classification")
+    adapter = BatchModelAdapter(runner)
     return Batcher(BatchQueue(policy), adapter, max_queue_tokens=100_000, rates=DrainRate(), clock=clock)
 
 

@@ -53,8 +53,11 @@ async def _make_backend(settings: Settings, address: str) -> None:
         await local.stop()
 
 
+REQUEST_ID = "the-same-request"
+
+
 def answer(client: TestClient) -> tuple[int, dict, dict]:
-    response = client.post("/classify", json={"texts": ["a good film"]})
+    response = client.post("/classify", json={"texts": ["a good film"]}, headers={"X-Request-Id": REQUEST_ID})
     return response.status_code, response.json(), dict(response.headers)
 
 
@@ -85,7 +88,8 @@ def test_the_http_layer_answers_an_error_of_the_engine_process_as_one_raised_in_
             local_answer, remote_answer = answer(local), answer(remote)
             assert remote_answer == local_answer
             assert local_answer[:2] == (status, {"error": getattr(error, "message", None) or
-                                                 "internal error (KeyError); the server log has the details"})
+                                                 "internal error (KeyError); the server log has the details",
+                                                 "request_id": REQUEST_ID})
             assert headers.items() <= {name.title(): value for name, value in local_answer[2].items()}.items()
         remote.portal.call(servers[0].close)  # the engine process dies
         status, body, response_headers = answer(remote)

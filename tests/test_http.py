@@ -22,6 +22,7 @@ from service import api
 from service.api import create_app
 from service.engine import Engine, EngineFacts, Front
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded, TextTooLargeForDevice
+from service.postprocess import ProblemType
 from service.settings import Settings
 from service.slot import EngineLoader
 from service.tokenization import EncoderPool
@@ -44,16 +45,25 @@ def token_ids(text: str, truncate: bool = True) -> list[int]:
     return TOKENIZER(text, truncation=truncate, max_length=TINY_MAX_LENGTH)["input_ids"]
 
 
+def error_body(response: httpx.Response) -> dict:
+    """The error body, less its request id, which must be the one in the response's X-Request-Id header."""
+    body = response.json()
+    request_id = body.pop("request_id")
+    assert request_id and request_id == response.headers["x-request-id"]
+    return body
+
+
 def settings(**overrides) -> Settings:
     return Settings(model=MODEL_ID, tokenizer_workers=1, **overrides)
 
 
-def fake_engine(back: FakeScorer) -> EngineLoader:
-    """Loads an Engine with the real front half over the tiny tokenizer and `back` as its back half."""
+def fake_engine(back: FakeScorer, problem_type: ProblemType = "regression") -> EngineLoader:
+    """Loads an Engine with the real front half over the tiny tokenizer and `back` as its back half. Its front
+    activates the back half's logits as `problem_type` says: by default not at all, so each score names its text."""
 
     async def load(settings: Settings) -> Engine:
         encoders = EncoderPool(TOKENIZER, TINY_MAX_LENGTH, settings.tokenizer_workers)
-        return Engine(Front(encoders, LABELS), back, FACTS)
+        return Engine(Front(encoders, LABELS, problem_type), back, FACTS)
 
     return load
 
@@ -216,7 +226,7 @@ def test_a_body_that_is_not_utf8_is_a_400():
 
     response = run(scenario)
     assert response.status_code == 400
-    assert response.json() == {"error": "There was an error parsing the body: send the body as JSON in UTF-8"}
+    assert error_body(response) == {"error": "There was an error parsing the body: send the body as JSON in UTF-8"}
 
 
 BAD_BODIES = [
@@ -281,7 +291,7 @@ def test_wrong_method_and_unknown_path_answer_with_the_error_body():
 
     wrong_method, unknown = run(scenario)
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
-    assert wrong_method.json() == {"error": "GET is not allowed on /classify; use POST"}
+    assert error_body(wrong_method) == {"error": "GET is not allowed on /classify; use POST"}
     assert unknown.status_code == 404 and "no such endpoint: /classfy" in unknown.json()["error"]
 
 
@@ -296,7 +306,7 @@ def test_an_unexpected_exception_is_a_json_500():
     before = counted(500)
     response = asyncio.run(main())
     assert response.status_code == 500
-    assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+    assert error_body(response) == {"error": "internal error (RuntimeError); the server log has the details"}
     assert counted(500) == before + 1
 
 
@@ -323,7 +333,7 @@ def test_a_refusal_of_the_back_half_is_answered_with_its_status_message_and_head
     before = counted(status)
     response = run(scenario, FakeScorer(error, fail_token=CLS))
     assert response.status_code == status
-    assert response.json() == {"error": error.message}
+    assert error_body(response) == {"error": error.message}
     assert {name: response.headers[name] for name in headers} == headers
     assert ("retry-after" in response.headers) == bool(headers)  # none where retrying later is no remedy
     assert counted(status) == before + 1
@@ -337,7 +347,7 @@ def test_a_too_long_text_without_truncation_is_a_413_before_the_back_half():
 
     response = run(scenario, back)
     assert response.status_code == 413
-    assert response.json() == {
+    assert error_body(response) == {
         "error": "texts[1] has 202 tokens but the model takes at most 64; shorten it or send truncate=true"
     }
     assert back.deadlines == []
@@ -370,7 +380,7 @@ def test_oversized_bodies_are_413_whether_declared_or_streamed():
     back = FakeScorer()
     for response in run(scenario, back, max_request_bytes=limit):
         assert response.status_code == 413
-        assert response.json() == {"error": "request body is larger than 1024 bytes; send fewer or shorter texts per request"}
+        assert error_body(response) == {"error": "request body is larger than 1024 bytes; send fewer or shorter texts per request"}
         assert response.headers["connection"] == "close"
     assert counted(413) == before + 4
     assert back.deadlines == []
@@ -390,7 +400,10 @@ def test_a_stalled_upload_gets_a_408_and_its_connection_closed():
     before = counted(408), REGISTRY.get_sample_value("classifier_client_timeouts_total", {"phase": "body"}) or 0.0
     status, headers, body = asyncio.run(main())
     assert status == 408 and headers["connection"] == "close"
-    assert json.loads(body) == {"error": "the request body did not arrive within 0.05 s; send it without pausing"}
+    assert json.loads(body) == {
+        "error": "the request body did not arrive within 0.05 s; send it without pausing",
+        "request_id": headers["x-request-id"],
+    }
     assert counted(408) == before[0] + 1
     assert REGISTRY.get_sample_value("classifier_client_timeouts_total", {"phase": "body"}) == before[1] + 1
 
@@ -418,7 +431,7 @@ def test_requests_over_the_concurrency_cap_get_a_429_and_aborted_uploads_count_a
     before = {status: counted(status) for status in (429, 499, 500)}
     refused, probes, sent, after, accepted = asyncio.run(main())
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert refused.json() == {"error": "the server is handling 2 requests already; retry shortly"}
+    assert error_body(refused) == {"error": "the server is handling 2 requests already; retry shortly"}
     assert probes == [200, 200, 200]  # probes and /metrics are exempt
     assert sent == [[], []]  # nobody is left to answer
     assert after == 0
@@ -476,7 +489,7 @@ def test_ready_and_classify_are_503_until_the_model_is_loaded():
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     for response in (ready, classify):
         assert response.status_code == 503 and response.headers["retry-after"] == "5"
-        assert response.json() == {"error": "the model is still loading; retry shortly"}
+        assert error_body(response) == {"error": "the model is still loading; retry shortly"}
     assert (info["ready"], info["failure"], info["model"]) == (False, None, MODEL_ID) and "labels" not in info
     assert after.json() == {"status": "ready"}
 
@@ -493,7 +506,7 @@ def test_a_model_that_fails_to_load_reports_why(tmp_path):
         "error": f"model failed to load: FileNotFoundError: model directory {missing} does not exist; retry on another replica"
     }
     for response in asyncio.run(main()):
-        assert response.status_code == 503 and response.json() == expected
+        assert response.status_code == 503 and error_body(response) == expected
 
 
 def test_an_engine_that_no_longer_accepts_answers_503_with_retry_after():
@@ -505,7 +518,7 @@ def test_an_engine_that_no_longer_accepts_answers_503_with_retry_after():
 
     for response in run(scenario, back):
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert response.json() == {"error": "the service is shutting down; retry on another replica"}
+        assert error_body(response) == {"error": "the service is shutting down; retry on another replica"}
     assert back.deadlines == []
 
 
@@ -518,7 +531,7 @@ def test_ready_is_503_while_draining_and_requests_are_still_served():
 
     ready, health, classify = asyncio.run(main())
     assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
-    assert ready.json() == {"error": "draining: this replica is shutting down; send new requests elsewhere"}
+    assert error_body(ready) == {"error": "draining: this replica is shutting down; send new requests elsewhere"}
     assert health.status_code == 200
     assert classify.status_code == 200, classify.text
 
@@ -539,7 +552,7 @@ def test_health_ready_info_docs_and_metrics():
     assert info["batching"] == FakeScorer().info()
     assert info["settings"]["model"] == MODEL_ID
     assert docs.status_code == 200
-    assert set(openapi.json()["paths"]) == {"/classify", "/health", "/ready", "/info", "/metrics"}
+    assert set(openapi.json()["paths"]) == {"/classify", "/predict", "/", "/health", "/ready", "/info", "/metrics"}
     assert metrics.headers["content-type"].startswith("text/plain")
     for name in (
         'classifier_requests_total{route="/classify",status="200"}',
@@ -608,8 +621,9 @@ def _answers(monkeypatch) -> tuple[list[tuple[int, list, bytes]], list[bool]]:
 
     async def scenario(client):
         answers = []
-        for body, headers, _ in SAME_ANSWERS:
-            request = client.build_request("POST", "/classify", content=body, headers={**JSON, **headers})
+        for index, (body, headers, _) in enumerate(SAME_ANSWERS):
+            same_id = {"x-request-id": f"same-{index}"}  # both paths answer with the id sent
+            request = client.build_request("POST", "/classify", content=body, headers={**JSON, **same_id, **headers})
             response = await client.send(request)
             answers.append((response.status_code, response.headers.raw, response.content))
         return answers

@@ -12,7 +12,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
-OPERATIONS = ["POST /classify", "GET /health", "GET /ready", "GET /info"]
+OPERATIONS = ["POST /classify", "POST /predict", "POST /", "GET /health", "GET /ready", "GET /info"]
 
 
 @pytest.fixture(scope="module")

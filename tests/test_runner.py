@@ -6,7 +6,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from service.postprocess import activate, problem_type_of, rank
 from service.runner import DTYPES, ModelRunner, resolve_device, resolve_precision, with_linear_weights_in
-from service.tokenization import TextEncoder, TextTooLong, model_max_length
+from service.tokenization import PairIds, TextEncoder, TextTooLong, model_max_length
 from tests.conftest import TINY_MAX_LENGTH
 
 TEXTS = ["I loved this film", "What a waste of two hours, the plot was slow and the acting awful", "ok"]
@@ -32,6 +32,26 @@ def test_a_padded_batch_gives_each_text_its_unpadded_logits(model_and_tokenizer)
     logits = runner.run(sequences, padded_length=max(map(len, sequences)) + 5)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, unpadded_logits(model, tokenizer, TEXTS), atol=1e-4, rtol=1e-4)
+
+
+def test_pairs_batched_with_single_texts_each_get_the_logits_of_the_model_run_alone_on_them(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id)
+    pairs = [("A man is eating food.", "Someone eats."), ("The film was long", "it was " + "very " * 10 + "boring")]
+    encoder = TextEncoder(tokenizer, TINY_MAX_LENGTH)
+    encoded = encoder.encode([TEXTS[0], pairs[0], TEXTS[1], pairs[1]], truncate=True)
+    sequences = [text.ids for text in encoded]
+    assert [type(ids) for ids in sequences] == [list, PairIds, list, PairIds]
+    inputs = runner.collate(sequences, padded_length=max(map(len, sequences)) + 3)
+    assert inputs["token_type_ids"][1].tolist()[: len(sequences[1])] == tokenizer(*pairs[0])["token_type_ids"]
+    with torch.inference_mode():
+        alone = [model(**tokenizer(*pair, return_tensors="pt")).logits[0] for pair in pairs]
+    logits = runner.forward(inputs)
+    torch.testing.assert_close(logits[[1, 3]], torch.stack(alone), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[[0, 2]], unpadded_logits(model, tokenizer, TEXTS[:2]), atol=1e-4, rtol=1e-4)
+    # token type ids matter to this model: read as one text, the pair scores differently
+    flat = runner.run([list(sequences[1])], padded_length=len(sequences[1]))
+    assert not torch.allclose(flat[0], alone[0], atol=1e-4)
 
 
 def test_collate_pads_each_row_to_the_batch_length_and_masks_the_padding(model_and_tokenizer):
