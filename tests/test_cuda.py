@@ -96,7 +96,7 @@ async def classify_together(batcher: Batcher, texts: list[list[int]]) -> list:
 
 def test_a_real_out_of_memory_splits_the_batch_lowers_the_budget_and_it_grows_back(tokenizer):
     runner = ModelRunner(bert(tokenizer, 128, 2, 4), DEVICE, "fp32", tokenizer.pad_token_id)
-    adapter = BatchModelAdapter(runner, "single_label_classification")
+    adapter = BatchModelAdapter(runner)
     texts = texts_of(64, LENGTH, len(tokenizer))
     four_texts = peak_bytes(runner, texts[:4])
     tuned = 64 * LENGTH
@@ -186,7 +186,7 @@ class Recording:
 
 
 def test_collation_into_pinned_memory_overlaps_the_previous_batch(tokenizer):
-    adapter = BatchModelAdapter(ModelRunner(bert(tokenizer, 768, 6, 12), DEVICE, "fp32", tokenizer.pad_token_id), "single_label_classification")
+    adapter = BatchModelAdapter(ModelRunner(bert(tokenizer, 768, 6, 12), DEVICE, "fp32", tokenizer.pad_token_id))
     texts = texts_of(64, LENGTH, len(tokenizer))
     expected = [scores for start in range(0, 64, 8) for scores in adapter.run(adapter.collate(texts[start : start + 8], LENGTH))]
     recording = Recording(adapter)
