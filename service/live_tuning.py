@@ -23,7 +23,7 @@ SWITCH_MARGIN = 0.10  # the alternative's median paired ratio must exceed 1 + th
 CONFIDENT_SHARE = 0.7  # and it must be the faster side in at least this share of the pairs
 RETIRE_BELOW = 1.0  # an alternative whose median ratio is below this after MIN_PAIRS pairs is retired (as is one
 # still short of the margin after MAX_PAIRS)
-HOLD_SECONDS = 60.0  # no switch within this long of the last one (or of the start)
+HOLD_SECONDS = 60.0  # no switch within this long of the last one
 RETRY_SECONDS = 300.0  # a retired alternative is explored again after this long
 PAIR_WITHIN_SECONDS = 5.0  # the in-force batch an exploration batch is paired with ran at most this long before
 SMOOTHING = 0.2  # weight of the newest batch in each arm's live tokens/s
@@ -152,7 +152,8 @@ class LiveTuner:
             evidence.ratios.clear()  # no faster, or not clearly after all the pairs kept: stop paying for it
             evidence.retired_until = now + RETRY_SECONDS
             return None
-        if median < 1 + SWITCH_MARGIN or faster < CONFIDENT_SHARE or now - self.since < HOLD_SECONDS:
+        held = bool(self.switches) and now - self.switches[-1].at < HOLD_SECONDS
+        if median < 1 + SWITCH_MARGIN or faster < CONFIDENT_SHARE or held:
             return None
         what = "precision" if arm.precision != self.in_force.precision else "budget"
         switch = Switch(what, self.in_force, arm, round(median, 3), round(faster, 3), len(evidence.ratios), now)

@@ -43,6 +43,7 @@ from service.tuning import (
     BudgetTrial,
     Choice,
     PrecisionTrial,
+    budget_ladder,
     live_budgets,
     live_precisions,
     precision_candidates,
@@ -58,8 +59,9 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 # any GPU at the model's maximum length.
 PRECISION_TRIAL_BUDGET = 2048
 # Shares of the tuning time limit: the paired precision rounds end by the first, the budget ladder stops climbing at
-# the second, and no trial starts that would end after the third (the rest is margin for the last trial's overrun).
-PRECISION_SHARE, CLIMB_SHARE, LAST_TRIAL_SHARE = 0.4, 0.65, 0.9
+# the second, and no trial starts that would end after the third (the rest is margin for the last trial's overrun);
+# scoring the calibration set in each precision may take until the third (it decides what may be chosen at all).
+PRECISION_SHARE, CLIMB_SHARE, LAST_TRIAL_SHARE = 0.6, 0.75, 0.9
 
 
 async def load_engine(settings: Settings, engine_address: str | None = None) -> Engine:
@@ -249,7 +251,10 @@ def _tune(
         precision = Choice(resolve_precision(settings.precision, device), "forced by CLASSIFIER_PRECISION")
     if settings.max_batch_tokens == "auto":
         budget, budget_trials = tuner.budget(
-            str(precision.value), climb_until=started + CLIMB_SHARE * limit, until=started + LAST_TRIAL_SHARE * limit
+            str(precision.value),
+            climb_until=started + CLIMB_SHARE * limit,
+            until=started + LAST_TRIAL_SHARE * limit,
+            fallback=max(longest, DEFAULT_MAX_BATCH_TOKENS.get(device.type, 2048)),
         )
     else:
         budget = Choice(settings.max_batch_tokens, "forced by CLASSIFIER_MAX_BATCH_TOKENS")
@@ -267,7 +272,7 @@ def _tune(
         live_precisions=live_precisions(precision_trials, chosen_precision, settings.precision_tolerance, bool(disturbed))
         if settings.precision == "auto"
         else [chosen_precision],
-        live_budgets=live_budgets(budget_trials, chosen_budget, bool(disturbed))
+        live_budgets=live_budgets(budget_trials, chosen_budget, bool(disturbed), budget_ladder(longest, device.type))
         if settings.max_batch_tokens == "auto"
         else [chosen_budget],
     )

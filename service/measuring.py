@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from service.postprocess import ProblemType, activate
 from service.runner import ModelRunner, release_cached_memory
 from service.tuning import (
     MAX_PAIRS,
+    MIN_PAIRS,
     BudgetTrial,
     Choice,
     MachineLoad,
@@ -105,6 +105,12 @@ class TuningReport:
         )
 
 
+def _rotated(candidates: list[str], turn: int) -> list[str]:
+    """The candidates in the order of round `turn`: each goes first in turn."""
+    shift = turn % len(candidates)
+    return candidates[shift:] + candidates[:shift]
+
+
 class OutOfTime(Exception):
     """A trial would not end before the tuning time limit; it was not started."""
 
@@ -155,7 +161,8 @@ def _cpu_steal_and_total() -> tuple[int, int] | None:
 
 class Tuner:
     """Measures one loaded model on its device with the calibration texts' token ids, never starting a trial that
-    would end after `deadline` (on `clock`)."""
+    would end after `deadline` (on `clock`). Its runners, one per precision, come from `make_runner` (by default a
+    `ModelRunner` of the model); what the machine did meanwhile, from `load` (by default Linux's account)."""
 
     def __init__(
         self,
@@ -168,8 +175,10 @@ class Tuner:
         floor: int,
         clock: Callable[[], float] = time.perf_counter,
         deadline: float = math.inf,
+        make_runner: Callable[[str], ModelRunner] | None = None,
+        load: Callable[[], MachineLoad] | None = None,
     ) -> None:
-        self.model, self.device, self.pad_token_id = model, device, pad_token_id
+        self.device = device
         self.problem_type = problem_type
         self.calibration = calibration
         self.lengths = [len(ids) for ids in calibration]
@@ -178,8 +187,10 @@ class Tuner:
         self.floor = floor  # one text of the model's maximum length, padded
         self.clock = clock
         self.deadline = deadline
+        self._make_runner = make_runner or (lambda precision: ModelRunner(model, device, precision, pad_token_id))
         threads = torch.get_num_threads() if device.type == "cpu" else 1
-        self.meter = LoadMeter(min(threads, os.cpu_count() or threads))
+        # What the machine did while measuring (by default, what Linux says since now).
+        self.load = load or LoadMeter(min(threads, os.cpu_count() or threads)).load
         # Seconds per run of each (precision, padded length, texts) shape measured so far.
         self._timings: dict[tuple[str, int, int], list[float]] = {}
         self._runners: dict[str, ModelRunner] = {}  # one per precision: each low-precision one copies weights
@@ -190,13 +201,13 @@ class Tuner:
 
     def runner(self, precision: str) -> ModelRunner:
         if precision not in self._runners:
-            self._runners[precision] = ModelRunner(self.model, self.device, precision, self.pad_token_id)
+            self._runners[precision] = self._make_runner(precision)
         return self._runners[precision]
 
     def disturbed(self) -> list[str]:
         """Why the measurements so far look disturbed (a busy machine, paired rounds spread wide, or measurements
         the time limit cut short); empty when quiet."""
-        reasons = disturbance(self.meter.load())
+        reasons = disturbance(self.load())
         noisy = [ratios for ratios in self._paired if not ratios.settled(busy=False)]
         if noisy:
             spread = max(ratios.spread for ratios in noisy)
@@ -206,39 +217,50 @@ class Tuner:
     def precision(
         self, candidates: list[str], tolerance: float, budget: int, until: float
     ) -> tuple[Choice, list[PrecisionTrial]]:
-        """Compare each candidate's scores with fp32's, then time the candidates in paired rounds (each once per
-        round, the order rotating) until their ratios to fp32 settle, MAX_PAIRS rounds, or the clock passes
-        `until`; the choice is taken on each candidate's median ratio."""
-        deviations = {"fp32": (0.0, 0)}
-        if len(candidates) > 1:
-            reference = torch.tensor(self._scores(self.runner("fp32"), budget))
-            for precision in candidates[1:]:
-                scores = torch.tensor(self._scores(self.runner(precision), budget))
-                deviations[precision] = (
-                    round(float((scores - reference).abs().max()), 6),
-                    int((scores.argmax(-1) != reference.argmax(-1)).sum()),
-                )
-        reference_speeds: list[float] = []
-        ratios: dict[str, list[float]] = {precision: [] for precision in candidates}
-        for round_number in range(MAX_PAIRS):
-            order = candidates[round_number % len(candidates) :] + candidates[: round_number % len(candidates)]
+        """Score the calibration set in each candidate, batch by batch, and compare each candidate's scores with
+        fp32's; then time the candidates on traffic-shaped batches in rounds, until their ratios to fp32 settle,
+        MAX_PAIRS rounds, or the clock passes `until`. Every batch runs in each candidate in turn (the order rotating),
+        so each gives a pair; the choice is taken on each candidate's median ratio to fp32."""
+        if len(candidates) == 1:  # fp32 alone: timed once for the record (the budget ladder reuses the timings)
             try:
-                speeds = {precision: self._pass_speed(precision, budget, until) for precision in order}
+                speed = round(self._pass_speed("fp32", budget, until), 1)
             except OutOfTime:
-                break
-            reference_speeds.append(speeds["fp32"])
+                speed = 0.0
+            trials = [PrecisionTrial("fp32", speed, 0.0, 0)]
+            return choose_precision(trials, tolerance), trials
+        ratios: dict[str, list[float]] = {precision: [] for precision in candidates}
+        tally = [0.0, 0.0]  # fp32's tokens and seconds over every pair: the scale the speeds are shown on
+
+        def pair(speeds: dict[str, float], tokens: float) -> None:
+            tally[0] += tokens
+            tally[1] += tokens / speeds["fp32"]
             for precision in candidates:
                 ratios[precision].append(speeds[precision] / speeds["fp32"])
-            paired = [PairedRatios(tuple(values)) for values in ratios.values()]
-            if all(pairs.settled(busy=bool(disturbance(self.meter.load()))) for pairs in paired):
+
+        try:  # the scores decide what may be chosen at all: they may take until the deadline
+            deviations = self._fidelity(candidates, budget, self.deadline, pair)
+        except OutOfTime:
+            self._short_of_time.append("the calibration set could not be scored in every precision in time")
+            return Choice("fp32", "no time to compare other precisions' scores with fp32's: fp32, the reference"), []
+        shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
+        for round_number in range(MAX_PAIRS):
+            try:
+                speeds = {
+                    precision: self._pass_speed(precision, budget, until)
+                    for precision in _rotated(candidates, round_number)
+                }
+            except OutOfTime:
+                self._short_of_time.append(f"time for {round_number} paired rounds only")
                 break
-        if not reference_speeds:
-            self._short_of_time.append("no paired precision round fitted in the time limit")
-            trials = [PrecisionTrial(precision, 0.0, *deviations[precision]) for precision in candidates]
-            return Choice("fp32", "no paired round fitted in the time limit; fp32, the reference"), trials
+            pair(speeds, sum(length * count for length, count in shapes))
+            busy = bool(disturbance(self.load()))
+            if round_number + 1 >= MIN_PAIRS and all(
+                PairedRatios(tuple(values)).settled(busy) for values in ratios.values()
+            ):
+                break
         pairs = {precision: PairedRatios(tuple(values)) for precision, values in ratios.items()}
         self._paired = [ratios for precision, ratios in pairs.items() if precision != "fp32"]
-        speeds = paired_speeds(statistics.median(reference_speeds), pairs)
+        speeds = paired_speeds(tally[0] / tally[1], pairs)
         trials = [
             PrecisionTrial(
                 precision,
@@ -252,10 +274,48 @@ class Tuner:
         ]
         return choose_precision(trials, tolerance), trials
 
-    def budget(self, precision: str, climb_until: float, until: float) -> tuple[Choice, list[BudgetTrial]]:
+    def _fidelity(
+        self, candidates: list[str], budget: int, until: float, pair: Callable[[dict[str, float], float], None]
+    ) -> dict[str, tuple[float, int]]:
+        """Each candidate's largest score difference from fp32 and top-1 labels changed on the calibration set,
+        scored in length-sorted batches within `budget`, each batch in every candidate in turn (each such batch's
+        speeds go to `pair`)."""
+        scores: dict[str, list[torch.Tensor]] = {precision: [] for precision in candidates}
+        for number, batch in enumerate(self._calibration_batches(budget)):
+            padded = max(len(ids) for ids in batch)
+            speeds = {}
+            for precision in _rotated(candidates, number):
+                logits, seconds = self._run(self.runner(precision), batch, padded, until)
+                speeds[precision] = len(batch) * padded / seconds
+                scores[precision].append(torch.tensor(activate(logits, self.problem_type)))
+            pair(speeds, len(batch) * padded)
+        reference = torch.cat(scores["fp32"])
+        deviations = {}
+        for precision in candidates:
+            own = torch.cat(scores[precision])
+            deviations[precision] = (
+                round(float((own - reference).abs().max()), 6),
+                int((own.argmax(-1) != reference.argmax(-1)).sum()),
+            )
+        return deviations
+
+    def _calibration_batches(self, budget: int) -> list[list[list[int]]]:
+        """The calibration texts sorted by length, in batches within `budget` and the size cap."""
+        batches: list[list[list[int]]] = []
+        for ids in self.by_length:
+            batch = batches[-1] if batches else None
+            if batch is None or len(batch) >= self.max_batch_size or (len(batch) + 1) * len(ids) > budget:
+                batches.append([ids])
+            else:
+                batch.append(ids)
+        return batches
+
+    def budget(
+        self, precision: str, climb_until: float, until: float, fallback: int
+    ) -> tuple[Choice, list[BudgetTrial]]:
         """Climb the ladder of budgets until one runs out of memory or gets clearly slower, or the clock passes
         `climb_until`; time the rungs that ran once more, in turn, while that ends before `until`; choose among them
-        on the fastest timing of each batch shape."""
+        on the fastest timing of each batch shape. With no time for a rung, `fallback`."""
         ladder = budget_ladder(self.floor, self.device.type)
         trials: list[BudgetTrial] = []
         for budget in ladder:
@@ -270,7 +330,7 @@ class Tuner:
             trials = [BudgetTrial(budget, round(self._measured_speed(precision, budget), 1)) for budget in timed[:1]]
             self._short_of_time.append("no budget rung fitted in the time limit")
             if not trials:
-                return Choice(self.floor, "no rung fitted in the time limit; one text of the maximum length"), []
+                return Choice(fallback, f"no rung fitted in the time limit: {fallback}, the default"), []
         fitted = [trial.budget for trial in trials if not trial.out_of_memory]
         try:
             for budget in fitted:
@@ -308,35 +368,12 @@ class Tuner:
             release_cached_memory(self.device)
             return None
 
-    def _scores(self, runner: ModelRunner, budget: int) -> list[list[float]]:
-        """Scores of every calibration text, in order, from length-sorted batches within `budget`."""
-        order = sorted(range(len(self.calibration)), key=lambda i: self.lengths[i])
-        scores: dict[int, list[float]] = {}
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while (
-                end < len(order)
-                and end - start < self.max_batch_size
-                and (end - start + 1) * self.lengths[order[end]] <= budget
-            ):
-                end += 1
-            batch = order[start:end]
-            padded = self.lengths[batch[-1]]
-            sequences = [self.calibration[i] for i in batch]
-            # Always run (the guard needs every score), and timed: the first estimate of a trial's duration.
-            logits, _ = self._timed_run(runner, sequences, padded)
-            for index, text_scores in zip(batch, activate(logits, self.problem_type)):
-                scores[index] = text_scores
-            start = end
-        return [scores[index] for index in range(len(order))]
-
     def _pass_speed(self, precision: str, budget: int, until: float) -> float:
         """Real tokens/s of one fresh timing of each traffic-shaped batch at `budget` (kept for the budget ladder)."""
         runner = self.runner(precision)
         seconds_per_token = []
         for length, count in traffic_shapes(self.lengths, budget, self.max_batch_size):
-            seconds = self._run(runner, self._batch(length, count), length, until)
+            _, seconds = self._run(runner, self._batch(length, count), length, until)
             self._timings.setdefault((precision, length, count), []).append(seconds)
             seconds_per_token.append(seconds / (length * count))
         return traffic_throughput(seconds_per_token)
@@ -348,7 +385,7 @@ class Tuner:
         for length, count in traffic_shapes(self.lengths, budget, self.max_batch_size):
             timings = self._timings.setdefault((precision, length, count), [])
             while len(timings) < samples:
-                timings.append(self._run(runner, self._batch(length, count), length, until))
+                timings.append(self._run(runner, self._batch(length, count), length, until)[1])
         return self._measured_speed(precision, budget)
 
     def _measured_speed(self, precision: str, budget: int) -> float:
@@ -361,20 +398,22 @@ class Tuner:
         long_enough = [ids for ids in self.by_length if len(ids) >= length] or [self.by_length[-1]]
         return [(long_enough[i % len(long_enough)] * length)[:length] for i in range(count)]
 
-    def _run(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int, until: float) -> float:
-        """Seconds one batch took; raises OutOfTime instead when, at the slowest rate seen, it would end after
-        `until` or the deadline."""
-        expected = max(self._recent_rates, default=0.0) * padded_length * len(sequences)
+    def _run(
+        self, runner: ModelRunner, sequences: list[list[int]], padded_length: int, until: float
+    ) -> tuple[torch.Tensor, float]:
+        """Run one batch: its logits and the seconds it took (kept as a recent rate). Raises OutOfTime instead when,
+        at the slowest recent rate, it would end after `until` or the deadline."""
+        if not self._recent_rates:  # the first estimate, from the smallest batch there is: one short text
+            shortest = self.by_length[0]
+            self._recent_rates.append(self._time(runner, [shortest], len(shortest))[1] / len(shortest))
+        expected = max(self._recent_rates) * padded_length * len(sequences)
         if not fits_in_time(self.clock(), expected, min(until, self.deadline)):
             raise OutOfTime()
-        return self._timed_run(runner, sequences, padded_length)[1]
-
-    def _timed_run(
-        self, runner: ModelRunner, sequences: list[list[int]], padded_length: int
-    ) -> tuple[torch.Tensor, float]:
-        """Run one batch: its logits and the seconds it took (kept as a recent rate)."""
-        started = self.clock()
-        logits = runner.run(sequences, padded_length)
-        seconds = self.clock() - started
+        logits, seconds = self._time(runner, sequences, padded_length)
         self._recent_rates.append(seconds / (padded_length * len(sequences)))
         return logits, seconds
+
+    def _time(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int) -> tuple[torch.Tensor, float]:
+        started = self.clock()
+        logits = runner.run(sequences, padded_length)
+        return logits, self.clock() - started

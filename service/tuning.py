@@ -189,16 +189,24 @@ def live_precisions(trials: list[PrecisionTrial], chosen: str, tolerance: float,
     return [chosen, *close]
 
 
-def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool) -> list[int]:
-    """The budgets live traffic checks (the chosen one first): the measured rungs next to the chosen one that fit in
-    memory, when start-up ranked them within LIVE_CLOSE of it or its measurement was disturbed."""
+def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool, ladder: list[int]) -> list[int]:
+    """The budgets live traffic checks (the chosen one first): the rungs of `ladder` next to the chosen one, when
+    start-up ranked them within LIVE_CLOSE of it, or measured them (or could not) while disturbed; never one that
+    ran out of memory."""
+    out_of_memory = min((trial.budget for trial in trials if trial.out_of_memory), default=math.inf)
     speeds = {trial.budget: _speed(trial) for trial in trials if not trial.out_of_memory}
-    if chosen not in speeds:
-        return [chosen]
-    fitted = sorted(speeds)
-    index = fitted.index(chosen)
-    neighbours = fitted[max(0, index - 1) : index] + fitted[index + 1 : index + 2]
-    close = [budget for budget in neighbours if disturbed or speeds[budget] * LIVE_CLOSE >= speeds[chosen]]
+    rungs = sorted({*ladder, chosen})
+    index = rungs.index(chosen)
+    neighbours = [budget for budget in rungs[max(0, index - 1) : index] + rungs[index + 1 : index + 2]]
+    close = [
+        budget
+        for budget in neighbours
+        if budget < out_of_memory
+        and (
+            (disturbed and (budget in speeds or chosen not in speeds))
+            or (budget in speeds and chosen in speeds and speeds[budget] * LIVE_CLOSE >= speeds[chosen])
+        )
+    ]
     return [chosen, *close]
 
 
