@@ -128,9 +128,9 @@ class LoadMeter:
         wall = time.perf_counter() - self._wall
         pressure = _cpu_pressure_microseconds()
         stat = _cpu_steal_and_total()
-        waited = None if pressure is None or self._pressure is None or wall <= 0 else (
-            (pressure - self._pressure) / 1e6 / wall
-        )
+        waited = None
+        if pressure is not None and self._pressure is not None and wall > 0:
+            waited = min(1.0, (pressure - self._pressure) / 1e6 / wall)  # the two readings' timing can overshoot
         steal = None
         if stat is not None and self._stat is not None and stat[1] > self._stat[1]:
             steal = (stat[0] - self._stat[0]) / (stat[1] - self._stat[1])
@@ -188,9 +188,10 @@ class Tuner:
         self.clock = clock
         self.deadline = deadline
         self._make_runner = make_runner or (lambda precision: ModelRunner(model, device, precision, pad_token_id))
-        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        # CPU time says how much of the cores the trials got only where the trials run on them (0: not checked).
+        threads = torch.get_num_threads() if device.type == "cpu" else 0
         # What the machine did while measuring (by default, what Linux says since now).
-        self.load = load or LoadMeter(min(threads, os.cpu_count() or threads)).load
+        self.load = load or LoadMeter(min(threads, os.cpu_count() or 1)).load
         # Seconds per run of each (precision, padded length, texts) shape measured so far.
         self._timings: dict[tuple[str, int, int], list[float]] = {}
         self._runners: dict[str, ModelRunner] = {}  # one per precision: each low-precision one copies weights
