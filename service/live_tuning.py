@@ -3,26 +3,29 @@
 Start-up tuning decides once, on a machine that may have been busy. Under sustained load (texts waiting beyond the
 next batch for a while), one batch in EXPLORE_EVERY runs with an alternative (`Arm`: a precision or a token budget
 that start-up ranked close or measured under noise); each such batch's tokens/s is paired with the in-force
-setting's latest batch of the same length class, so a busy spell slows both sides of a pair alike. Once enough
-pairs say the alternative is faster by SWITCH_MARGIN, in most pairs, it is put in force: one switch, then HOLD_SECONDS
-before the next, and the margin holds both ways, so it never flip-flops. An alternative clearly no faster is retired
-(explored again after RETRY_SECONDS). At low load nothing is explored. The batcher executes what `LiveTuner` says.
+setting's latest batch of the same length class, so a busy spell slows both sides of a pair alike. Once the pairs
+say the alternative is faster by SWITCH_MARGIN (median) in more pairs than chance allows, it is put in force: one
+switch, then HOLD_SECONDS before the next, and the margin holds both ways, so it never flip-flops. An alternative no
+faster, or not clearly after MAX_PAIRS, is retired (explored again after RETRY_SECONDS). At low load nothing is
+explored. The batcher executes what `LiveTuner` says.
 """
 
 import math
 import statistics
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 EXPLORE_EVERY = 10  # under sustained load, one batch in this many runs an alternative
 SUSTAINED_SECONDS = 2.0  # texts must have waited beyond the next batch this long before anything is explored
-MIN_PAIRS = 12  # pairs of an alternative before it may be put in force or retired
-MAX_PAIRS = 40  # the newest pairs count: the machine's state changes
+# An alternative's pairs are judged only at these counts (judging after every pair would let noise win one of the
+# many looks): it is put in force, retired, or measured on; after the last, retired unless put in force.
+CHECKPOINTS = (12, 24, 40)
+MIN_PAIRS, MAX_PAIRS = CHECKPOINTS[0], CHECKPOINTS[-1]
 SWITCH_MARGIN = 0.10  # the alternative's median paired ratio must exceed 1 + this
-CONFIDENT_SHARE = 0.7  # and it must be the faster side in at least this share of the pairs
-RETIRE_BELOW = 1.0  # an alternative whose median ratio is below this after MIN_PAIRS pairs is retired (as is one
-# still short of the margin after MAX_PAIRS)
+# and it must be the faster side of more pairs than chance allows: a sign test, this many standard deviations out
+# (12 pairs: 11 faster; 24: 20; 40: 30).
+CONFIDENCE_Z = 3.0
+RETIRE_BELOW = 1.0  # an alternative whose median ratio is below this at a checkpoint is retired
 HOLD_SECONDS = 60.0  # no switch within this long of the last one
 RETRY_SECONDS = 300.0  # a retired alternative is explored again after this long
 PAIR_WITHIN_SECONDS = 5.0  # the in-force batch an exploration batch is paired with ran at most this long before
@@ -67,7 +70,7 @@ class _Evidence:
 
     tokens_per_second: float | None = None
     batches: int = 0
-    ratios: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_PAIRS))
+    ratios: list[float] = field(default_factory=list)
     retired_until: float = -math.inf
 
 
@@ -144,16 +147,17 @@ class LiveTuner:
         return self._judge(arm, evidence, now)
 
     def _judge(self, arm: Arm, evidence: _Evidence, now: float) -> Switch | None:
-        if len(evidence.ratios) < MIN_PAIRS:
+        pairs = len(evidence.ratios)
+        if pairs not in CHECKPOINTS:
             return None
         median = statistics.median(evidence.ratios)
-        faster = sum(ratio > 1 for ratio in evidence.ratios) / len(evidence.ratios)
-        if median < RETIRE_BELOW or (len(evidence.ratios) >= MAX_PAIRS and median < 1 + SWITCH_MARGIN):
-            evidence.ratios.clear()  # no faster, or not clearly after all the pairs kept: stop paying for it
-            evidence.retired_until = now + RETRY_SECONDS
-            return None
+        faster = sum(ratio > 1 for ratio in evidence.ratios) / pairs
+        clear = median >= 1 + SWITCH_MARGIN and faster >= 0.5 + CONFIDENCE_Z * 0.5 / math.sqrt(pairs)
         held = bool(self.switches) and now - self.switches[-1].at < HOLD_SECONDS
-        if median < 1 + SWITCH_MARGIN or faster < CONFIDENT_SHARE or held:
+        if not clear or held:
+            if median < RETIRE_BELOW or pairs >= MAX_PAIRS:
+                evidence.ratios.clear()  # no faster, or not clearly after all its pairs: stop paying for it
+                evidence.retired_until = now + RETRY_SECONDS
             return None
         what = "precision" if arm.precision != self.in_force.precision else "budget"
         switch = Switch(what, self.in_force, arm, round(median, 3), round(faster, 3), len(evidence.ratios), now)

@@ -79,8 +79,8 @@ class TuningReport:
     def summary(self) -> str:
         """One line for the log."""
         precisions = ", ".join(
-            f"{t.precision} {t.tokens_per_second:.0f} tok/s ({t.ratio_to_fp32:.2f}x fp32 over {t.pairs} paired rounds, "
-            f"spread {t.spread:.2f}) dev {t.max_deviation:.4f} flips {t.label_changes}"
+            f"{t.precision} {t.tokens_per_second:.0f} tok/s ({t.ratio_to_fp32:.2f}x fp32 over {t.pairs} paired "
+            f"timings, spread {t.spread:.2f}) dev {t.max_deviation:.4f} flips {t.label_changes}"
             for t in self.precision_trials
         )
         budgets = ", ".join(
@@ -96,12 +96,17 @@ class TuningReport:
         """A line for the log when the machine was busy while measuring: why, and what was done about it."""
         if not self.disturbed:
             return None
-        rounds = max((trial.pairs for trial in self.precision_trials), default=0)
+        pairs = max((trial.pairs for trial in self.precision_trials), default=0)
+        measured = (
+            f"compared precisions on {pairs} paired timings (more rounds while they spread, up to {MAX_PAIRS}) and "
+            "chose on their median ratios within the time limit; "
+            if pairs
+            else ""
+        )
         checked = [*self.live_precisions[1:], *map(str, self.live_budgets[1:])]
         return (
-            f"start-up tuning was disturbed ({'; '.join(self.disturbed)}): measured {rounds} paired rounds (up to "
-            f"{MAX_PAIRS}) within the time limit and chose on their median ratios; live traffic under load checks "
-            + (f"{', '.join(checked)} against the choice" if checked else "nothing: no faithful alternative")
+            f"start-up tuning was disturbed ({'; '.join(self.disturbed)}): {measured}live traffic under load checks "
+            + (f"{', '.join(checked)} against the choice" if checked else "nothing: no faithful alternative to check")
         )
 
 

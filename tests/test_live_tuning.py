@@ -4,6 +4,7 @@ out in process with a fake model whose speed per precision changes (a neighbour'
 import asyncio
 import itertools
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -158,7 +159,7 @@ def test_the_batcher_switches_precision_when_the_neighbour_stops(caplog):
                 assert [answer[1] for answer in answers] == [float(item.handle.ids[0]) for item in wave.items]
                 assert tuner.switches == [] and "bf16" in model.precisions  # explored, equal: nothing to gain
                 seconds_per_token["bf16"] = 0.01 / 2.3  # the neighbour stopped
-                wave = batcher.submit([[next(names)] * 16 for _ in range(8 * 400)])
+                wave = batcher.submit([[next(names)] * 16 for _ in range(8 * 600)])
                 await asyncio.wait_for(asyncio.gather(*wave.futures), WAIT)
             finally:
                 batcher.drain()
@@ -177,3 +178,15 @@ def test_the_batcher_switches_precision_when_the_neighbour_stops(caplog):
     assert live["candidates"]["bf16/128"]["tokens_per_second"] > live["candidates"]["fp32/128"]["tokens_per_second"]
     gauge = REGISTRY.get_sample_value("classifier_live_tokens_per_second", {"precision": "bf16", "budget": "128"})
     assert gauge == pytest.approx(live["candidates"]["bf16/128"]["tokens_per_second"], abs=0.1)
+
+
+def test_equal_settings_on_a_noisy_machine_never_switch():
+    """Two minutes and more of steady saturation where every setting is equally fast, each batch off by up to 35%
+    either way at random: noise alone never puts an alternative in force."""
+    rng = random.Random(7)
+    small, large = Arm("fp32", 4096), Arm("fp32", 1024)
+    tuner = LiveTuner(FP32, ["fp32", "bf16"], [1024, 2048, 4096], now=0.0)
+    traffic = Traffic(tuner, noise=tuple(rng.uniform(0.65, 1.35) for _ in range(1009)))
+    switches = traffic.batches(20_000, {FP32: 10_000.0, BF16: 10_000.0, small: 10_000.0, large: 10_000.0})
+    assert traffic.now > 120 and switches == []
+    assert {BF16, small, large} <= set(traffic.ran)  # all were explored
