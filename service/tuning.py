@@ -191,10 +191,13 @@ def live_precisions(trials: list[PrecisionTrial], chosen: str, tolerance: float,
 
 def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool, ladder: list[int]) -> list[int]:
     """The budgets live traffic checks (the chosen one first): the rungs of `ladder` next to the chosen one, when
-    start-up ranked them within LIVE_CLOSE of it, or measured them (or could not) while disturbed; never one that
-    ran out of memory."""
-    out_of_memory = min((trial.budget for trial in trials if trial.out_of_memory), default=math.inf)
+    start-up ranked them within LIVE_CLOSE of it, or measured them (or could not) while disturbed; after an
+    out-of-memory, none above the margin `choose_budget` keeps."""
     speeds = {trial.budget: _speed(trial) for trial in trials if not trial.out_of_memory}
+    # After an out-of-memory, no budget above the margin the start-up choice keeps below the largest that fit.
+    out_of_memory = math.inf
+    if any(trial.out_of_memory for trial in trials):
+        out_of_memory = max(speeds, default=0) * (1 - OOM_SAFETY_MARGIN) + 1
     rungs = sorted({*ladder, chosen})
     index = rungs.index(chosen)
     neighbours = [budget for budget in rungs[max(0, index - 1) : index] + rungs[index + 1 : index + 2]]
