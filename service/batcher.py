@@ -5,8 +5,9 @@ Here, three parts with one job each: `Batcher` keeps the queue and what left it 
 the event loop's `submit`, `cancel` and `drain`; `BatchThreads` are the two threads that collate and run batches;
 `Answers` hands outcomes back to the callers' futures on the event loop. The rest lives apart: batching and the one
 deadline decision in `scheduler`, admission in `admission`, the drain-rate estimate they read in `drain_rate`,
-running a batch (splitting it on failure, the memory budget) in `splitting`, and what batches report to Prometheus
-in `batch_metrics`.
+running a batch (splitting it on failure, the memory budget) in `splitting`, what batches report to Prometheus
+in `batch_metrics`, and which setting (precision, budget) a batch runs with under live tuning in `live_tuning` (the
+batcher only carries it out: `_next_batch`, `run_with`, `_live_ran`).
 """
 
 import asyncio
