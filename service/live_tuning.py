@@ -4,7 +4,7 @@ Start-up tuning decides once, on a machine that may have been busy. Under sustai
 next batch for a while), one batch in EXPLORE_EVERY runs with an alternative (`Arm`: a precision or a token budget
 that start-up ranked close or measured under noise); each such batch's tokens/s is paired with the in-force
 setting's latest batch of the same length class, so a busy spell slows both sides of a pair alike. Once the pairs
-say the alternative is faster by SWITCH_MARGIN (median) in more pairs than chance allows, it is put in force: one
+say with confidence that the alternative's median ratio is at least 1 + SWITCH_MARGIN, it is put in force: one
 switch, then HOLD_SECONDS before the next, and the margin holds both ways, so it never flip-flops. An alternative no
 faster, or not clearly after MAX_PAIRS, is retired (explored again after RETRY_SECONDS). At low load nothing is
 explored. The batcher executes what `LiveTuner` says.
@@ -15,15 +15,16 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-EXPLORE_EVERY = 10  # under sustained load, one batch in this many runs an alternative
+EXPLORE_EVERY = 8  # under sustained load, one batch in this many runs an alternative
 SUSTAINED_SECONDS = 2.0  # texts must have waited beyond the next batch this long before anything is explored
 # An alternative's pairs are judged only at these counts (judging after every pair would let noise win one of the
 # many looks): it is put in force, retired, or measured on; after the last, retired unless put in force.
 CHECKPOINTS = (12, 24, 40)
 MIN_PAIRS, MAX_PAIRS = CHECKPOINTS[0], CHECKPOINTS[-1]
-SWITCH_MARGIN = 0.10  # the alternative's median paired ratio must exceed 1 + this
-# and it must be the faster side of more pairs than chance allows: a sign test, this many standard deviations out
-# (12 pairs: 11 faster; 24: 20; 40: 30).
+# The alternative must be faster by this margin with confidence: the lower bound of a distribution-free confidence
+# interval for the median paired ratio (an order statistic, this many standard deviations of the sign test below the
+# middle) must reach 1 + SWITCH_MARGIN: of 12 pairs, the smallest; of 24, the fifth smallest; of 40, the eleventh.
+SWITCH_MARGIN = 0.10
 CONFIDENCE_Z = 3.0
 RETIRE_BELOW = 1.0  # an alternative whose median ratio is below this at a checkpoint is retired
 HOLD_SECONDS = 60.0  # no switch within this long of the last one
@@ -72,6 +73,13 @@ class _Evidence:
     batches: int = 0
     ratios: list[float] = field(default_factory=list)
     retired_until: float = -math.inf
+
+
+def median_lower_bound(ratios: list[float], z: float = CONFIDENCE_Z) -> float:
+    """A lower confidence bound for the median of `ratios`: the order statistic `z` standard deviations of the sign
+    test below the middle (the smallest one with few ratios)."""
+    index = max(0, math.floor(len(ratios) / 2 - z * math.sqrt(len(ratios)) / 2))
+    return sorted(ratios)[index]
 
 
 def length_class(padded_length: int) -> int:
@@ -152,7 +160,7 @@ class LiveTuner:
             return None
         median = statistics.median(evidence.ratios)
         faster = sum(ratio > 1 for ratio in evidence.ratios) / pairs
-        clear = median >= 1 + SWITCH_MARGIN and faster >= 0.5 + CONFIDENCE_Z * 0.5 / math.sqrt(pairs)
+        clear = median_lower_bound(evidence.ratios) >= 1 + SWITCH_MARGIN
         held = bool(self.switches) and now - self.switches[-1].at < HOLD_SECONDS
         if not clear or held:
             if median < RETIRE_BELOW or pairs >= MAX_PAIRS:

@@ -22,6 +22,7 @@ from service.live_tuning import (
     LiveTuner,
     LiveTuning,
     length_class,
+    median_lower_bound,
 )
 from service.scheduler import BatchingPolicy, BatchQueue
 from tests.fakes import WAIT, FakeClock, FakeModel
@@ -190,3 +191,10 @@ def test_equal_settings_on_a_noisy_machine_never_switch():
     switches = traffic.batches(20_000, {FP32: 10_000.0, BF16: 10_000.0, small: 10_000.0, large: 10_000.0})
     assert traffic.now > 120 and switches == []
     assert {BF16, small, large} <= set(traffic.ran)  # all were explored
+
+
+def test_the_median_lower_bound_is_an_order_statistic_that_widens_with_fewer_pairs():
+    assert median_lower_bound([1.5] * 11 + [0.5]) == 0.5  # of 12: the smallest
+    assert median_lower_bound([0.5] * 4 + [1.5] * 20) == 1.5  # of 24: the fifth smallest
+    assert median_lower_bound([0.5] * 11 + [1.5] * 29) == 0.5  # of 40: the eleventh smallest
+    assert median_lower_bound([0.5] * 10 + [1.5] * 30) == 1.5
