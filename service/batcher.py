@@ -5,8 +5,9 @@ Here, three parts with one job each: `Batcher` keeps the queue and what left it 
 the event loop's `submit`, `cancel` and `drain`; `BatchThreads` are the two threads that collate and run batches;
 `Answers` hands outcomes back to the callers' futures on the event loop. The rest lives apart: batching and the one
 deadline decision in `scheduler`, admission in `admission`, the drain-rate estimate they read in `drain_rate`,
-running a batch (splitting it on failure, the memory budget) in `splitting`, and what batches report to Prometheus
-in `batch_metrics`.
+running a batch (splitting it on failure, the memory budget) in `splitting`, what batches report to Prometheus
+in `batch_metrics`, and which setting (precision, budget) a batch runs with under live tuning in `live_tuning` (the
+batcher only carries it out: `_next_batch`, `run_with`, `_live_ran`).
 """
 
 import asyncio
@@ -24,6 +25,7 @@ from service import batch_metrics, metrics
 from service.admission import Backlog, Refusal, admit, seconds_ahead
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded, NotAccepting, Overloaded
+from service.live_tuning import Arm, LiveTuning
 from service.scheduler import Batch, BatchQueue, QueuedText, deadline_passed, missed_deadlines
 from service.splitting import BatchModel, Scores, SplittingRunner
 
@@ -44,12 +46,13 @@ class Pending:
 @dataclass(frozen=True, slots=True)
 class Collated:
     """A batch taken from the queue and its inputs, built on the collation thread (None when that failed), when it
-    was taken, and whether texts were still queued behind it."""
+    was taken, whether texts were still queued behind it, and with live tuning, the setting it runs with."""
 
     batch: Batch
     inputs: Any
     taken_at: float
     more_queued: bool
+    arm: Arm | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,7 @@ class Batcher:
         max_queue_tokens: int,
         rates: DrainRate,
         clock: Callable[[], float] = time.monotonic,
+        live: LiveTuning | None = None,
     ) -> None:
         self.queue = queue
         self.model = model
@@ -121,6 +125,7 @@ class Batcher:
         self.rates = rates
         self.clock = clock
         self.splitter = SplittingRunner(model, queue.policy, self.set_budget, clock)
+        self.live = live  # live tuning: its tuner is guarded by the lock
         self.answers: Answers | None = None  # from `start`
         self._in_flight = InFlight()
         self._changed = threading.Condition()
@@ -206,9 +211,10 @@ class Batcher:
         if self._worked is not None:
             await self._worked
 
-    def take_batch(self) -> tuple[Batch, bool] | None:
-        """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it; None once
-        draining has emptied the queue. Texts whose deadline passed while queued are failed on the way."""
+    def take_batch(self) -> tuple[Batch, bool, Arm | None] | None:
+        """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it and (with
+        live tuning) the setting it runs with; None once draining has emptied the queue. Texts whose deadline passed
+        while queued are failed on the way."""
         with self._changed:
             while True:
                 now = self.clock()
@@ -216,15 +222,36 @@ class Batcher:
                     self._count_missed(missed, now)
                     self._publish_queue_state()
                     self._loop_answers().fail(missed, DeadlineExceeded())
-                batch = self.queue.next_batch(now)
+                batch, arm = self._next_batch(now)
                 if batch is not None:
                     self._in_flight.taken(batch)
                     self._publish_queue_state()
-                    return batch, len(self.queue) > 0
+                    return batch, len(self.queue) > 0, arm
                 if not self._accepting and not len(self.queue):
                     return None
                 wake_at = self.queue.wake_at()
                 self._changed.wait(None if wake_at is None else max(0.0, wake_at - self.clock()))
+
+    def _next_batch(self, now: float) -> tuple[Batch | None, Arm | None]:
+        """The scheduler's next batch and, with live tuning, the setting it runs with: under sustained load now and
+        then an alternative, whose budget shapes this one batch (called under the lock)."""
+        if self.live is None:
+            return self.queue.next_batch(now), None
+        memory = self.splitter.memory_budget
+        in_force_budget = self.queue.policy.max_batch_tokens
+        # Nothing is explored while an out-of-memory holds the budget down, nor unless texts wait beyond this batch.
+        waiting = memory.current == memory.tuned and self.queue.tokens > in_force_budget
+        arm = self.live.tuner.choose(now, waiting)
+        if waiting and arm.budget != in_force_budget:
+            self.queue.set_max_batch_tokens(arm.budget)
+            try:
+                batch = self.queue.next_batch(now)
+            finally:
+                self.queue.set_max_batch_tokens(in_force_budget)
+            if batch is not None:
+                return batch, arm
+            arm = self.live.tuner.in_force
+        return self.queue.next_batch(now), arm
 
     def start_running(self, collated: Collated) -> tuple[list[QueuedText], float]:
         """The batch's texts that still need their answer, now running, and when it starts. Cancelled ones, and those
@@ -245,16 +272,46 @@ class Batcher:
                 self.rates.batch_started(now, collated.taken_at, collated.more_queued)
             return live, now
 
-    def finish_running(self, batch: Batch | None, started: float, ended: float, answered_tokens: int) -> None:
+    def run_with(self, arm: Arm | None) -> None:
+        """On the inference thread, before a batch runs: put its live-tuning setting's precision in force."""
+        if arm is not None and self.live is not None:
+            self.live.use_precision(arm.precision)
+
+    def finish_running(
+        self, batch: Batch | None, started: float, ended: float, answered_tokens: int, arm: Arm | None = None
+    ) -> None:
         """The running batch (None when none of its texts was left to run) ended, having answered `answered_tokens`
-        real tokens; the inference thread is idle."""
+        real tokens, with live tuning's setting `arm`; the inference thread is idle."""
         with self._changed:
             self._in_flight.ended()
             if batch is not None:
+                if arm is not None:
+                    self._live_ran(arm, batch, ended - started, ended)
                 self.rates.batch_ended(batch.real_tokens, started, ended, answered_tokens)
                 self._teach_calibration(batch.items, ended)
                 metrics.ADMISSION_WAIT_FACTOR.set(self.rates.calibration.update())
                 self._publish_queue_state()
+
+    def live_info(self) -> dict | None:
+        """Live tuning's figures for /info (None without live tuning)."""
+        if self.live is None:
+            return None
+        with self._changed:
+            return self.live.tuner.info(self.clock(), time.time())
+
+    def _live_ran(self, arm: Arm, batch: Batch, seconds: float, now: float) -> None:
+        """Tell live tuning what a batch did; carry out a switch it decides (called under the lock)."""
+        assert self.live is not None, "batches carry a setting only with live tuning"
+        switch = self.live.tuner.ran(arm, batch.real_tokens, batch.padded_length, seconds, now)
+        metrics.LIVE_TOKENS_PER_SECOND.labels(arm.precision, str(arm.budget)).set(self.live.tuner.tokens_per_second(arm))
+        if switch is None:
+            return
+        log.warning("%s", switch.describe())
+        metrics.TUNING_SWITCHES.labels(switch.what).inc()
+        if switch.what == "budget":
+            self.queue.set_max_batch_tokens(self.splitter.memory_budget.retune(switch.new.budget))
+            metrics.MAX_BATCH_TOKENS.set(switch.new.budget)
+            metrics.EFFECTIVE_MAX_BATCH_TOKENS.set(self.queue.policy.max_batch_tokens)
 
     def set_budget(self, tokens: int) -> None:
         """Batches from now on stay within `tokens` (the splitting runner's memory budget)."""
@@ -304,9 +361,9 @@ class BatchThreads:
         """Take each batch once the inference thread has taken the previous one, and build its inputs."""
         try:
             while (taken := self._batcher.take_batch()) is not None:
-                batch, more_queued = taken
+                batch, more_queued, arm = taken
                 taken_at = self._batcher.clock()
-                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued))
+                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued, arm))
                 self._ready.join()  # taken: the next batch is chosen while this one runs, not before
         finally:
             self._ready.put(None)
@@ -330,6 +387,7 @@ class BatchThreads:
         if not live:
             batcher.finish_running(None, started, started, 0)
             return
+        batcher.run_with(collated.arm)
         batch = Batch(live, batcher.queue.policy.padded_length_of(live), collated.batch.reason)
         inputs = collated.inputs if len(live) == len(collated.batch.items) else None
         batch_metrics.observe_start(batch, started)
@@ -342,7 +400,7 @@ class BatchThreads:
                 answered_tokens += sum(item.tokens for item in group)
         ended = batcher.clock()
         batch_metrics.observe_end(live, started, ended)
-        batcher.finish_running(batch, started, ended, answered_tokens)
+        batcher.finish_running(batch, started, ended, answered_tokens, collated.arm)
 
 
 class Answers:

@@ -22,6 +22,7 @@ from service import metrics
 from service.default_model import ensure_default_model, read_build_report
 from service.engine import Backend, Engine, EngineFacts, Front
 from service.ipc import connect_backend
+from service.live_tuning import Arm, LiveTuner, LiveTuning
 from service.measuring import Tuner, TuningReport, calibration_texts
 from service.runner import (
     BatchModelAdapter,
@@ -37,7 +38,15 @@ from service.scheduler import BatchingPolicy, default_bucket_bounds, padded_leng
 from service.scorer import Scorer
 from service.settings import Settings
 from service.tokenization import EncoderPool, TextEncoder, model_max_length
-from service.tuning import BudgetTrial, Choice, PrecisionTrial, precision_candidates
+from service.tuning import (
+    BudgetTrial,
+    Choice,
+    PrecisionTrial,
+    budget_ladder,
+    live_budgets,
+    live_precisions,
+    precision_candidates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,10 @@ DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 16384}
 # Precision candidates are timed at this budget (or the forced one): near the CPU's best, and small enough for
 # any GPU at the model's maximum length.
 PRECISION_TRIAL_BUDGET = 2048
+# Shares of the tuning time limit: the paired precision rounds end by the first, the budget ladder stops climbing at
+# the second, and no trial starts that would end after the third (the rest is margin for the last trial's overrun);
+# scoring the calibration set in each precision may take until the third (it decides what may be chosen at all).
+PRECISION_SHARE, CLIMB_SHARE, LAST_TRIAL_SHARE = 0.6, 0.75, 0.9
 
 
 async def load_engine(settings: Settings, engine_address: str | None = None) -> Engine:
@@ -88,8 +101,11 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
     inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     try:
         prepared = await asyncio.get_running_loop().run_in_executor(inference_thread, _prepare, settings)
-        scoring = BatchModelAdapter(prepared.runner)
-        scorer = await Scorer.start(scoring, prepared.policy, settings.max_queue_tokens, inference_thread)
+        scoring = BatchModelAdapter(prepared.runner, prepared.live_runners)
+        live = None
+        if prepared.live_tuner is not None:
+            live = LiveTuning(prepared.live_tuner, scoring.use_precision)
+        scorer = await Scorer.start(scoring, prepared.policy, settings.max_queue_tokens, inference_thread, live)
     except BaseException:
         inference_thread.shutdown(wait=False)
         raise
@@ -112,11 +128,14 @@ def load_failure_reason(error: Exception) -> str:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What the inference thread prepared for batching: the runner, the policy, and the facts."""
+    """What the inference thread prepared for batching: the runner, the policy, the facts, and for live tuning, its
+    decisions and the runners of the other precisions it may try."""
 
     runner: ModelRunner
     policy: BatchingPolicy
     facts: EngineFacts
+    live_tuner: LiveTuner | None
+    live_runners: dict[str, ModelRunner]
 
 
 def _prepare(settings: Settings) -> _Prepared:
@@ -138,18 +157,30 @@ def _prepare(settings: Settings) -> _Prepared:
     # Tensor cores want sequence lengths in multiples of 8; the CPU gains nothing from extra padding.
     pad_multiple = 8 if device.type == "cuda" else 1
     longest = padded_length(max_length, pad_multiple)  # what one text can take
-    tuning = None
+    tuning, tuner, live_tuner = None, None, None
     if settings.tune and "auto" in (settings.precision, settings.max_batch_tokens):
-        tuning = _tune(settings, loaded, device, max_length, longest)
+        tuning, tuner = _tune(settings, loaded, device, max_length, longest)
         log.info(tuning.summary())
+        if note := tuning.disturbance_note():
+            log.warning(note)
         precision, max_batch_tokens = str(tuning.precision.value), int(tuning.max_batch_tokens.value)
         metrics.TUNING_SECONDS.set(tuning.seconds)
+        live_tuner = LiveTuner(
+            Arm(precision, max_batch_tokens), tuning.live_precisions, tuning.live_budgets, time.monotonic()
+        )
     else:
         precision = resolve_precision(settings.precision, device)
         forced = settings.max_batch_tokens
         max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS.get(device.type, 2048) if forced == "auto" else int(forced)
     policy = _batching_policy(settings, max_length, pad_multiple, max_batch_tokens)
-    runner = ModelRunner(loaded.model, device, precision, loaded.tokenizer.pad_token_id or 0)
+    pad_token_id = loaded.tokenizer.pad_token_id or 0
+    # The tuner's runners are built already.
+    runner = tuner.runner(precision) if tuner is not None else ModelRunner(loaded.model, device, precision, pad_token_id)
+    if live_tuner is None or not live_tuner.exploring:
+        live_tuner, live_runners = None, {}
+    else:
+        assert tuner is not None, "live tuning follows start-up tuning"
+        live_runners = {other: tuner.runner(other) for other in live_tuner.precisions if other != precision}
     metrics.MAX_BATCH_TOKENS.set(max_batch_tokens)
     off_reason = "CLASSIFIER_TUNE=false" if not settings.tune else "precision and budget both forced"
     facts = EngineFacts(
@@ -163,7 +194,7 @@ def _prepare(settings: Settings) -> _Prepared:
         tuning=tuning.as_dict() if tuning else {"enabled": False, "reason": off_reason},
         default_model_build=build_report,
     )
-    return _Prepared(runner, policy, facts)
+    return _Prepared(runner, policy, facts, live_tuner, live_runners)
 
 
 def _names_a_directory(model: str) -> bool:
@@ -188,13 +219,17 @@ def _batching_policy(settings: Settings, max_length: int, pad_multiple: int, max
     )
 
 
-def _tune(settings: Settings, loaded: LoadedModel, device: torch.device, max_length: int, longest: int) -> TuningReport:
-    """Measure what is `auto` (precision, budget) on this model and device; keep what was forced."""
+def _tune(
+    settings: Settings, loaded: LoadedModel, device: torch.device, max_length: int, longest: int
+) -> tuple[TuningReport, Tuner]:
+    """Measure what is `auto` (precision, budget) on this model and device, within the time limit however busy the
+    machine; keep what was forced. The tuner holds the runners it built, one per precision."""
     started = time.perf_counter()
+    limit = settings.tuning_time_limit
     calibration = [text.ids for text in TextEncoder(loaded.tokenizer, max_length).encode(calibration_texts(), True)]
     tuner = Tuner(
         loaded.model, device, loaded.tokenizer.pad_token_id or 0, loaded.problem_type,
-        calibration, settings.max_batch_size, floor=longest,
+        calibration, settings.max_batch_size, floor=longest, deadline=started + LAST_TRIAL_SHARE * limit,
     )
     precision_trials: list[PrecisionTrial] = []
     budget_trials: list[BudgetTrial] = []
@@ -207,15 +242,36 @@ def _tune(settings: Settings, loaded: LoadedModel, device: torch.device, max_len
         )
         forced_budget = settings.max_batch_tokens
         trial_budget = max(longest, PRECISION_TRIAL_BUDGET) if forced_budget == "auto" else int(forced_budget)
-        precision, precision_trials = tuner.precision(candidates, settings.precision_tolerance, trial_budget)
+        precision, precision_trials = tuner.precision(
+            candidates, settings.precision_tolerance, trial_budget, until=started + PRECISION_SHARE * limit
+        )
     else:
         precision = Choice(resolve_precision(settings.precision, device), "forced by CLASSIFIER_PRECISION")
     if settings.max_batch_tokens == "auto":
-        # The ladder climbs until half the time limit has passed; timing its rungs again takes about as long.
-        climb_until = started + settings.tuning_time_limit / 2
-        budget, budget_trials = tuner.budget(str(precision.value), climb_until)
+        budget, budget_trials = tuner.budget(
+            str(precision.value),
+            climb_until=started + CLIMB_SHARE * limit,
+            until=started + LAST_TRIAL_SHARE * limit,
+            fallback=max(longest, DEFAULT_MAX_BATCH_TOKENS.get(device.type, 2048)),
+        )
     else:
         budget = Choice(settings.max_batch_tokens, "forced by CLASSIFIER_MAX_BATCH_TOKENS")
-    return TuningReport(
-        precision, budget, precision_trials, budget_trials, len(calibration), time.perf_counter() - started
+    disturbed = tuner.disturbed()
+    chosen_precision, chosen_budget = str(precision.value), int(budget.value)
+    report = TuningReport(
+        precision,
+        budget,
+        precision_trials,
+        budget_trials,
+        len(calibration),
+        time.perf_counter() - started,
+        disturbed=disturbed,
+        # Forced settings are not tuned live.
+        live_precisions=live_precisions(precision_trials, chosen_precision, settings.precision_tolerance, bool(disturbed))
+        if settings.precision == "auto"
+        else [chosen_precision],
+        live_budgets=live_budgets(budget_trials, chosen_budget, bool(disturbed), budget_ladder(longest, device.type))
+        if settings.max_batch_tokens == "auto"
+        else [chosen_budget],
     )
+    return report, tuner

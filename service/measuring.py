@@ -3,9 +3,12 @@ and compare each precision's scores with fp32's on the packaged calibration set.
 
 import json
 import logging
+import math
+import os
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 import torch
@@ -13,22 +16,32 @@ import torch
 from service.postprocess import ProblemType, activate
 from service.runner import ModelRunner, release_cached_memory
 from service.tuning import (
+    MAX_PAIRS,
+    MIN_PAIRS,
     BudgetTrial,
     Choice,
+    MachineLoad,
+    PairedRatios,
     PrecisionTrial,
     budget_ladder,
     choose_budget,
     choose_precision,
+    disturbance,
+    fits_in_time,
     ladder_should_stop,
+    paired_speeds,
     traffic_shapes,
     traffic_throughput,
 )
 
 log = logging.getLogger(__name__)
 
-# Each batch shape is timed this many times, in separate passes over the candidates, and the fastest counts: the
-# first run of a shape pays for kernel selection, and the machine may be busy with other work for a while.
+# Each budget rung's batch shapes are timed this many times, in separate passes, and the fastest counts: the first
+# run of a shape pays for kernel selection, and the machine may be busy with other work for a while.
 REPEATS = 2
+# A trial is expected to take, at most, as long per padded token as the slowest of the latest this-many runs (the
+# first runs of each shape, which pay for kernel selection, soon drop out).
+RECENT_RUNS = 8
 
 
 def calibration_texts() -> list[str]:
@@ -47,6 +60,9 @@ class TuningReport:
     budget_trials: list[BudgetTrial]
     calibration_texts: int
     seconds: float
+    disturbed: list[str] = field(default_factory=list)  # why the machine looked busy while measuring (empty: quiet)
+    live_precisions: list[str] = field(default_factory=list)  # what live traffic checks (the chosen first)
+    live_budgets: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
@@ -56,12 +72,15 @@ class TuningReport:
             "budget_trials": [asdict(trial) for trial in self.budget_trials],
             "calibration_texts": self.calibration_texts,
             "seconds": round(self.seconds, 2),
+            "disturbed": self.disturbed,
+            "live_candidates": {"precision": self.live_precisions, "max_batch_tokens": self.live_budgets},
         }
 
     def summary(self) -> str:
         """One line for the log."""
         precisions = ", ".join(
-            f"{t.precision} {t.tokens_per_second:.0f} tok/s dev {t.max_deviation:.4f} flips {t.label_changes}"
+            f"{t.precision} {t.tokens_per_second:.0f} tok/s ({t.ratio_to_fp32:.2f}x fp32 over {t.pairs} paired "
+            f"timings, spread {t.spread:.2f}) dev {t.max_deviation:.4f} flips {t.label_changes}"
             for t in self.precision_trials
         )
         budgets = ", ".join(
@@ -73,9 +92,82 @@ class TuningReport:
             f"max_batch_tokens {self.max_batch_tokens.value} ({self.max_batch_tokens.reason}) [{budgets}]"
         )
 
+    def disturbance_note(self) -> str | None:
+        """A line for the log when the machine was busy while measuring: why, and what was done about it."""
+        if not self.disturbed:
+            return None
+        pairs = max((trial.pairs for trial in self.precision_trials), default=0)
+        measured = (
+            f"compared precisions on {pairs} paired timings (more rounds while they spread, up to {MAX_PAIRS}) and "
+            "chose on their median ratios within the time limit; "
+            if pairs
+            else ""
+        )
+        checked = [*self.live_precisions[1:], *map(str, self.live_budgets[1:])]
+        return (
+            f"start-up tuning was disturbed ({'; '.join(self.disturbed)}): {measured}live traffic under load checks "
+            + (f"{', '.join(checked)} against the choice" if checked else "nothing: no faithful alternative to check")
+        )
+
+
+def _rotated(candidates: list[str], turn: int) -> list[str]:
+    """The candidates in the order of round `turn`: each goes first in turn."""
+    shift = turn % len(candidates)
+    return candidates[shift:] + candidates[:shift]
+
+
+class OutOfTime(Exception):
+    """A trial would not end before the tuning time limit; it was not started."""
+
+
+class LoadMeter:
+    """This process's CPU time and the machine's CPU pressure and steal since it was made (`load`), from Linux's
+    /proc where there is one."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._pressure, self._stat = _cpu_pressure_microseconds(), _cpu_steal_and_total()
+
+    def load(self) -> MachineLoad:
+        wall = time.perf_counter() - self._wall
+        pressure = _cpu_pressure_microseconds()
+        stat = _cpu_steal_and_total()
+        waited = None
+        if pressure is not None and self._pressure is not None and wall > 0:
+            waited = min(1.0, (pressure - self._pressure) / 1e6 / wall)  # the two readings' timing can overshoot
+        steal = None
+        if stat is not None and self._stat is not None and stat[1] > self._stat[1]:
+            steal = (stat[0] - self._stat[0]) / (stat[1] - self._stat[1])
+        return MachineLoad(wall, time.process_time() - self._cpu, self.threads, waited, steal)
+
+
+def _cpu_pressure_microseconds() -> float | None:
+    """Total microseconds some task waited for a CPU (Linux pressure stall information), or None."""
+    try:
+        with open("/proc/pressure/cpu") as pressure:
+            some = pressure.readline().split()
+    except OSError:
+        return None
+    fields = dict(item.split("=", 1) for item in some[1:] if "=" in item)
+    return float(fields["total"]) if "total" in fields else None
+
+
+def _cpu_steal_and_total() -> tuple[int, int] | None:
+    """The machine's stolen and total CPU ticks since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
 
 class Tuner:
-    """Measures one loaded model on its device with the calibration texts' token ids."""
+    """Measures one loaded model on its device with the calibration texts' token ids, never starting a trial that
+    would end after `deadline` (on `clock`). Its runners, one per precision, come from `make_runner` (by default a
+    `ModelRunner` of the model); what the machine did meanwhile, from `load` (by default Linux's account)."""
 
     def __init__(
         self,
@@ -87,8 +179,11 @@ class Tuner:
         max_batch_size: int,
         floor: int,
         clock: Callable[[], float] = time.perf_counter,
+        deadline: float = math.inf,
+        make_runner: Callable[[str], ModelRunner] | None = None,
+        load: Callable[[], MachineLoad] | None = None,
     ) -> None:
-        self.model, self.device, self.pad_token_id = model, device, pad_token_id
+        self.device = device
         self.problem_type = problem_type
         self.calibration = calibration
         self.lengths = [len(ids) for ids in calibration]
@@ -96,112 +191,235 @@ class Tuner:
         self.max_batch_size = max_batch_size
         self.floor = floor  # one text of the model's maximum length, padded
         self.clock = clock
+        self.deadline = deadline
+        self._make_runner = make_runner or (lambda precision: ModelRunner(model, device, precision, pad_token_id))
+        # CPU time says how much of the cores the trials got only where the trials run on them (0: not checked).
+        threads = torch.get_num_threads() if device.type == "cpu" else 0
+        # What the machine did while measuring (by default, what Linux says since now).
+        self.load = load or LoadMeter(min(threads, os.cpu_count() or 1)).load
         # Seconds per run of each (precision, padded length, texts) shape measured so far.
         self._timings: dict[tuple[str, int, int], list[float]] = {}
         self._runners: dict[str, ModelRunner] = {}  # one per precision: each low-precision one copies weights
+        # Seconds per padded token of the latest runs: the slowest is how long a trial is expected to take, at worst.
+        self._recent_rates: deque[float] = deque(maxlen=RECENT_RUNS)
+        self._paired: list[PairedRatios] = []  # the candidates' ratios to fp32, once the precision rounds ran
+        self._short_of_time: list[str] = []  # measurements the time limit cut short
 
     def runner(self, precision: str) -> ModelRunner:
         if precision not in self._runners:
-            self._runners[precision] = ModelRunner(self.model, self.device, precision, self.pad_token_id)
+            self._runners[precision] = self._make_runner(precision)
         return self._runners[precision]
 
-    def precision(self, candidates: list[str], tolerance: float, budget: int) -> tuple[Choice, list[PrecisionTrial]]:
-        """Time each candidate at `budget` and compare its calibration scores with fp32's."""
-        reference = torch.tensor(self._scores(self.runner("fp32"), budget))
-        deviations = {}
-        for precision in candidates:
-            scores = reference if precision == "fp32" else torch.tensor(self._scores(self.runner(precision), budget))
-            deviations[precision] = (
-                round(float((scores - reference).abs().max()), 6),
-                int((scores.argmax(-1) != reference.argmax(-1)).sum()),
-            )
-        speeds = {}
-        for samples in range(1, REPEATS + 1):  # interleaved, so a busy spell slows every candidate alike
+    def disturbed(self) -> list[str]:
+        """Why the measurements so far look disturbed (a busy machine, paired rounds spread wide, or measurements
+        the time limit cut short); empty when quiet."""
+        reasons = disturbance(self.load())
+        noisy = [ratios for ratios in self._paired if not ratios.settled(busy=False)]
+        if noisy:
+            spread = max(ratios.spread for ratios in noisy)
+            reasons.append(f"paired rounds spread {spread:.2f} around their median")
+        return reasons + self._short_of_time
+
+    def precision(
+        self, candidates: list[str], tolerance: float, budget: int, until: float
+    ) -> tuple[Choice, list[PrecisionTrial]]:
+        """Score the calibration set in each candidate, batch by batch, and compare each candidate's scores with
+        fp32's; then time the candidates on traffic-shaped batches in rounds, until their ratios to fp32 settle,
+        MAX_PAIRS rounds, or the clock passes `until`. Every batch runs in each candidate in turn (the order rotating),
+        so each gives a pair; the choice is taken on each candidate's median ratio to fp32."""
+        if len(candidates) == 1:  # fp32 alone: timed once for the record (the budget ladder reuses the timings)
+            try:
+                speed = round(self._pass_speed("fp32", budget, until), 1)
+            except OutOfTime:
+                speed = 0.0
+            trials = [PrecisionTrial("fp32", speed, 0.0, 0)]
+            return choose_precision(trials, tolerance), trials
+        ratios: dict[str, list[float]] = {precision: [] for precision in candidates}
+        tally = [0.0, 0.0]  # fp32's tokens and seconds over every pair: the scale the speeds are shown on
+
+        def pair(speeds: dict[str, float], tokens: float) -> None:
+            tally[0] += tokens
+            tally[1] += tokens / speeds["fp32"]
             for precision in candidates:
-                speeds[precision] = self._throughput(precision, budget, samples)
+                ratios[precision].append(speeds[precision] / speeds["fp32"])
+
+        try:  # the scores decide what may be chosen at all: they may take until the deadline
+            deviations = self._fidelity(candidates, budget, self.deadline, pair)
+        except OutOfTime:
+            self._short_of_time.append("the calibration set could not be scored in every precision in time")
+            return Choice("fp32", "no time to compare other precisions' scores with fp32's: fp32, the reference"), []
+        shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
+        for round_number in range(MAX_PAIRS):
+            try:
+                speeds = {
+                    precision: self._pass_speed(precision, budget, until)
+                    for precision in _rotated(candidates, round_number)
+                }
+            except OutOfTime:
+                self._short_of_time.append(f"time for {round_number} paired rounds only")
+                break
+            pair(speeds, sum(length * count for length, count in shapes))
+            busy = bool(disturbance(self.load()))
+            if round_number + 1 >= MIN_PAIRS and all(
+                PairedRatios(tuple(values)).settled(busy) for values in ratios.values()
+            ):
+                break
+        pairs = {precision: PairedRatios(tuple(values)) for precision, values in ratios.items()}
+        self._paired = [ratios for precision, ratios in pairs.items() if precision != "fp32"]
+        speeds = paired_speeds(tally[0] / tally[1], pairs)
         trials = [
-            PrecisionTrial(precision, round(speeds[precision], 1), *deviations[precision]) for precision in candidates
+            PrecisionTrial(
+                precision,
+                round(speeds[precision], 1),
+                *deviations[precision],
+                ratio_to_fp32=round(pairs[precision].median, 3),
+                spread=round(pairs[precision].spread, 3),
+                pairs=len(pairs[precision].ratios),
+            )
+            for precision in candidates
         ]
         return choose_precision(trials, tolerance), trials
 
-    def budget(self, precision: str, climb_until: float) -> tuple[Choice, list[BudgetTrial]]:
+    def _fidelity(
+        self, candidates: list[str], budget: int, until: float, pair: Callable[[dict[str, float], float], None]
+    ) -> dict[str, tuple[float, int]]:
+        """Each candidate's largest score difference from fp32 and top-1 labels changed on the calibration set,
+        scored in length-sorted batches within `budget`, each batch in every candidate in turn (each such batch's
+        speeds go to `pair`)."""
+        scores: dict[str, list[torch.Tensor]] = {precision: [] for precision in candidates}
+        for number, batch in enumerate(self._calibration_batches(budget)):
+            padded = max(len(ids) for ids in batch)
+            speeds = {}
+            for precision in _rotated(candidates, number):
+                logits, seconds = self._run(self.runner(precision), batch, padded, until)
+                speeds[precision] = len(batch) * padded / seconds
+                scores[precision].append(torch.tensor(activate(logits, self.problem_type)))
+            pair(speeds, len(batch) * padded)
+        reference = torch.cat(scores["fp32"])
+        deviations = {}
+        for precision in candidates:
+            own = torch.cat(scores[precision])
+            deviations[precision] = (
+                round(float((own - reference).abs().max()), 6),
+                int((own.argmax(-1) != reference.argmax(-1)).sum()),
+            )
+        return deviations
+
+    def _calibration_batches(self, budget: int) -> list[list[list[int]]]:
+        """The calibration texts sorted by length, in batches within `budget` and the size cap."""
+        batches: list[list[list[int]]] = []
+        for ids in self.by_length:
+            batch = batches[-1] if batches else None
+            if batch is None or len(batch) >= self.max_batch_size or (len(batch) + 1) * len(ids) > budget:
+                batches.append([ids])
+            else:
+                batch.append(ids)
+        return batches
+
+    def budget(
+        self, precision: str, climb_until: float, until: float, fallback: int
+    ) -> tuple[Choice, list[BudgetTrial]]:
         """Climb the ladder of budgets until one runs out of memory or gets clearly slower, or the clock passes
-        `climb_until`; time the rungs that ran once more (about as long again), and choose among them."""
+        `climb_until`; time the rungs that ran once more, in turn, while that ends before `until`; choose among them
+        on the fastest timing of each batch shape. With no time for a rung, `fallback`."""
         ladder = budget_ladder(self.floor, self.device.type)
         trials: list[BudgetTrial] = []
         for budget in ladder:
-            trials.append(BudgetTrial(budget, self._rung_speed(precision, budget)))
+            try:
+                trials.append(BudgetTrial(budget, self._rung_speed(precision, budget, until=climb_until)))
+            except OutOfTime:
+                break
             if ladder_should_stop(trials, out_of_time=self.clock() >= climb_until):
                 break
+        if not trials:  # not even one rung fitted in the time: the rung the precision trials timed, if any
+            timed = [budget for budget in ladder if self._timed(precision, budget, 1)]
+            trials = [BudgetTrial(budget, round(self._measured_speed(precision, budget), 1)) for budget in timed[:1]]
+            self._short_of_time.append("no budget rung fitted in the time limit")
+            if not trials:
+                return Choice(fallback, f"no rung fitted in the time limit: {fallback}, the default"), []
+        fitted = [trial.budget for trial in trials if not trial.out_of_memory]
+        try:
+            for budget in fitted:
+                self._throughput(precision, budget, REPEATS, until)
+        except OutOfTime:
+            pass  # the rungs keep the timings they have
         trials = [
-            trial if trial.out_of_memory else BudgetTrial(trial.budget, self._rung_speed(precision, trial.budget, REPEATS))
+            trial if trial.out_of_memory else BudgetTrial(trial.budget, round(self._measured_speed(precision, trial.budget), 1))
             for trial in trials
         ]
         if not any(trial.out_of_memory for trial in trials):
             # Rungs above a stop for time whose batches the precision trials already timed cost nothing more.
             climbed = {trial.budget for trial in trials}
             trials += [
-                BudgetTrial(budget, round(self._throughput(precision, budget, REPEATS), 1))
+                BudgetTrial(budget, round(self._measured_speed(precision, budget), 1))
                 for budget in ladder
-                if budget not in climbed and self._timed(precision, budget)
+                if budget not in climbed and self._timed(precision, budget, REPEATS)
             ]
         return choose_budget(trials, self.floor), trials
 
-    def _timed(self, precision: str, budget: int) -> bool:
-        """Whether every batch shape of `budget` already has all its timings."""
+    def _timed(self, precision: str, budget: int, samples: int) -> bool:
+        """Whether every batch shape of `budget` already has `samples` timings."""
         shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
-        return all(len(self._timings.get((precision, *shape), [])) >= REPEATS for shape in shapes)
+        return all(len(self._timings.get((precision, *shape), [])) >= samples for shape in shapes)
 
-    def _rung_speed(self, precision: str, budget: int, samples: int = 1) -> float | None:
-        """Real tokens/s at `budget`, or None when it ran out of memory."""
+    def _rung_speed(self, precision: str, budget: int, until: float) -> float | None:
+        """Real tokens/s at `budget` (each shape timed once), or None when it ran out of memory."""
         try:
-            if self.device.type == "cuda" and samples == 1:
+            if self.device.type == "cuda":
                 # The largest activations a budget allows: as many texts of the maximum length as it holds.
-                self._run(self.runner(precision), self._batch(self.floor, max(1, budget // self.floor)), self.floor)
-            return round(self._throughput(precision, budget, samples), 1)
+                count = max(1, budget // self.floor)
+                self._run(self.runner(precision), self._batch(self.floor, count), self.floor, until)
+            return round(self._throughput(precision, budget, 1, until), 1)
         except torch.cuda.OutOfMemoryError:
             release_cached_memory(self.device)
             return None
 
-    def _scores(self, runner: ModelRunner, budget: int) -> list[list[float]]:
-        """Scores of every calibration text, in order, from length-sorted batches within `budget`."""
-        order = sorted(range(len(self.calibration)), key=lambda i: self.lengths[i])
-        scores: dict[int, list[float]] = {}
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while (
-                end < len(order)
-                and end - start < self.max_batch_size
-                and (end - start + 1) * self.lengths[order[end]] <= budget
-            ):
-                end += 1
-            batch = order[start:end]
-            padded = self.lengths[batch[-1]]
-            batch_scores = activate(runner.run([self.calibration[i] for i in batch], padded), self.problem_type)
-            for index, text_scores in zip(batch, batch_scores):
-                scores[index] = text_scores
-            start = end
-        return [scores[index] for index in range(len(order))]
-
-    def _throughput(self, precision: str, budget: int, samples: int) -> float:
-        """Real tokens/s over batches shaped like traffic at `budget`, one per stratum of the calibration lengths,
-        each timed until it has `samples` timings (shapes shared with earlier measurements are not run again)."""
+    def _pass_speed(self, precision: str, budget: int, until: float) -> float:
+        """Real tokens/s of one fresh timing of each traffic-shaped batch at `budget` (kept for the budget ladder)."""
         runner = self.runner(precision)
         seconds_per_token = []
         for length, count in traffic_shapes(self.lengths, budget, self.max_batch_size):
+            _, seconds = self._run(runner, self._batch(length, count), length, until)
+            self._timings.setdefault((precision, length, count), []).append(seconds)
+            seconds_per_token.append(seconds / (length * count))
+        return traffic_throughput(seconds_per_token)
+
+    def _throughput(self, precision: str, budget: int, samples: int, until: float) -> float:
+        """Real tokens/s over batches shaped like traffic at `budget`, one per stratum of the calibration lengths,
+        each timed until it has `samples` timings (shapes shared with earlier measurements are not run again)."""
+        runner = self.runner(precision)
+        for length, count in traffic_shapes(self.lengths, budget, self.max_batch_size):
             timings = self._timings.setdefault((precision, length, count), [])
             while len(timings) < samples:
-                timings.append(self._run(runner, self._batch(length, count), length))
-            seconds_per_token.append(min(timings) / (length * count))
-        return traffic_throughput(seconds_per_token)
+                timings.append(self._run(runner, self._batch(length, count), length, until)[1])
+        return self._measured_speed(precision, budget)
+
+    def _measured_speed(self, precision: str, budget: int) -> float:
+        """Real tokens/s at `budget` from the fastest timing of each of its shapes (each timed at least once)."""
+        shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
+        return traffic_throughput([min(self._timings[(precision, *shape)]) / (shape[0] * shape[1]) for shape in shapes])
 
     def _batch(self, length: int, count: int) -> list[list[int]]:
         """`count` real calibration sequences at least `length` long (reused in turn), each cut to `length`."""
         long_enough = [ids for ids in self.by_length if len(ids) >= length] or [self.by_length[-1]]
         return [(long_enough[i % len(long_enough)] * length)[:length] for i in range(count)]
 
-    def _run(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int) -> float:
+    def _run(
+        self, runner: ModelRunner, sequences: list[list[int]], padded_length: int, until: float
+    ) -> tuple[torch.Tensor, float]:
+        """Run one batch: its logits and the seconds it took (kept as a recent rate). Raises OutOfTime instead when,
+        at the slowest recent rate, it would end after `until` or the deadline."""
+        if not self._recent_rates:  # the first estimate, from the smallest batch there is: one short text
+            shortest = self.by_length[0]
+            self._recent_rates.append(self._time(runner, [shortest], len(shortest))[1] / len(shortest))
+        expected = max(self._recent_rates) * padded_length * len(sequences)
+        if not fits_in_time(self.clock(), expected, min(until, self.deadline)):
+            raise OutOfTime()
+        logits, seconds = self._time(runner, sequences, padded_length)
+        self._recent_rates.append(seconds / (padded_length * len(sequences)))
+        return logits, seconds
+
+    def _time(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int) -> tuple[torch.Tensor, float]:
         started = self.clock()
-        runner.run(sequences, padded_length)
-        return self.clock() - started
+        logits = runner.run(sequences, padded_length)
+        return logits, self.clock() - started

@@ -162,6 +162,17 @@ EFFECTIVE_MAX_BATCH_TOKENS = Gauge(
 TUNING_SECONDS = Gauge(
     "classifier_tuning_seconds", "Time start-up tuning took to measure precision and budget.", multiprocess_mode="livemax"
 )
+TUNING_SWITCHES = Counter(
+    "classifier_tuning_switches_total",
+    "Settings live tuning changed while serving, by what (precision, budget).",
+    ["what"],
+)
+LIVE_TOKENS_PER_SECOND = Gauge(
+    "classifier_live_tokens_per_second",
+    "Real tokens/s of live batches per setting live tuning compares (smoothed), by precision and budget.",
+    ["precision", "budget"],
+    multiprocess_mode="livemax",
+)
 BATCH_SPLITS = Counter(
     "classifier_batch_splits_total",
     "Failed batches split in halves and retried, by why they failed (out_of_memory, error).",

@@ -187,10 +187,16 @@ class ModelRunner:
 class BatchModelAdapter:
     """Adapts a `ModelRunner` to the batcher's `splitting.BatchModel`: inputs collated on the host, fp32 logits out
     (the engine's front applies the activation, so a request can have the raw logits instead at no cost), and the
-    framework's out-of-memory turned into the batcher's `OutOfMemory`."""
+    framework's out-of-memory turned into the batcher's `OutOfMemory`. With runners for other precisions (live
+    tuning), `use_precision` picks the one the next batch runs on."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, others: dict[str, ModelRunner] | None = None) -> None:
         self.runner = runner
+        self._runners = {runner.precision: runner, **(others or {})}
+
+    def use_precision(self, precision: str) -> None:
+        """Run the next batches in `precision` (one of the runners given); inputs collate alike in every precision."""
+        self.runner = self._runners[precision]
 
     def collate(self, sequences: list[list[int]], padded_length: int) -> dict[str, torch.Tensor]:
         return self.runner.collate(sequences, padded_length)

@@ -13,6 +13,7 @@ from service import metrics
 from service.batcher import Batcher, Submission
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded
+from service.live_tuning import LiveTuning
 from service.runner import BatchModelAdapter
 from service.scheduler import BatchingPolicy, BatchQueue, deadline_passed
 
@@ -32,12 +33,14 @@ class Scorer:
         policy: BatchingPolicy,
         max_queue_tokens: int,
         inference_thread: ThreadPoolExecutor,
+        live: LiveTuning | None = None,
     ) -> "Scorer":
-        """Warm the model up on `inference_thread` (which loaded it), then start batching on it."""
+        """Warm the model up on `inference_thread` (which loaded it), then start batching on it (tuning live when
+        `live` is given)."""
         rates = DrainRate()
         tokens, seconds = await asyncio.get_running_loop().run_in_executor(inference_thread, model.warm_up, policy)
         rates.model_ran(tokens, seconds)
-        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens, rates)
+        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens, rates, live=live)
         batcher.start(inference_thread)
         return cls(batcher, inference_thread)
 
@@ -101,12 +104,14 @@ class Scorer:
             future.cancel()
 
     def info(self) -> dict:
-        """How batches are shaped, the budget now in force included."""
+        """How batches are shaped, the budget now in force included, and live tuning's figures when it runs."""
         batching = dataclasses.asdict(self.policy)
         batching["window_seconds"] = batching.pop("window")  # the name /info has always shown
         budget = self.batcher.splitter.memory_budget
         batching["max_batch_tokens"] = budget.tuned
         batching["effective_max_batch_tokens"] = budget.current
+        if (live := self.batcher.live_info()) is not None:
+            batching["live_tuning"] = live
         return batching
 
     async def stop(self) -> None:

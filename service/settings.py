@@ -37,7 +37,10 @@ class Settings(BaseSettings):
         True, description="Measure precision and token budget at start-up; false = fixed per-device defaults."
     )
     tuning_time_limit: float = Field(
-        20.0, gt=0, description="About how long start-up tuning may take: the budget ladder stops climbing at half."
+        20.0,
+        gt=0,
+        description="How long start-up tuning may take, however busy the machine: no trial starts that would end after "
+        "90% of it (the budget ladder stops climbing at 75%).",
     )
     max_length: int | None = Field(None, ge=2, description="Longest input in tokens; unset = the model's own limit.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = all cores.")

@@ -5,6 +5,7 @@ decide. Tests drive every decision with made-up numbers.
 """
 
 import math
+import statistics
 from dataclasses import dataclass
 
 # Budgets tried at start-up: powers of two, from a few short texts' worth up to what a GPU launch can use (a CPU's
@@ -18,6 +19,22 @@ BUDGET_WITHIN = 0.03
 LADDER_DECLINE = 0.15
 # On a GPU the chosen budget stays this fraction below the largest budget that fit at the model's maximum length.
 OOM_SAFETY_MARGIN = 0.25
+# Start-up precision trials come in pairs (each candidate timed once per round, the order rotating from round to
+# round), so a busy spell slows both sides of a pair alike; the decision is taken on the rounds' ratios. At least
+# MIN_PAIRS rounds, more (up to MAX_PAIRS, within the time limit) while the ratios spread wider than NOISY_SPREAD
+# (interquartile range over the median) or the machine looked busy.
+MIN_PAIRS = 3
+MAX_PAIRS = 12
+NOISY_SPREAD = 0.15
+# Signs of a busy machine while trials ran: this process got less than this share of its threads' wall time on a
+# CPU, some task waited for a CPU more than this share of the time (Linux pressure stall information), or the
+# hypervisor stole more than this share of the CPUs' time.
+STARVED_CPU_SHARE = 0.6
+BUSY_CPU_PRESSURE = 0.2
+BUSY_STEAL = 0.05
+# Alternatives that start-up ranked within this factor of the chosen one are checked again on live traffic (all
+# faithful ones when the start-up measurement was disturbed).
+LIVE_CLOSE = 1.25
 # After an out-of-memory at run time the budget grows back by this factor per quiet period.
 RECOVERY_GROWTH = 1.25
 RECOVERY_SECONDS = 30.0
@@ -32,6 +49,14 @@ class PrecisionTrial:
     tokens_per_second: float
     max_deviation: float
     label_changes: int
+    # Paired trials: the median of this precision's speed over fp32's, round by round, and the rounds' spread.
+    ratio_to_fp32: float = 1.0
+    spread: float = 0.0
+    pairs: int = 0
+
+    def faithful(self, tolerance: float) -> bool:
+        """Whether its scores stay within `tolerance` of fp32's with no top-1 label changed."""
+        return self.precision == "fp32" or (self.max_deviation <= tolerance and self.label_changes == 0)
 
 
 @dataclass(frozen=True)
@@ -71,9 +96,7 @@ def precision_candidates(device_type: str, *, cpu_native_bf16: bool, cuda_bf16: 
 def choose_precision(trials: list[PrecisionTrial], tolerance: float) -> Choice:
     """The fastest precision whose scores stay within `tolerance` of fp32's with no top-1 label changed; else fp32."""
     reference = next(trial for trial in trials if trial.precision == "fp32")
-    faithful = [
-        trial for trial in trials if trial is reference or (trial.max_deviation <= tolerance and trial.label_changes == 0)
-    ]
+    faithful = [trial for trial in trials if trial.faithful(tolerance)]
     best = max(faithful, key=lambda trial: trial.tokens_per_second)
     rejected = [trial for trial in trials if trial not in faithful]
     why_not = "; ".join(
@@ -88,6 +111,106 @@ def choose_precision(trials: list[PrecisionTrial], tolerance: float) -> Choice:
             f"deviation {best.max_deviation:.4f} <= {tolerance} and no label changed"
         )
     return Choice(best.precision, f"{reason}; {why_not}" if why_not else reason)
+
+
+@dataclass(frozen=True)
+class PairedRatios:
+    """A candidate's speed over the reference's, one ratio per round of paired trials."""
+
+    ratios: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else 1.0
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the ratios over their median (0 with fewer than two)."""
+        if len(self.ratios) < 2:
+            return 0.0
+        low, _, high = statistics.quantiles(self.ratios, n=4, method="inclusive")
+        return (high - low) / self.median
+
+    def settled(self, busy: bool, min_pairs: int = MIN_PAIRS, noisy_spread: float = NOISY_SPREAD) -> bool:
+        """Enough rounds to decide on: at least `min_pairs`, twice as many on a busy machine, and a narrow spread."""
+        wanted = min_pairs * 2 if busy else min_pairs
+        return len(self.ratios) >= wanted and self.spread <= noisy_spread
+
+
+def paired_speeds(reference_speed: float, pairs: dict[str, PairedRatios]) -> dict[str, float]:
+    """Each candidate's speed on one scale: the reference's (its median over the rounds) times the candidate's median
+    ratio to it, so a choice among them is the paired comparison's."""
+    return {precision: reference_speed * ratios.median for precision, ratios in pairs.items()}
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """What the operating system said about the machine while trials ran: wall and this process's CPU seconds, the
+    threads the trials ran on, and where Linux gives them, the share of time some task waited for a CPU (pressure
+    stall information) and the share of CPU time the hypervisor stole."""
+
+    wall_seconds: float
+    cpu_seconds: float
+    threads: int
+    cpu_pressure: float | None = None
+    steal: float | None = None
+
+
+def disturbance(load: MachineLoad) -> list[str]:
+    """Why the machine looked busy while trials ran, in words; empty when it looked quiet."""
+    reasons = []
+    if load.wall_seconds > 0 and load.threads > 0:
+        share = load.cpu_seconds / (load.wall_seconds * load.threads)
+        if share < STARVED_CPU_SHARE:
+            reasons.append(f"this process ran {share:.0%} of its {load.threads} threads' wall time")
+    if load.cpu_pressure is not None and load.cpu_pressure > BUSY_CPU_PRESSURE:
+        reasons.append(f"tasks waited for a CPU {load.cpu_pressure:.0%} of the time")
+    if load.steal is not None and load.steal > BUSY_STEAL:
+        reasons.append(f"{load.steal:.0%} of CPU time stolen")
+    return reasons
+
+
+def fits_in_time(now: float, expected_seconds: float, until: float) -> bool:
+    """Whether a trial expected to take `expected_seconds` ends by `until` if started `now`."""
+    return now + expected_seconds <= until
+
+
+def live_precisions(trials: list[PrecisionTrial], chosen: str, tolerance: float, disturbed: bool) -> list[str]:
+    """The precisions live traffic checks (the chosen one first): faithful ones that start-up ranked within
+    LIVE_CLOSE of the chosen, or every faithful one when the start-up measurement was disturbed."""
+    speeds = {trial.precision: trial.tokens_per_second for trial in trials if trial.faithful(tolerance)}
+    if chosen not in speeds:
+        return [chosen]
+    close = [
+        precision
+        for precision, speed in speeds.items()
+        if precision != chosen and (disturbed or speed * LIVE_CLOSE >= speeds[chosen])
+    ]
+    return [chosen, *close]
+
+
+def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool, ladder: list[int]) -> list[int]:
+    """The budgets live traffic checks (the chosen one first): the rungs of `ladder` next to the chosen one, when
+    start-up ranked them within LIVE_CLOSE of it, or measured them (or could not) while disturbed; after an
+    out-of-memory, none above the margin `choose_budget` keeps."""
+    speeds = {trial.budget: _speed(trial) for trial in trials if not trial.out_of_memory}
+    # After an out-of-memory, no budget above the margin the start-up choice keeps below the largest that fit.
+    out_of_memory = math.inf
+    if any(trial.out_of_memory for trial in trials):
+        out_of_memory = max(speeds, default=0) * (1 - OOM_SAFETY_MARGIN) + 1
+    rungs = sorted({*ladder, chosen})
+    index = rungs.index(chosen)
+    neighbours = [budget for budget in rungs[max(0, index - 1) : index] + rungs[index + 1 : index + 2]]
+    close = [
+        budget
+        for budget in neighbours
+        if budget < out_of_memory
+        and (
+            (disturbed and (budget in speeds or chosen not in speeds))
+            or (budget in speeds and chosen in speeds and speeds[budget] * LIVE_CLOSE >= speeds[chosen])
+        )
+    ]
+    return [chosen, *close]
 
 
 def budget_ladder(floor: int, device_type: str) -> list[int]:
@@ -198,6 +321,14 @@ class MemoryBudget:
         """A batch of `failed_tokens` padded tokens ran out of memory: the new budget."""
         self.current = max(self.floor, min(self.current, failed_tokens // 2))
         self._changed_at = now
+        return self.current
+
+    def retune(self, tokens: int) -> int:
+        """Live tuning put `tokens` in force as the tuned budget: the budget now (still held down while recovering
+        from an out-of-memory)."""
+        recovering = self.current < self.tuned
+        self.tuned = tokens
+        self.current = min(self.current, tokens) if recovering else tokens
         return self.current
 
     def succeeded(self, now: float) -> int:

@@ -21,14 +21,24 @@ class FakeClock:
 
 class FakeModel:
     """The batcher's model (`collate`, `run`): scores a text as [its length, its first token id], so every answer
-    names its text. It records each batch before running it (`ran`, and the texts' lengths in `lengths`). With a
-    clock, each batch advances it by `batch_seconds`. While `held`, a batch that starts running waits for
-    `release()`; a batch holding the token `poison` raises ValueError."""
+    names its text. It records each batch before running it (`ran`, the texts' lengths in `lengths`, and the
+    precision it ran in, set by live tuning's `use_precision`, in `precisions`). With a clock, each batch advances it
+    by `batch_seconds`, and with `seconds_per_token` (by precision, which a test may change: a neighbour coming and
+    going) by its real tokens' time too. While `held`, a batch that starts running waits for `release()`; a batch
+    holding the token `poison` raises ValueError."""
 
     def __init__(
-        self, clock: FakeClock | None = None, batch_seconds: float = 0.0, held: bool = False, poison: int | None = None
+        self,
+        clock: FakeClock | None = None,
+        batch_seconds: float = 0.0,
+        held: bool = False,
+        poison: int | None = None,
+        seconds_per_token: dict[str, float] | None = None,
     ) -> None:
         self.clock, self.batch_seconds = clock, batch_seconds
+        self.seconds_per_token = seconds_per_token or {}
+        self.precision = "fp32"
+        self.precisions: list[str] = []
         self.ran: list[list[list[int]]] = []  # the batches, in the order they ran
         self.lengths: list[int] = []  # the lengths of the texts they held, in the same order
         self.poison = poison
@@ -44,14 +54,19 @@ class FakeModel:
     def run(self, sequences: list[list[int]]) -> list[list[float]]:
         with self._started:
             self.ran.append(sequences)
+            self.precisions.append(self.precision)
             self.lengths.extend(len(ids) for ids in sequences)
             self._started.notify_all()
         assert self._released.wait(WAIT)
         if self.clock is not None:
             self.clock.now += self.batch_seconds  # wall time a batch takes, model and everything else on the CPU
+            self.clock.now += sum(map(len, sequences)) * self.seconds_per_token.get(self.precision, 0.0)
         if self.poison is not None and any(self.poison in ids for ids in sequences):
             raise ValueError("poisoned batch")
         return [[float(len(ids)), float(ids[0])] for ids in sequences]
+
+    def use_precision(self, precision: str) -> None:
+        self.precision = precision
 
     def release(self) -> None:
         self._released.set()
@@ -64,6 +79,27 @@ class FakeModel:
                 return self._started.wait_for(lambda: len(self.ran) >= batches, WAIT)
 
         assert await asyncio.to_thread(wait), f"{batches} batches did not start"
+
+
+class FakeRunner:
+    """A `ModelRunner` stand-in for the start-up tuner: logits [length, first id] per text, like FakeModel; each
+    batch advances `clock` by its padded tokens times `seconds_per_token`, times `slowdown` (a neighbour's job),
+    times the next of `jitter`'s factors in turn (a busy machine's unevenness)."""
+
+    def __init__(
+        self, clock: FakeClock, seconds_per_token: float, slowdown: float = 1.0, jitter: tuple[float, ...] = (1.0,)
+    ) -> None:
+        self.clock, self.seconds_per_token, self.slowdown = clock, seconds_per_token, slowdown
+        self.jitter = jitter
+        self.batches = 0
+
+    def run(self, sequences: list[list[int]], padded_length: int):
+        import torch  # here, not at the top: engine processes that tests spawn import this module without torch
+
+        factor = self.jitter[self.batches % len(self.jitter)]
+        self.batches += 1
+        self.clock.now += len(sequences) * padded_length * self.seconds_per_token * self.slowdown * factor
+        return torch.tensor([[float(len(ids)), float(ids[0])] for ids in sequences])
 
 
 class FakeScorer:

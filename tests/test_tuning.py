@@ -1,15 +1,25 @@
-"""Tuning decisions from made-up measurements: precision, budget ladder, traffic shapes, run-time memory budget."""
+"""Tuning decisions from made-up measurements: precision (paired rounds, a busy machine), budget ladder, traffic
+shapes, what live traffic checks, run-time memory budget."""
+
+import itertools
 
 import pytest
 
 from service.tuning import (
     BudgetTrial,
+    MachineLoad,
     MemoryBudget,
+    PairedRatios,
     PrecisionTrial,
     budget_ladder,
     choose_budget,
     choose_precision,
+    disturbance,
+    fits_in_time,
     ladder_should_stop,
+    live_budgets,
+    live_precisions,
+    paired_speeds,
     precision_candidates,
     traffic_shapes,
     traffic_throughput,
@@ -119,3 +129,75 @@ def test_tuning_settings_default_to_measuring_and_numbers_force_a_budget(monkeyp
     for bad in ({"max_batch_tokens": "fast"}, {"max_batch_tokens": 0}, {"precision_tolerance": -0.1}):
         with pytest.raises(ValidationError):
             Settings(**bad)
+
+
+def rounds(speeds: dict[str, float], slowdowns: list[float], jitter: list[float]) -> dict[str, PairedRatios]:
+    """Paired rounds on a made-up machine: in round i every candidate runs `slowdowns[i]` times slower (a neighbour's
+    job), and each timing also varies by the next factor of `jitter` (unevenness within a round)."""
+    factors = itertools.cycle(jitter)
+    ratios: dict[str, list[float]] = {precision: [] for precision in speeds}
+    for slowdown in slowdowns:
+        measured = {precision: speed / slowdown * next(factors) for precision, speed in speeds.items()}
+        for precision in speeds:
+            ratios[precision].append(measured[precision] / measured["fp32"])
+    return {precision: PairedRatios(tuple(values)) for precision, values in ratios.items()}
+
+
+def test_paired_rounds_see_through_a_neighbour_that_slows_every_candidate_10x():
+    quiet = {"fp32": 11_272.0, "bf16": 26_520.0}
+    # The whole start-up under a neighbour: every timing 8-12x slower, varying from round to round and within one.
+    pairs = rounds(quiet, slowdowns=[10, 8, 12, 9, 11, 10], jitter=[1.0, 0.8, 1.2, 0.9, 1.1, 0.85, 1.15])
+    assert 1.8 < pairs["bf16"].median < 3.2
+    speeds = paired_speeds(1_100.0, pairs)
+    trials = [PrecisionTrial(precision, speeds[precision], 0.0 if precision == "fp32" else 0.002, 0,
+                             ratio_to_fp32=pairs[precision].median) for precision in quiet]
+    assert choose_precision(trials, tolerance=0.01).value == "bf16"  # what a quiet start chooses
+
+
+def test_paired_rounds_on_a_quiet_machine_settle_at_the_minimum_and_wide_ones_ask_for_more():
+    quiet = rounds({"fp32": 11_000.0, "bf16": 26_000.0}, slowdowns=[1, 1, 1], jitter=[1.0, 1.02, 0.99])
+    assert quiet["bf16"].settled(busy=False)
+    assert not quiet["bf16"].settled(busy=True)  # on a busy machine: twice the rounds
+    noisy = rounds({"fp32": 11_000.0, "bf16": 26_000.0}, slowdowns=[1, 3, 1, 5, 1, 2], jitter=[1.0, 0.6, 1.5])
+    assert noisy["bf16"].spread > 0.15 and not noisy["bf16"].settled(busy=False)
+    assert PairedRatios(()).median == 1.0 and PairedRatios((2.0,)).spread == 0.0
+
+
+def test_a_busy_machine_is_recognised_from_cpu_share_pressure_and_steal():
+    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=19, threads=2, cpu_pressure=0.01, steal=0.0)) == []
+    starved = disturbance(MachineLoad(wall_seconds=10, cpu_seconds=6, threads=2))
+    assert starved == ["this process ran 30% of its 2 threads' wall time"]
+    both = disturbance(MachineLoad(wall_seconds=10, cpu_seconds=20, threads=2, cpu_pressure=0.6, steal=0.2))
+    assert both == ["tasks waited for a CPU 60% of the time", "20% of CPU time stolen"]
+    assert disturbance(MachineLoad(wall_seconds=0, cpu_seconds=0, threads=2)) == []
+
+
+def test_a_trial_starts_only_when_it_ends_in_time():
+    assert fits_in_time(now=10.0, expected_seconds=2.0, until=12.0)
+    assert not fits_in_time(now=10.5, expected_seconds=2.0, until=12.0)
+
+
+def test_live_traffic_checks_close_or_disturbed_faithful_alternatives_only():
+    fp32, bf16 = FP32, PrecisionTrial("bf16", 5500.0, 0.004, 0)
+    unfaithful = PrecisionTrial("fp16", 5200.0, 0.05, 0)
+    assert live_precisions([fp32, bf16, unfaithful], "bf16", 0.01, disturbed=False) == ["bf16", "fp32"]
+    far = PrecisionTrial("bf16", 12_500.0, 0.004, 0)  # 2.5x fp32: fp32 is not worth a live batch
+    assert live_precisions([fp32, far], "bf16", 0.01, disturbed=False) == ["bf16"]
+    assert live_precisions([fp32, far], "bf16", 0.01, disturbed=True) == ["bf16", "fp32"]
+    assert live_precisions([fp32, unfaithful], "fp32", 0.01, disturbed=True) == ["fp32"]
+    ladder = [BudgetTrial(512, 4000.0), BudgetTrial(1024, 5800.0), BudgetTrial(2048, 6000.0), BudgetTrial(4096, None)]
+    rungs = budget_ladder(512, "cpu")
+    fitted = ladder[:3]
+    assert live_budgets(fitted, 1024, disturbed=False, ladder=rungs) == [1024, 2048]  # 512 is 1.45x slower
+    assert live_budgets(fitted, 1024, disturbed=True, ladder=rungs) == [1024, 512, 2048]
+    assert live_budgets(ladder, 1024, disturbed=True, ladder=rungs) == [1024, 512]  # 2048 > 0.75 x 2048, which fit
+    # No rung measured in time (a very busy start): the default and its neighbours on the ladder.
+    assert live_budgets([], 2048, disturbed=True, ladder=rungs) == [2048, 1024, 4096]
+    assert live_budgets([], 2048, disturbed=False, ladder=rungs) == [2048]
+
+
+def test_live_tuning_retunes_the_memory_budget_but_an_out_of_memory_still_holds_it_down():
+    budget = MemoryBudget(tuned=2048, floor=512)
+    assert budget.retune(4096) == 4096 and budget.tuned == 4096
+    budget.out_of_memory(failed_tokens=4096, now=0.0)
+    assert budget.retune(8192) == 2048 and budget.tuned == 8192

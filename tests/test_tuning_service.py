@@ -39,6 +39,15 @@ def test_info_reports_what_tuning_measured_and_chose(tiny_model_dir):
     assert all(trial.tokens_per_second > 0 for trial in budget_trials)
     chosen = choose_budget(budget_trials, floor=64).value
     assert tuning["max_batch_tokens"]["value"] == info["batching"]["max_batch_tokens"] == chosen == budget_metric
+    # What live traffic checks starts with the choice; a disturbed measurement says why (a shared machine may be busy).
+    assert tuning["live_candidates"]["precision"][0] == info["precision"]
+    assert tuning["live_candidates"]["max_batch_tokens"][0] == chosen
+    assert all(isinstance(reason, str) for reason in tuning["disturbed"])
+    live = info["batching"].get("live_tuning")
+    if len(tuning["live_candidates"]["max_batch_tokens"]) > 1:  # alternatives worth a live check: the live section
+        assert live["in_force"]["max_batch_tokens"] == chosen and live["switches"] == []
+    else:
+        assert live is None
 
 
 def test_tuning_off_keeps_the_per_device_defaults_and_numbers_force_a_budget(tiny_model_dir):
@@ -46,6 +55,7 @@ def test_tuning_off_keeps_the_per_device_defaults_and_numbers_force_a_budget(tin
         info = httpx.get(f"{url}/info").json()
     assert info["tuning"]["enabled"] is False
     assert (info["precision"], info["batching"]["max_batch_tokens"]) == ("fp32", 2048)
+    assert "live_tuning" not in info["batching"]
     with start_service(tiny_model_dir, {"CLASSIFIER_MAX_BATCH_TOKENS": "768", "CLASSIFIER_PRECISION": "fp32"}) as url:
         info = httpx.get(f"{url}/info").json()
     assert info["batching"]["max_batch_tokens"] == 768
@@ -58,6 +68,7 @@ def test_a_forced_precision_is_kept_while_the_budget_is_measured(tiny_model_dir)
     assert info["precision"] == "bf16"
     assert info["tuning"]["precision"] == {"value": "bf16", "reason": "forced by CLASSIFIER_PRECISION"}
     assert info["tuning"]["precision_trials"] == [] and info["tuning"]["budget_trials"]
+    assert info["tuning"]["live_candidates"]["precision"] == ["bf16"]  # a forced setting is not tuned live either
 
 
 def test_regression_heads_stay_fp32_under_auto(regression_model_dir):
@@ -134,9 +145,12 @@ def test_texts_that_fail_alone_get_clear_errors_and_the_rest_answers(tiny_model_
         assert poisoned.json()["error"].startswith("the model failed on a text: IndexError")
 
 
-def test_out_of_time_the_ladder_keeps_its_first_rung_and_the_rung_precision_trials_timed(tiny_model_dir):
+def test_out_of_time_no_trial_starts_and_the_defaults_stand_with_the_reason(tiny_model_dir):
     env = {"CLASSIFIER_TUNING_TIME_LIMIT": "0.000001", "CLASSIFIER_PRECISION_TOLERANCE": "0"}  # fp32 wins
     with start_service(tiny_model_dir, env) as url:
         tuning = httpx.get(f"{url}/info").json()["tuning"]
     assert tuning["precision"]["value"] == "fp32"
-    assert [trial["budget"] for trial in tuning["budget_trials"]] == [512, 2048]
+    # The time limit holds: no rung is timed after it, so the default budget stands, and the report says why.
+    assert tuning["budget_trials"] == []
+    assert tuning["max_batch_tokens"] == {"value": 2048, "reason": "no rung fitted in the time limit: 2048, the default"}
+    assert "no budget rung fitted in the time limit" in tuning["disturbed"]
