@@ -409,15 +409,27 @@ class Tuner:
     ) -> tuple[torch.Tensor, float]:
         """Run one batch: its logits and the seconds it took (kept as a recent rate). Raises OutOfTime instead when,
         at the slowest recent rate, it would end after `until` or the deadline."""
-        if not self._recent_rates:  # the first estimate, from the smallest batch there is: one short text
-            shortest = self.by_length[0]
-            self._recent_rates.append(self._time(runner, [shortest], len(shortest))[1] / len(shortest))
+        if not self._recent_rates:
+            self._probe(runner, min(until, self.deadline))
         expected = max(self._recent_rates) * padded_length * len(sequences)
         if not fits_in_time(self.clock(), expected, min(until, self.deadline)):
             raise OutOfTime()
         logits, seconds = self._time(runner, sequences, padded_length)
         self._recent_rates.append(seconds / (padded_length * len(sequences)))
         return logits, seconds
+
+    def _probe(self, runner: ModelRunner, until: float) -> None:
+        """The first estimate of seconds per token. A fresh runner's first run pays one-time set-up, so the shortest
+        text runs twice and the second counts; a short text's time is mostly per-batch overhead, which a per-token
+        rate would multiply by every token of a full batch (a 3-token probe made every trial of a quiet start look
+        far too long, and none ran), so the longest text runs next, if that pessimistic rate says it fits, and its
+        rate replaces the short one's."""
+        shortest, longest = self.by_length[0], self.by_length[-1]
+        self._time(runner, [shortest], len(shortest))
+        rate = self._time(runner, [shortest], len(shortest))[1] / len(shortest)
+        if fits_in_time(self.clock(), rate * len(longest), until):
+            rate = self._time(runner, [longest], len(longest))[1] / len(longest)
+        self._recent_rates.append(rate)
 
     def _time(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int) -> tuple[torch.Tensor, float]:
         started = self.clock()

@@ -84,19 +84,22 @@ class FakeModel:
 class FakeRunner:
     """A `ModelRunner` stand-in for the start-up tuner: logits [length, first id] per text, like FakeModel; each
     batch advances `clock` by its padded tokens times `seconds_per_token`, times `slowdown` (a neighbour's job),
-    times the next of `jitter`'s factors in turn (a busy machine's unevenness)."""
+    times the next of `jitter`'s factors in turn (a busy machine's unevenness); plus `overhead` seconds per batch, and
+    `set_up` more on its first batch (a real runner's first run pays one-time initialisation)."""
 
     def __init__(
-        self, clock: FakeClock, seconds_per_token: float, slowdown: float = 1.0, jitter: tuple[float, ...] = (1.0,)
+        self, clock: FakeClock, seconds_per_token: float, slowdown: float = 1.0, jitter: tuple[float, ...] = (1.0,),
+        overhead: float = 0.0, set_up: float = 0.0,
     ) -> None:
         self.clock, self.seconds_per_token, self.slowdown = clock, seconds_per_token, slowdown
-        self.jitter = jitter
+        self.jitter, self.overhead, self.set_up = jitter, overhead, set_up
         self.batches = 0
 
     def run(self, sequences: list[list[int]], padded_length: int):
         import torch  # here, not at the top: engine processes that tests spawn import this module without torch
 
         factor = self.jitter[self.batches % len(self.jitter)]
+        self.clock.now += (self.set_up if self.batches == 0 else 0.0) + self.overhead
         self.batches += 1
         self.clock.now += len(sequences) * padded_length * self.seconds_per_token * self.slowdown * factor
         return torch.tensor([[float(len(ids)), float(ids[0])] for ids in sequences])

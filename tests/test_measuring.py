@@ -60,6 +60,22 @@ def test_under_a_neighbour_slowing_everything_10x_the_choice_is_the_quiet_one_an
     assert seconds <= 0.9 * 20.0
 
 
+def test_a_slow_first_run_and_per_batch_overhead_do_not_stop_a_quiet_start_up():
+    """As a real runner on the CPU: 0.3 s of set-up on its first batch and 5 ms per batch. Extrapolating a short text's
+    first run token by token predicted every trial far past the limit, and a quiet start measured nothing."""
+    clock = FakeClock(0.0)
+    measuring = Tuner(
+        torch.nn.Identity(), torch.device("cpu"), 0, "single_label_classification", CALIBRATION, 128, floor=512,
+        clock=clock, deadline=18.0,
+        make_runner=lambda precision: FakeRunner(clock, FP32_SECONDS, overhead=0.005, set_up=0.3),
+        load=lambda: QUIET,
+    )
+    precision, trials = measuring.precision(["fp32"], 0.01, 2048, until=12.0)
+    budget, rungs = measuring.budget(str(precision.value), climb_until=15.0, until=18.0, fallback=2048)
+    assert trials[0].tokens_per_second > 0 and len(rungs) >= 3 and budget.value in {rung.budget for rung in rungs}
+    assert measuring.disturbed() == [] and clock.now < 18.0
+
+
 @pytest.mark.parametrize("slowdown", [30.0, 300.0, 3000.0])
 def test_the_time_limit_holds_however_slow_the_machine(slowdown):
     precision, _, budget, _, seconds = tune(slowdown=slowdown, limit=20.0)
