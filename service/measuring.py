@@ -18,18 +18,23 @@ from service.runner import ModelRunner, release_cached_memory
 from service.tuning import (
     MAX_PAIRS,
     MIN_PAIRS,
+    PROBE_SHARE,
     BudgetTrial,
     Choice,
     MachineLoad,
     PairedRatios,
     PrecisionTrial,
+    RunCost,
     budget_ladder,
     choose_budget,
     choose_precision,
     disturbance,
     fits_in_time,
     ladder_should_stop,
+    next_probe,
+    others_share,
     paired_speeds,
+    reduced_ladder,
     traffic_shapes,
     traffic_throughput,
 )
@@ -39,8 +44,8 @@ log = logging.getLogger(__name__)
 # Each budget rung's batch shapes are timed this many times, in separate passes, and the fastest counts: the first
 # run of a shape pays for kernel selection, and the machine may be busy with other work for a while.
 REPEATS = 2
-# A trial is expected to take, at most, as long per padded token as the slowest of the latest this-many runs (the
-# first runs of each shape, which pay for kernel selection, soon drop out).
+# A trial is expected to take, at most, the probe's fitted cost times the largest factor by which the latest
+# this-many runs exceeded theirs (the first runs of each shape, which pay for kernel selection, soon drop out).
 RECENT_RUNS = 8
 
 
@@ -121,47 +126,43 @@ class OutOfTime(Exception):
 
 
 class LoadMeter:
-    """This process's CPU time and the machine's CPU pressure and steal since it was made (`load`), from Linux's
-    /proc where there is one."""
+    """This process's CPU time, and the machine's CPU time that other processes used and that the hypervisor stole,
+    since it was made (`load`), from Linux's /proc/stat where there is one (in a container: the host's)."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._wall, self._cpu = time.perf_counter(), time.process_time()
-        self._pressure, self._stat = _cpu_pressure_microseconds(), _cpu_steal_and_total()
+        self._stat = _cpu_ticks()
 
     def load(self) -> MachineLoad:
-        wall = time.perf_counter() - self._wall
-        pressure = _cpu_pressure_microseconds()
-        stat = _cpu_steal_and_total()
-        waited = None
-        if pressure is not None and self._pressure is not None and wall > 0:
-            waited = min(1.0, (pressure - self._pressure) / 1e6 / wall)  # the two readings' timing can overshoot
-        steal = None
-        if stat is not None and self._stat is not None and stat[1] > self._stat[1]:
-            steal = (stat[0] - self._stat[0]) / (stat[1] - self._stat[1])
-        return MachineLoad(wall, time.process_time() - self._cpu, self.threads, waited, steal)
+        wall, cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+        stat = _cpu_ticks()
+        others, steal = None, None
+        if stat is not None and self._stat is not None and stat.total > self._stat.total:
+            ticks_per_second = os.sysconf("SC_CLK_TCK")
+            total = (stat.total - self._stat.total) / ticks_per_second
+            others = others_share((stat.busy - self._stat.busy) / ticks_per_second, cpu, total)
+            steal = (stat.steal - self._stat.steal) / ticks_per_second / total
+        return MachineLoad(wall, cpu, self.threads, others, steal)
 
 
-def _cpu_pressure_microseconds() -> float | None:
-    """Total microseconds some task waited for a CPU (Linux pressure stall information), or None."""
-    try:
-        with open("/proc/pressure/cpu") as pressure:
-            some = pressure.readline().split()
-    except OSError:
-        return None
-    fields = dict(item.split("=", 1) for item in some[1:] if "=" in item)
-    return float(fields["total"]) if "total" in fields else None
+@dataclass(frozen=True)
+class _CpuTicks:
+    busy: int  # running anything: user, nice, system, interrupts
+    steal: int
+    total: int  # every state, idle and waiting for I/O included
 
 
-def _cpu_steal_and_total() -> tuple[int, int] | None:
-    """The machine's stolen and total CPU ticks since boot (Linux /proc/stat), or None."""
+def _cpu_ticks() -> _CpuTicks | None:
+    """The machine's CPU ticks since boot, all CPUs together (Linux /proc/stat), or None."""
     try:
         with open("/proc/stat") as stat:
             ticks = [int(value) for value in stat.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
-
+    # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    user, nice, system, _, _, irq, softirq, steal = (ticks + [0] * 8)[:8]
+    return _CpuTicks(user + nice + system + irq + softirq, steal, sum(ticks[:8]))
 
 
 class Tuner:
@@ -200,8 +201,11 @@ class Tuner:
         # Seconds per run of each (precision, padded length, texts) shape measured so far.
         self._timings: dict[tuple[str, int, int], list[float]] = {}
         self._runners: dict[str, ModelRunner] = {}  # one per precision: each low-precision one copies weights
-        # Seconds per padded token of the latest runs: the slowest is how long a trial is expected to take, at worst.
-        self._recent_rates: deque[float] = deque(maxlen=RECENT_RUNS)
+        self._warm: set[ModelRunner] = set()  # the runners that ran once, paying their one-time set-up
+        # A batch's time as the probe measured it, and by what factor each latest run exceeded that: the largest
+        # factor times the cost is how long a trial is expected to take, at worst.
+        self._cost: RunCost | None = None
+        self._slowness: deque[float] = deque(maxlen=RECENT_RUNS)
         self._paired: list[PairedRatios] = []  # the candidates' ratios to fp32, once the precision rounds ran
         self._short_of_time: list[str] = []  # measurements the time limit cut short
 
@@ -321,16 +325,29 @@ class Tuner:
     ) -> tuple[Choice, list[BudgetTrial]]:
         """Climb the ladder of budgets until one runs out of memory or gets clearly slower, or the clock passes
         `climb_until`; time the rungs that ran once more, in turn, while that ends before `until`; choose among them
-        on the fastest timing of each batch shape. With no time for a rung, `fallback`."""
+        on the fastest timing of each batch shape. Where the climb is not expected to fit (a busy machine), a reduced
+        ladder instead: `fallback` (the default) and its neighbours, as many as fit before `until`. With no time for
+        a rung, `fallback`."""
         ladder = budget_ladder(self.floor, self.device.type)
+        self._probed(self.runner(precision), min(until, self.deadline))
+        reduced = reduced_ladder(
+            ladder, fallback, {budget: self._rung_seconds(precision, budget) for budget in ladder},
+            min(climb_until, self.deadline) - self.clock(),
+        )
         trials: list[BudgetTrial] = []
-        for budget in ladder:
+        for budget in ladder if reduced is None else reduced:
             try:
-                trials.append(BudgetTrial(budget, self._rung_speed(precision, budget, until=climb_until)))
+                trials.append(BudgetTrial(budget, self._rung_speed(precision, budget, climb_until if reduced is None else until)))
             except OutOfTime:
+                if reduced is None:
+                    break
+                continue
+            if reduced is None and ladder_should_stop(trials, out_of_time=self.clock() >= climb_until):
                 break
-            if ladder_should_stop(trials, out_of_time=self.clock() >= climb_until):
-                break
+        if reduced is not None:
+            self._short_of_time.append(
+                f"no time to climb the budget ladder: {len(trials)} rungs around the default measured"
+            )
         if not trials:  # not even one rung fitted in the time: the rung the precision trials timed, if any
             timed = [budget for budget in ladder if self._timed(precision, budget, 1)]
             trials = [BudgetTrial(budget, round(self._measured_speed(precision, budget), 1)) for budget in timed[:1]]
@@ -355,7 +372,16 @@ class Tuner:
                 for budget in ladder
                 if budget not in climbed and self._timed(precision, budget, REPEATS)
             ]
-        return choose_budget(trials, self.floor), trials
+        return choose_budget(trials, self.floor), sorted(trials, key=lambda trial: trial.budget)
+
+    def _rung_seconds(self, precision: str, budget: int) -> float:
+        """How long timing every batch shape of `budget` not timed yet is expected to take."""
+        shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
+        return sum(
+            self._expected_seconds(length * count)
+            for length, count in shapes
+            if not self._timings.get((precision, length, count))
+        )
 
     def _timed(self, precision: str, budget: int, samples: int) -> bool:
         """Whether every batch shape of `budget` already has `samples` timings."""
@@ -407,29 +433,46 @@ class Tuner:
     def _run(
         self, runner: ModelRunner, sequences: list[list[int]], padded_length: int, until: float
     ) -> tuple[torch.Tensor, float]:
-        """Run one batch: its logits and the seconds it took (kept as a recent rate). Raises OutOfTime instead when,
-        at the slowest recent rate, it would end after `until` or the deadline."""
-        if not self._recent_rates:
-            self._probe(runner, min(until, self.deadline))
-        expected = max(self._recent_rates) * padded_length * len(sequences)
-        if not fits_in_time(self.clock(), expected, min(until, self.deadline)):
+        """Run one batch: its logits and the seconds it took (kept as a recent slowness). Raises OutOfTime instead
+        when, at the probe's cost times the largest recent slowness, it would end after `until` or the deadline."""
+        tokens = padded_length * len(sequences)
+        cost = self._probed(runner, min(until, self.deadline))
+        self._warmed(runner)
+        if not fits_in_time(self.clock(), self._expected_seconds(tokens), min(until, self.deadline)):
             raise OutOfTime()
         logits, seconds = self._time(runner, sequences, padded_length)
-        self._recent_rates.append(seconds / (padded_length * len(sequences)))
+        self._slowness.append(seconds / cost.seconds(tokens))
         return logits, seconds
 
-    def _probe(self, runner: ModelRunner, until: float) -> None:
-        """The first estimate of seconds per token. A fresh runner's first run pays one-time set-up, so the shortest
-        text runs twice and the second counts; a short text's time is mostly per-batch overhead, which a per-token
-        rate would multiply by every token of a full batch (a 3-token probe made every trial of a quiet start look
-        far too long, and none ran), so the longest text runs next, if that pessimistic rate says it fits, and its
-        rate replaces the short one's."""
-        shortest, longest = self.by_length[0], self.by_length[-1]
-        self._time(runner, [shortest], len(shortest))
-        rate = self._time(runner, [shortest], len(shortest))[1] / len(shortest)
-        if fits_in_time(self.clock(), rate * len(longest), until):
-            rate = self._time(runner, [longest], len(longest))[1] / len(longest)
-        self._recent_rates.append(rate)
+    def _expected_seconds(self, tokens: int) -> float:
+        """How long a batch of `tokens` padded tokens is expected to take at worst, once probed."""
+        assert self._cost is not None, "probed first"
+        return self._cost.seconds(tokens) * max(self._slowness)
+
+    def _probed(self, runner: ModelRunner, until: float) -> RunCost:
+        """The cost of a batch, from the probe on the first call: a fresh runner's first run pays one-time set-up, so
+        the shortest text runs twice and the second counts; then single texts of growing length, each as long as the
+        previous one's time counted all per token (an upper bound) says fits in the probe's share of the time left,
+        until per-token time shows through the per-batch overhead; the line through the first and the last tells
+        the two apart."""
+        if self._cost is None:
+            shortest, longest = self.by_length[0], len(self.by_length[-1])
+            self._warmed(runner)
+            small = last = (len(shortest), self._time(runner, [shortest], len(shortest))[1])
+            probe_until = self.clock() + PROBE_SHARE * (until - self.clock())
+            while (length := next_probe(small, last, longest, probe_until - self.clock())) is not None:
+                last = (length, self._time(runner, self._batch(length, 1), length)[1])
+            self._cost = RunCost.bounding(*small) if last is small else RunCost.fitted(small, last)
+            self._slowness.append(1.0)
+        return self._cost
+
+    def _warmed(self, runner: ModelRunner) -> None:
+        """A fresh runner's first run pays one-time set-up (kernel selection, a low precision's first casts) that no
+        later batch does: it runs the shortest text first, uncounted, so the set-up does not read as a slow
+        machine."""
+        if runner not in self._warm:
+            self._warm.add(runner)
+            self._time(runner, [self.by_length[0]], len(self.by_length[0]))
 
     def _time(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int) -> tuple[torch.Tensor, float]:
         started = self.clock()

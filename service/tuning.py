@@ -27,11 +27,15 @@ MIN_PAIRS = 3
 MAX_PAIRS = 12
 NOISY_SPREAD = 0.15
 # Signs of a busy machine while trials ran: this process got less than this share of its threads' wall time on a
-# CPU, some task waited for a CPU more than this share of the time (Linux pressure stall information), or the
-# hypervisor stole more than this share of the CPUs' time.
+# CPU, other processes used more than this share of the machine's CPU time, or the hypervisor stole more than this
+# share of it. (Not Linux's CPU pressure: while the trials keep every core busy, any other task that wakes, however
+# briefly, waits, so a quiet 2-core machine read 23-25% pressure caused by the trials themselves.)
 STARVED_CPU_SHARE = 0.6
-BUSY_CPU_PRESSURE = 0.2
+BUSY_OTHERS_SHARE = 0.2
 BUSY_STEAL = 0.05
+# The probe (single texts of growing length, to tell per-batch overhead from per-token time) takes at most this
+# share of the time left.
+PROBE_SHARE = 0.2
 # Alternatives that start-up ranked within this factor of the chosen one are checked again on live traffic (all
 # faithful ones when the start-up measurement was disturbed).
 LIVE_CLOSE = 1.25
@@ -146,33 +150,85 @@ def paired_speeds(reference_speed: float, pairs: dict[str, PairedRatios]) -> dic
 @dataclass(frozen=True)
 class MachineLoad:
     """What the operating system said about the machine while trials ran: wall and this process's CPU seconds, the
-    threads the trials ran on, and where Linux gives them, the share of time some task waited for a CPU (pressure
-    stall information) and the share of CPU time the hypervisor stole."""
+    threads the trials ran on, and where Linux gives them, the share of the machine's CPU time that other processes
+    used (the machine's busy time less this process's) and the share the hypervisor stole."""
 
     wall_seconds: float
     cpu_seconds: float
     threads: int
-    cpu_pressure: float | None = None
+    others_share: float | None = None
     steal: float | None = None
 
 
 def disturbance(load: MachineLoad) -> list[str]:
-    """Why the machine looked busy while trials ran, in words; empty when it looked quiet."""
+    """Why the machine looked busy while trials ran, in words; empty when it looked quiet. Only others' load counts:
+    this process's own threads, however many, neither starve it nor count as other processes' CPU time."""
     reasons = []
     if load.wall_seconds > 0 and load.threads > 0:
         share = load.cpu_seconds / (load.wall_seconds * load.threads)
         if share < STARVED_CPU_SHARE:
             reasons.append(f"this process ran {share:.0%} of its {load.threads} threads' wall time")
-    if load.cpu_pressure is not None and load.cpu_pressure > BUSY_CPU_PRESSURE:
-        reasons.append(f"tasks waited for a CPU {load.cpu_pressure:.0%} of the time")
+    if load.others_share is not None and load.others_share > BUSY_OTHERS_SHARE:
+        reasons.append(f"other processes used {load.others_share:.0%} of the CPU time")
     if load.steal is not None and load.steal > BUSY_STEAL:
         reasons.append(f"{load.steal:.0%} of CPU time stolen")
     return reasons
 
 
+def others_share(busy_cpu_seconds: float, own_cpu_seconds: float, cpu_seconds: float) -> float | None:
+    """The share of the machine's `cpu_seconds` (all CPUs' time between two readings) that other processes kept busy:
+    the machine's busy time less this process's own (the two are counted differently, so the difference is clamped
+    at 0); None without CPU time to divide by."""
+    if cpu_seconds <= 0:
+        return None
+    return min(1.0, max(0.0, busy_cpu_seconds - own_cpu_seconds) / cpu_seconds)
+
+
 def fits_in_time(now: float, expected_seconds: float, until: float) -> bool:
     """Whether a trial expected to take `expected_seconds` ends by `until` if started `now`."""
     return now + expected_seconds <= until
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """How long one batch takes: a fixed per-batch overhead (Python, dispatch, one launch per layer) plus a time per
+    padded token. A short text's time is nearly all overhead; counting it per token predicted a full batch 50-100x
+    too long, and under a neighbour's job every trial looked past the time limit."""
+
+    overhead: float
+    per_token: float
+
+    def seconds(self, tokens: int) -> float:
+        return self.overhead + self.per_token * tokens
+
+    @classmethod
+    def bounding(cls, tokens: int, seconds: float) -> "RunCost":
+        """From one run alone: all of it per token, which bounds any larger batch's time from above (its overhead is
+        paid once)."""
+        return cls(0.0, seconds / tokens)
+
+    @classmethod
+    def fitted(cls, small: tuple[int, float], large: tuple[int, float]) -> "RunCost":
+        """The line through two runs, (tokens, seconds) each, the larger with more tokens. When the larger ran no
+        slower than the smaller (noise), it bounds as one run would."""
+        (small_tokens, small_seconds), (large_tokens, large_seconds) = small, large
+        per_token = (large_seconds - small_seconds) / (large_tokens - small_tokens)
+        if per_token <= 0:
+            return cls.bounding(large_tokens, large_seconds)
+        return cls(max(0.0, small_seconds - per_token * small_tokens), per_token)
+
+
+def next_probe(small: tuple[int, float], last: tuple[int, float], longest: int, seconds_left: float) -> int | None:
+    """How many tokens the probe's next run, one text, has; None when it is done. The probe climbs from the shortest
+    text (`small`: its tokens and seconds) in runs that its `last` run, counted all per token (an upper bound: a
+    larger run pays the overhead once), says end within `seconds_left`; it is done once the last run took at least
+    twice the shortest's time (per-token time then shows through the overhead: a line through the two tells them
+    apart), reached the `longest` text's length, or cannot grow. Under a neighbour's job a short run's time is
+    nearly all overhead, so the probe grows about as fast as the time it may spend allows."""
+    if last[0] >= longest or last[1] >= 2 * small[1]:
+        return None
+    length = min(longest, math.floor(seconds_left * last[0] / last[1]))
+    return length if length > last[0] else None
 
 
 def live_precisions(trials: list[PrecisionTrial], chosen: str, tolerance: float, disturbed: bool) -> list[str]:
@@ -191,8 +247,8 @@ def live_precisions(trials: list[PrecisionTrial], chosen: str, tolerance: float,
 
 def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool, ladder: list[int]) -> list[int]:
     """The budgets live traffic checks (the chosen one first): the rungs of `ladder` next to the chosen one, when
-    start-up ranked them within LIVE_CLOSE of it, or measured them (or could not) while disturbed; after an
-    out-of-memory, none above the margin `choose_budget` keeps."""
+    start-up ranked them within LIVE_CLOSE of it, or whatever it measured when it was disturbed (a busy start-up may
+    have had time for the chosen rung alone); after an out-of-memory, none above the margin `choose_budget` keeps."""
     speeds = {trial.budget: _speed(trial) for trial in trials if not trial.out_of_memory}
     # After an out-of-memory, no budget above the margin the start-up choice keeps below the largest that fit.
     out_of_memory = math.inf
@@ -205,10 +261,7 @@ def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool, ladder
         budget
         for budget in neighbours
         if budget < out_of_memory
-        and (
-            (disturbed and (budget in speeds or chosen not in speeds))
-            or (budget in speeds and chosen in speeds and speeds[budget] * LIVE_CLOSE >= speeds[chosen])
-        )
+        and (disturbed or (budget in speeds and chosen in speeds and speeds[budget] * LIVE_CLOSE >= speeds[chosen]))
     ]
     return [chosen, *close]
 
@@ -223,6 +276,28 @@ def budget_ladder(floor: int, device_type: str) -> list[int]:
         if budget >= floor:
             rungs.append(budget)
         budget *= 2
+    return rungs
+
+
+def reduced_ladder(ladder: list[int], default: int, rung_seconds: dict[int, float], seconds_left: float) -> list[int] | None:
+    """None when climbing `ladder` from its bottom to the rung above `default` is expected (`rung_seconds`: each
+    rung's expected time, 0 for rungs already timed) to end within `seconds_left`: climb as usual. Otherwise, on a
+    busy machine, the rungs worth the time there is: the ladder's rung nearest `default`, then its lower and its upper
+    neighbour, each that still fits after those before it; none when that first rung does not fit (a neighbour alone
+    says nothing against the default). Climbing from the bottom would measure only the cheapest rungs, and noise
+    made 512 look best."""
+    centre = min(range(len(ladder)), key=lambda index: abs(ladder[index] - default))
+    if sum(rung_seconds[budget] for budget in ladder[: centre + 2]) <= seconds_left:
+        return None
+    rungs: list[int] = []
+    spent = 0.0
+    for budget in [ladder[centre], *ladder[max(0, centre - 1) : centre], *ladder[centre + 1 : centre + 2]]:
+        if spent + rung_seconds[budget] > seconds_left:
+            if not rungs:
+                return []
+            continue
+        rungs.append(budget)
+        spent += rung_seconds[budget]
     return rungs
 
 

@@ -83,9 +83,9 @@ class FakeModel:
 
 class FakeRunner:
     """A `ModelRunner` stand-in for the start-up tuner: logits [length, first id] per text, like FakeModel; each
-    batch advances `clock` by its padded tokens times `seconds_per_token`, times `slowdown` (a neighbour's job),
-    times the next of `jitter`'s factors in turn (a busy machine's unevenness); plus `overhead` seconds per batch, and
-    `set_up` more on its first batch (a real runner's first run pays one-time initialisation)."""
+    batch advances `clock` by `overhead` seconds plus its padded tokens times `seconds_per_token`, and `set_up` more
+    on its first batch (a real runner's first run pays one-time initialisation), all times `slowdown` (a neighbour's
+    job slows everything) and the next of `jitter`'s factors in turn (a busy machine's unevenness)."""
 
     def __init__(
         self, clock: FakeClock, seconds_per_token: float, slowdown: float = 1.0, jitter: tuple[float, ...] = (1.0,),
@@ -98,10 +98,10 @@ class FakeRunner:
     def run(self, sequences: list[list[int]], padded_length: int):
         import torch  # here, not at the top: engine processes that tests spawn import this module without torch
 
-        factor = self.jitter[self.batches % len(self.jitter)]
-        self.clock.now += (self.set_up if self.batches == 0 else 0.0) + self.overhead
+        factor = self.jitter[self.batches % len(self.jitter)] * self.slowdown
+        set_up = self.set_up if self.batches == 0 else 0.0
         self.batches += 1
-        self.clock.now += len(sequences) * padded_length * self.seconds_per_token * self.slowdown * factor
+        self.clock.now += (set_up + self.overhead + len(sequences) * padded_length * self.seconds_per_token) * factor
         return torch.tensor([[float(len(ids)), float(ids[0])] for ids in sequences])
 
 

@@ -11,6 +11,7 @@ from service.tuning import (
     MemoryBudget,
     PairedRatios,
     PrecisionTrial,
+    RunCost,
     budget_ladder,
     choose_budget,
     choose_precision,
@@ -19,8 +20,11 @@ from service.tuning import (
     ladder_should_stop,
     live_budgets,
     live_precisions,
+    next_probe,
+    others_share,
     paired_speeds,
     precision_candidates,
+    reduced_ladder,
     traffic_shapes,
     traffic_throughput,
 )
@@ -163,13 +167,35 @@ def test_paired_rounds_on_a_quiet_machine_settle_at_the_minimum_and_wide_ones_as
     assert PairedRatios(()).median == 1.0 and PairedRatios((2.0,)).spread == 0.0
 
 
-def test_a_busy_machine_is_recognised_from_cpu_share_pressure_and_steal():
-    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=19, threads=2, cpu_pressure=0.01, steal=0.0)) == []
+def test_a_busy_machine_is_recognised_from_cpu_share_others_load_and_steal():
+    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=19, threads=2, others_share=0.01, steal=0.0)) == []
     starved = disturbance(MachineLoad(wall_seconds=10, cpu_seconds=6, threads=2))
     assert starved == ["this process ran 30% of its 2 threads' wall time"]
-    both = disturbance(MachineLoad(wall_seconds=10, cpu_seconds=20, threads=2, cpu_pressure=0.6, steal=0.2))
-    assert both == ["tasks waited for a CPU 60% of the time", "20% of CPU time stolen"]
+    both = disturbance(MachineLoad(wall_seconds=10, cpu_seconds=20, threads=2, others_share=0.6, steal=0.2))
+    assert both == ["other processes used 60% of the CPU time", "20% of CPU time stolen"]
     assert disturbance(MachineLoad(wall_seconds=0, cpu_seconds=0, threads=2)) == []
+
+
+def test_the_service_s_own_threads_are_not_others_load():
+    """A quiet 2-core machine while the trials run on both cores: the machine was busy 19.6 of its 20 CPU seconds,
+    19.2 of them this process's (the rest: the kernel, a health check). Linux's CPU pressure read 23-25% there (any
+    task that woke waited for a core the trials held), which called every quiet start disturbed."""
+    quiet = others_share(busy_cpu_seconds=19.6, own_cpu_seconds=19.2, cpu_seconds=20.0)
+    assert quiet == pytest.approx(0.02)
+    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=19.2, threads=2, others_share=quiet, steal=0.0)) == []
+    # A neighbour's two-thread job: the machine as busy, but half of it someone else's.
+    busy = others_share(busy_cpu_seconds=19.9, own_cpu_seconds=9.8, cpu_seconds=20.0)
+    assert busy == pytest.approx(0.505)
+    reasons = disturbance(MachineLoad(wall_seconds=10, cpu_seconds=9.8, threads=2, others_share=busy, steal=0.0))
+    assert reasons == ["this process ran 49% of its 2 threads' wall time", "other processes used 50% of the CPU time"]
+    # One neighbour thread against two of ours: this process still ran 75% of its threads' time (a thread waiting for
+    # the other spins on its core), which alone would pass; others' share says it.
+    one = others_share(busy_cpu_seconds=20.0, own_cpu_seconds=15.0, cpu_seconds=20.0)
+    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=15.0, threads=2, others_share=one)) == [
+        "other processes used 25% of the CPU time"
+    ]
+    assert others_share(busy_cpu_seconds=18.0, own_cpu_seconds=18.3, cpu_seconds=20.0) == 0.0  # counted differently
+    assert others_share(busy_cpu_seconds=1.0, own_cpu_seconds=0.0, cpu_seconds=0.0) is None
 
 
 def test_a_trial_starts_only_when_it_ends_in_time():
@@ -194,6 +220,8 @@ def test_live_traffic_checks_close_or_disturbed_faithful_alternatives_only():
     # No rung measured in time (a very busy start): the default and its neighbours on the ladder.
     assert live_budgets([], 2048, disturbed=True, ladder=rungs) == [2048, 1024, 4096]
     assert live_budgets([], 2048, disturbed=False, ladder=rungs) == [2048]
+    # A busy start with time for the default rung alone: its neighbours are checked live.
+    assert live_budgets([BudgetTrial(2048, 900.0)], 2048, disturbed=True, ladder=rungs) == [2048, 1024, 4096]
 
 
 def test_live_tuning_retunes_the_memory_budget_but_an_out_of_memory_still_holds_it_down():
@@ -201,3 +229,40 @@ def test_live_tuning_retunes_the_memory_budget_but_an_out_of_memory_still_holds_
     assert budget.retune(4096) == 4096 and budget.tuned == 4096
     budget.out_of_memory(failed_tokens=4096, now=0.0)
     assert budget.retune(8192) == 2048 and budget.tuned == 8192
+
+
+def test_a_batch_costs_its_overhead_plus_its_tokens():
+    # Under a neighbour: 0.5 s for 3 tokens, 0.62 s for 130 (the 2026-12-07 probe): nearly all per-batch overhead.
+    cost = RunCost.fitted((3, 0.5), (130, 0.627))
+    assert cost.per_token == pytest.approx(0.001) and cost.overhead == pytest.approx(0.497)
+    assert cost.seconds(8192) == pytest.approx(8.69, abs=0.01)  # a traffic pass at 2048: fits a 12 s share
+    assert RunCost.bounding(3, 0.5).seconds(8192) == pytest.approx(1365, abs=1)  # the old estimate: nothing fits
+    # The larger run no slower (noise): bound by it alone; a fit never gives negative overhead.
+    assert RunCost.fitted((3, 0.5), (130, 0.45)) == RunCost.bounding(130, 0.45)
+    assert RunCost.fitted((10, 0.001), (100, 0.1)).overhead == 0.0
+
+
+def test_the_probe_grows_within_its_time_until_per_token_time_shows():
+    quiet = (3, 0.005)
+    assert next_probe(quiet, quiet, longest=130, seconds_left=2.4) == 130  # the longest at once
+    assert next_probe(quiet, (130, 0.018), longest=130, seconds_left=2.3) is None
+    busy = (3, 0.5)
+    first = next_probe(busy, busy, longest=130, seconds_left=2.4)
+    assert first == 14  # 14 tokens at the 3-token run's rate, all per token: 2.33 s at most
+    second = next_probe(busy, (first, 0.51), longest=130, seconds_left=1.9)
+    assert second == 52  # the 14-token run's rate allows more
+    assert next_probe(busy, (second, 1.1), longest=130, seconds_left=1.4) is None  # twice the overhead: enough
+    assert next_probe(busy, busy, longest=130, seconds_left=0.6) is None  # no larger run fits
+
+
+def test_a_busy_start_measures_the_default_and_its_neighbours_instead_of_climbing_from_the_bottom():
+    ladder = [512, 1024, 2048, 4096, 8192]
+    quiet = {512: 0.35, 1024: 0.7, 2048: 0.0, 4096: 2.8, 8192: 5.6}  # 2048 timed by the precision trials
+    assert reduced_ladder(ladder, 2048, quiet, seconds_left=10.0) is None  # 512 to 4096 fit: climb
+    busy = {budget: seconds * 10 for budget, seconds in quiet.items()}
+    assert reduced_ladder(ladder, 2048, busy, seconds_left=10.0) == [2048, 1024]
+    assert reduced_ladder(ladder, 2048, busy, seconds_left=36.0) == [2048, 1024, 4096]  # the climb: 38.5 s
+    untimed = {**busy, 2048: 14.0}
+    assert reduced_ladder(ladder, 2048, untimed, seconds_left=16.0) == [2048]
+    assert reduced_ladder(ladder, 2048, untimed, seconds_left=10.0) == []  # a neighbour alone says nothing
+    assert reduced_ladder([2048, 4096], 2048, {2048: 9.0, 4096: 20.0}, seconds_left=10.0) == [2048]
