@@ -193,6 +193,26 @@ def test_equal_settings_on_a_noisy_machine_never_switch():
     assert {BF16, small, large} <= set(traffic.ran)  # all were explored
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_a_quiet_start_s_choice_under_steady_saturation_switches_at_most_once_and_never_to_a_slower_one(seed):
+    """A quiet start chose bf16/2048; live, under two minutes and more of steady saturation, each batch off by up to
+    35% either way at random: the neighbouring budgets are within a few percent (one slower, one faster) and fp32 is
+    less than half as fast. At most one switch, and only to a setting at least as fast as the one it replaces."""
+    rng = random.Random(seed)
+    chosen, smaller, larger = Arm("bf16", 2048), Arm("bf16", 1024), Arm("bf16", 4096)
+    fp32 = Arm("fp32", 2048)
+    speeds = {chosen: 26_000.0, smaller: 25_200.0, larger: 26_600.0, fp32: 11_000.0}
+    tuner = LiveTuner(chosen, ["bf16", "fp32"], [2048, 1024, 4096], now=0.0)
+    traffic = Traffic(tuner, noise=tuple(rng.uniform(0.65, 1.35) for _ in range(1009)))
+    # What the arms one switch away from the in-force setting run at once it moved (fp32 with the other budgets).
+    speeds |= {Arm("fp32", 1024): 10_500.0, Arm("fp32", 4096): 11_200.0}
+    switches = traffic.batches(2_000, speeds)
+    assert traffic.now > 150
+    assert len(switches) <= 1
+    assert all(speeds[switch.new] >= speeds[switch.old] for switch in switches)
+    assert tuner.in_force.precision == "bf16"
+
+
 def test_the_median_lower_bound_is_an_order_statistic_that_widens_with_fewer_pairs():
     assert median_lower_bound([1.5] * 11 + [0.5]) == 0.5  # of 12: the smallest
     assert median_lower_bound([0.5] * 4 + [1.5] * 20) == 1.5  # of 24: the fifth smallest
