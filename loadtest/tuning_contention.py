@@ -100,16 +100,19 @@ def busy_start(args: argparse.Namespace, model: str, bodies: Path) -> dict:
 
 
 def describe(name: str, run: dict, limit: float) -> str:
+    """One start, on one line: what start-up chose and in how long against the limit, whether it was disturbed, the
+    live switches, what is in force at the end with each setting's live figures, and the measured throughput."""
     force = run["in_force"]
     switches = "; ".join(f"{s['what']} {s['from']} -> {s['to']} ({s['median_ratio']}x over {s['pairs']} pairs)"
-                         for s in run["switches"]) or "none"
+                         for s in run["switches"])
     figures = ", ".join(f"{label} {c['tokens_per_second']} tok/s ({c['batches']} batches)"
                         for label, c in run["live_candidates"].items())
-    return (f"  {name}: start-up {run['startup_precision']}/{run['startup_max_batch_tokens']} in "
-            f"{run['tuning_seconds']} s (limit {limit})" + (f", disturbed: {'; '.join(run['disturbed'])}"
-                                                          if run["disturbed"] else "")
-            + f"; in force {force['precision']}/{force['max_batch_tokens']}; switches: {switches}; live: {figures or '-'}"
-            + f"; measured {run['texts_per_second']:.1f} texts/s (p99 {run['p99_ms']} ms)")
+    disturbed = f"yes ({'; '.join(run['disturbed'])})" if run["disturbed"] else "no"
+    return (f"  {name}: start-up chose {run['startup_precision']}/{run['startup_max_batch_tokens']} in "
+            f"{run['tuning_seconds']} s (limit {limit}); disturbed: {disturbed}; "
+            f"switches: {len(run['switches'])}{f' ({switches})' if switches else ''}; "
+            f"in force {force['precision']}/{force['max_batch_tokens']}; live: {figures or '-'}; "
+            f"measured {run['texts_per_second']:.1f} texts/s (p99 {run['p99_ms']} ms)")
 
 
 def main() -> None:
