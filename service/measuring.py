@@ -335,9 +335,10 @@ class Tuner:
             min(climb_until, self.deadline) - self.clock(),
         )
         trials: list[BudgetTrial] = []
+        rung_until = climb_until if reduced is None else until  # a reduced ladder is not timed again: all its time
         for budget in ladder if reduced is None else reduced:
             try:
-                trials.append(BudgetTrial(budget, self._rung_speed(precision, budget, climb_until if reduced is None else until)))
+                trials.append(BudgetTrial(budget, self._rung_speed(precision, budget, rung_until)))
             except OutOfTime:
                 if reduced is None:
                     break
@@ -345,8 +346,10 @@ class Tuner:
             if reduced is None and ladder_should_stop(trials, out_of_time=self.clock() >= climb_until):
                 break
         if reduced is not None:
+            measured = ", ".join(str(trial.budget) for trial in trials) or "none"
             self._short_of_time.append(
-                f"no time to climb the budget ladder: {len(trials)} rungs around the default measured"
+                f"no time to climb the budget ladder: the default {fallback} and its neighbours instead ({measured} "
+                "measured)"
             )
         if not trials:  # not even one rung fitted in the time: the rung the precision trials timed, if any
             timed = [budget for budget in ladder if self._timed(precision, budget, 1)]
@@ -375,9 +378,11 @@ class Tuner:
         return choose_budget(trials, self.floor), sorted(trials, key=lambda trial: trial.budget)
 
     def _rung_seconds(self, precision: str, budget: int) -> float:
-        """How long timing every batch shape of `budget` not timed yet is expected to take."""
+        """How long `_rung_speed` at `budget` is expected to take: its batch shapes not timed yet (and on CUDA, its
+        batch of maximum-length texts first)."""
         shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
-        return sum(
+        largest = self._expected_seconds(max(1, budget // self.floor) * self.floor) if self.device.type == "cuda" else 0
+        return largest + sum(
             self._expected_seconds(length * count)
             for length, count in shapes
             if not self._timings.get((precision, length, count))
