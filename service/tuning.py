@@ -28,8 +28,8 @@ MAX_PAIRS = 12
 NOISY_SPREAD = 0.15
 # Signs of a busy machine while trials ran: this process got less than this share of its threads' wall time on a
 # CPU, other processes used more than this share of the machine's CPU time, or the hypervisor stole more than this
-# share of it. (Not Linux's CPU pressure: while the trials keep every core busy, any other task that wakes, however
-# briefly, waits, so a quiet 2-core machine read 23-25% pressure caused by the trials themselves.)
+# share of it. (Not Linux's CPU pressure, the share of time any task waits for a CPU: while the trials keep every
+# core busy, any other task that wakes waits, however little it runs, and quiet starts on 2 cores read 23-25%.)
 STARVED_CPU_SHARE = 0.6
 BUSY_OTHERS_SHARE = 0.2
 BUSY_STEAL = 0.05

@@ -137,11 +137,11 @@ def test_a_disturbed_start_up_says_why_and_what_was_done():
     trials = [PrecisionTrial("fp32", 1800.0, 0.0, 0, pairs=11), PrecisionTrial("bf16", 4100.0, 0.004, 0, 2.3, 0.2, 11)]
     report = TuningReport(
         Choice("bf16", "fastest"), Choice(2048, "default"), trials, [BudgetTrial(2048, 4000.0)], 160, 17.5,
-        disturbed=["tasks waited for a CPU 80% of the time"], live_precisions=["bf16", "fp32"], live_budgets=[2048, 1024],
+        disturbed=["other processes used 50% of the CPU time"], live_precisions=["bf16", "fp32"], live_budgets=[2048, 1024],
     )
     note = report.disturbance_note()
     assert note is not None
-    assert note.startswith("start-up tuning was disturbed (tasks waited for a CPU 80% of the time): compared")
+    assert note.startswith("start-up tuning was disturbed (other processes used 50% of the CPU time): compared")
     assert "11 paired timings" in note and note.endswith("checks fp32, 1024 against the choice")
     assert report.as_dict()["live_candidates"] == {"precision": ["bf16", "fp32"], "max_batch_tokens": [2048, 1024]}
     quiet = TuningReport(Choice("bf16", "fastest"), Choice(2048, "default"), trials, [], 160, 4.0)
