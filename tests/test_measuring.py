@@ -146,3 +146,33 @@ def test_a_disturbed_start_up_says_why_and_what_was_done():
     assert report.as_dict()["live_candidates"] == {"precision": ["bf16", "fp32"], "max_batch_tokens": [2048, 1024]}
     quiet = TuningReport(Choice("bf16", "fastest"), Choice(2048, "default"), trials, [], 160, 4.0)
     assert quiet.disturbance_note() is None and quiet.as_dict()["disturbed"] == []
+
+
+def test_the_load_meter_counts_others_cpu_time_not_this_process_s(monkeypatch):
+    """Made-up /proc/stat readings 10 s apart on 2 CPUs (100 ticks a second): the machine busy 1,960 of its 2,000
+    ticks, this process 19.2 CPU seconds of them: others used 2%; then a neighbour's: 50%, and 5% stolen."""
+    from service import measuring
+
+    readings = iter([
+        measuring._CpuTicks(busy=10_000, steal=0, total=50_000),
+        measuring._CpuTicks(busy=11_960, steal=0, total=52_000),
+        measuring._CpuTicks(busy=11_960, steal=0, total=52_000),
+        measuring._CpuTicks(busy=13_850, steal=100, total=54_000),
+    ])
+    clocks = iter([(0.0, 0.0), (10.0, 19.2), (10.0, 19.2), (20.0, 28.2)])  # (wall, this process's CPU) seconds
+    now = [(0.0, 0.0)]
+
+    def tick() -> tuple[float, float]:
+        now[0] = next(clocks)
+        return now[0]
+
+    monkeypatch.setattr(measuring, "_cpu_ticks", lambda: next(readings))
+    monkeypatch.setattr(measuring.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(measuring.time, "perf_counter", lambda: tick()[0])
+    monkeypatch.setattr(measuring.time, "process_time", lambda: now[0][1])
+    quiet_meter = measuring.LoadMeter(threads=2)
+    quiet = quiet_meter.load()
+    assert quiet.wall_seconds == 10.0 and quiet.cpu_seconds == pytest.approx(19.2)
+    assert quiet.others_share == pytest.approx(0.02) and quiet.steal == 0.0
+    busy = measuring.LoadMeter(threads=2).load()
+    assert busy.others_share == pytest.approx((18.9 - 9.0) / 20) and busy.steal == pytest.approx(0.05)
