@@ -18,6 +18,7 @@ precision. Writes loadtest/results/tuning_contention.json. Numbers mean somethin
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def main() -> None:
         run = {
             "quiet": quiet,
             "busy": busy,
-            "ratio": busy["texts_per_second"] / quiet["texts_per_second"],
+            # A quiet start that answered nothing (a machine far too busy) has no ratio.
+            "ratio": busy["texts_per_second"] / quiet["texts_per_second"] if quiet["texts_per_second"] else math.nan,
             "same_precision": busy["in_force"]["precision"] == quiet["in_force"]["precision"],
         }
         report["runs"].append(run)
