@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 # The route label under which requests refused before they could be parsed are counted (one bounded value).
 UNPARSED_ROUTE = "unparsed"
+# After such a refusal the connection is read, and what comes dropped, up to this many times max_header_bytes or for
+# this long, before it closes: closing a socket with unread bytes resets it, and a client still sending (most send
+# their whole request before they read) would lose the answer. The same reason as the body limit's DISCARD_FACTOR.
+DISCARD_FACTOR = 16
+LINGER_SECONDS = 1.0
 
 
 class TooManyHeaders(Exception):
@@ -63,6 +68,8 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
         in_head = True
         line_ended = False
         heads_completed = 0
+        # Bytes still to read and drop once the request was refused (None until then).
+        discard_bytes: int | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -99,6 +106,11 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
 
         def data_received(self, data: bytes) -> None:
             self._unset_keepalive_if_required()
+            if self.discard_bytes is not None:
+                self.discard_bytes -= len(data)
+                if self.discard_bytes < 0:
+                    self.transport.close()
+                return
             if not self.in_head:
                 self._parse(data)
                 return
@@ -118,7 +130,7 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             heads_completed = self.heads_completed
             self.head_bytes = max_head
             self._parse(data[:room])
-            if self.transport.is_closing():
+            if self.discard_bytes is not None or self.transport.is_closing():
                 return
             if self.heads_completed == heads_completed:
                 self._refuse(431, f"the request line and headers are larger than {max_head} bytes; send fewer or shorter headers")
@@ -151,7 +163,7 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
 
         def _headers_too_slow(self) -> None:
             self.header_timer = None
-            if self.transport.is_closing():
+            if self.discard_bytes is not None or self.transport.is_closing():
                 return
             metrics.CLIENT_TIMEOUTS.labels("headers").inc()
             message = f"the request headers did not arrive within {header_timeout:g} s; send them without pausing"
@@ -159,9 +171,13 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._refuse(408, message, counted=self.head_bytes > 0)
 
         def _refuse(self, status: int, message: str, counted: bool = True) -> None:
-            """Answer `status` with the JSON error body and close the connection; nothing more of it is read."""
-            if self.transport.is_closing():
+            """Answer `status` with the JSON error body and close the connection; nothing more of it is parsed (what
+            still comes is dropped for a moment first, see DISCARD_FACTOR)."""
+            if self.discard_bytes is not None or self.transport.is_closing():
                 return
+            self._stop_header_clock()
+            self.discard_bytes = DISCARD_FACTOR * max_head
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
             request_id = request_ids.from_header(None)
             body = json.dumps({"error": message, "request_id": request_id}).encode()
             head = (
@@ -169,7 +185,6 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
                 f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
             )
             self.transport.write(head.encode() + body)
-            self.transport.close()
             if counted:
                 metrics.REQUESTS.labels(UNPARSED_ROUTE, str(status)).inc()
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
