@@ -131,15 +131,15 @@ REQUEST = b"GET /health HTTP/1.1\r\nHost: test\r\n"
 )
 def test_what_cannot_be_parsed_is_answered_as_json_counted_and_logged_once(request_bytes, status, fragment, caplog):
     before = unparsed(status)
-    with caplog.at_level(logging.INFO, logger="service.server"):
+    with caplog.at_level(logging.INFO):
         answer, _ = in_protocol(lambda port: exchange(port, request_bytes))
     code, headers, body = parsed(answer)
     assert (code, headers["content-type"], headers["connection"]) == (status, "application/json", "close")
     assert fragment in body["error"] and body["request_id"] == headers["x-request-id"]
     assert unparsed(status) == before + 1
-    [logged] = [record for record in caplog.records if record.name == "service.server"]
-    assert logged.levelno == logging.INFO and fragment in logged.getMessage() and logged.exc_info is None
-    assert logged.request_id == body["request_id"]
+    [logged] = caplog.records  # one line, ours (uvicorn's own WARNING for a parser error is gone)
+    assert logged.name == "service.server" and logged.levelno == logging.INFO and logged.exc_info is None
+    assert fragment in logged.getMessage() and logged.request_id == body["request_id"]
 
 
 def test_a_request_within_every_limit_is_served_with_its_body():
@@ -345,6 +345,16 @@ def test_trusted_hosts_refuse_other_hosts_except_on_probes_and_metrics():
         "evil.test": 400, "probe": 200, "metrics": 200,
     }  # fmt: skip
     assert "does not answer to (CLASSIFIER_TRUSTED_HOSTS)" in error_body(refused)["error"]
+
+
+def test_the_limits_are_settings_shown_at_info():
+    async def scenario(client):
+        return (await client.get("/info")).json()["settings"]
+
+    shown = run(scenario, max_header_bytes=32768, max_header_count=50, trusted_hosts="test")
+    assert {key: shown[key] for key in ("max_request_line_bytes", "max_header_bytes", "max_header_count", "trusted_hosts")} == {
+        "max_request_line_bytes": 8192, "max_header_bytes": 32768, "max_header_count": 50, "trusted_hosts": "test",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("value", ["", " , ", "example.com:8000", "api.*.com"])
