@@ -176,13 +176,14 @@ def test_an_endless_header_is_refused_after_the_limit_without_reading_the_rest()
 
 
 def test_the_header_timeout_counts_from_the_connection_however_the_bytes_trickle_in():
-    """A byte every 0.1 s, the first 0.5 s after connecting: still 408 at the timeout, counted from the connection."""
+    """A byte every 0.1 s, the first 1 s after connecting: 408 at the timeout counted from the connection (1.5 s),
+    not from the first byte (2.5 s)."""
 
     async def scenario(port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         started = time.monotonic()
         answer = asyncio.create_task(read_answer(reader))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         with contextlib.suppress(ConnectionError):
             for byte in REQUEST + b"X-Slow: " + b"a" * 100:
                 if answer.done():
@@ -198,7 +199,7 @@ def test_the_header_timeout_counts_from_the_connection_however_the_bytes_trickle
     answer, seconds = in_protocol(scenario, header_timeout_seconds=1.5)
     code, _, body = parsed(answer)
     assert code == 408 and body["error"] == "the request headers did not arrive within 1.5 s; send them without pausing"
-    assert 1.4 < seconds < 2.5
+    assert 1.4 < seconds < 2.2
     assert unparsed(408) == before + 1
 
 
