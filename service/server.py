@@ -54,8 +54,9 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
       Content-Length and Transfer-Encoding) are answered 400, in the service's JSON error format, instead of
       uvicorn's plain text.
 
-    Each of these answers carries `{"error", "request_id"}`, closes the connection, is counted in
-    classifier_requests_total under the route "unparsed", and is logged in one INFO line.
+    Each of these answers carries `{"error", "request_id"}`, closes the connection (a moment later if bytes still
+    come, see DISCARD_FACTOR), is counted in classifier_requests_total under the route "unparsed", and is logged in
+    one INFO line.
     """
     header_timeout = settings.header_timeout_seconds
     max_line, max_head, max_headers = settings.max_request_line_bytes, settings.max_header_bytes, settings.max_header_count
@@ -167,17 +168,17 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
                 return
             metrics.CLIENT_TIMEOUTS.labels("headers").inc()
             message = f"the request headers did not arrive within {header_timeout:g} s; send them without pausing"
-            # A connection opened and left idle is closed too, but it sent no request to count.
-            self._refuse(408, message, counted=self.head_bytes > 0)
+            # A connection opened and left idle is closed too, at once: it sent no request to count, nor bytes to drop.
+            self._refuse(408, message, request_began=self.head_bytes > 0)
 
-        def _refuse(self, status: int, message: str, counted: bool = True) -> None:
+        def _refuse(self, status: int, message: str, request_began: bool = True) -> None:
             """Answer `status` with the JSON error body and close the connection; nothing more of it is parsed (what
-            still comes is dropped for a moment first, see DISCARD_FACTOR)."""
+            still comes of a request is dropped for a moment first, see DISCARD_FACTOR)."""
             if self.discard_bytes is not None or self.transport.is_closing():
                 return
             self._stop_header_clock()
             self.discard_bytes = DISCARD_FACTOR * max_head
-            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+            self.loop.call_later(LINGER_SECONDS if request_began else 0, self.transport.close)
             request_id = request_ids.from_header(None)
             body = json.dumps({"error": message, "request_id": request_id}).encode()
             head = (
@@ -185,7 +186,7 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
                 f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
             )
             self.transport.write(head.encode() + body)
-            if counted:
+            if request_began:
                 metrics.REQUESTS.labels(UNPARSED_ROUTE, str(status)).inc()
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             log.info(
