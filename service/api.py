@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -89,14 +90,20 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
         await load
         await slot.stop()
 
-    app = FastAPI(
+    # /docs and /redoc with their scripts and styles served from the fastapi-offline package, not a CDN: a service
+    # on a private network must show its docs too.
+    app = FastAPIOffline(
         title="Text classification service",
         description="Length-bucketed micro-batching in front of a transformer sequence classifier.",
         lifespan=lifespan,
         **WITHOUT_TELEMETRY,
         responses={
-            status: {"model": ErrorResponse} for status in (400, 408, 422, 429, 503)  # 400: a body that is not UTF-8
+            # 400: a body not in UTF-8, nested too deeply or with a key twice, or a missing or untrusted Host
+            status: {"model": ErrorResponse} for status in (400, 408, 415, 422, 429, 503)
         },
+        # No redirect to the path with or without its trailing slash: Starlette builds its Location from the
+        # client's Host header. `POST /classify/` is a 404 that names the path.
+        redirect_slashes=False,
     )
     app.state.slot = slot
     # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
@@ -117,6 +124,7 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout-Ms"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )
+    app.add_middleware(HostCheckMiddleware, trusted=settings.trusted_host_list())
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
     _add_routes(app, settings, slot, app.state.draining)
@@ -193,7 +201,7 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
         },
         summary="Classify texts and text pairs; each answer comes back in the order sent",
         response_model_exclude_unset=True,  # above_threshold only where the model is multi-label, as the fast path
-        route_class_override=well_formed_first(answer),
+        route_class_override=json_body_route(answer),
     )
 
     async def predict(
@@ -235,6 +243,7 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
             "`parameters` (huggingface_hub's InferenceClient.text_classification), every input answers a list. "
             "Errors come in TEI's shape, `{\"error\", \"error_type\"}`, with TEI's statuses (424 for a failure of "
             "the model).",
+            route_class_override=json_body_route(),
         )
 
     @app.get("/health", summary="Alive (200), or 503 when the model failed to load")
@@ -292,46 +301,116 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def well_formed_first(answer: Answer) -> type[APIRoute]:
-    """/classify's route class: a well-formed request (a JSON body that validates as ClassifyRequest, and a timeout
-    header of plain digits in range, or none) goes to `answer` at once; any other request goes through FastAPI's
-    own handling of the declared endpoint, which answers with its exact errors (or, for a form this check does not
-    take, calls the endpoint). FastAPI's per-request dependency solving was 13% of the event loop's busy samples at
-    saturation with the near-zero-cost model, its body parsing and response validation a few more."""
+def json_body_route(answer: Answer | None = None) -> type[APIRoute]:
+    """The route class of a route that takes a JSON body: the body is checked and parsed once, here, before FastAPI's
+    own handling of the declared endpoint, which then reads the parsed value instead of parsing the body again.
 
-    class WellFormedFirst(APIRoute):
+    Refused here, as FastAPI would let them through or answer them vaguely (`parse_json_body`): a Content-Type other
+    than JSON (415, naming it), a body in another encoding than UTF-8, nested too deeply to parse, or with a key
+    twice (400). Malformed JSON goes on to FastAPI, which answers it with its exact 422.
+
+    With `answer` (/classify's), a well-formed request (its body validates as ClassifyRequest, and its timeout header
+    is plain digits in range, or absent) goes to `answer` at once, and only the others through FastAPI's declared
+    endpoint, which answers them with its exact errors (or, for a form this check does not take, calls the endpoint).
+    FastAPI's per-request dependency solving was 13% of the event loop's busy samples at saturation with the
+    near-zero-cost model, its body parsing and response validation a few more."""
+
+    class JsonBodyRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             declared = super().get_route_handler()
 
             async def handle(request: Request) -> Response:
-                well_formed = await _well_formed(request)
-                if well_formed is None:
+                content_type = request.headers.get("content-type", "")
+                if not _is_json(content_type):
+                    raise ApiError(
+                        415,
+                        f"the body must be JSON, sent with the header Content-Type: application/json "
+                        f"(this request's Content-Type: {content_type[:100] or 'none'})",
+                    )
+                raw = await request.body()  # kept by the request, so FastAPI's handler reads the same bytes
+                try:
+                    value = parse_json_body(raw)
+                except ValueError:  # malformed JSON (or none): FastAPI's declared path says where
                     return await declared(request)
-                return await answer(*well_formed)
+                # What Starlette's Request.json() returns without parsing again: FastAPI's handler reads the body so.
+                request._json = value
+                if answer is not None and (well_formed := _well_formed(value, request)) is not None:
+                    return await answer(*well_formed)
+                return await declared(request)
 
             return handle
 
-    return WellFormedFirst
+    return JsonBodyRoute
 
 
-async def _well_formed(request: Request) -> tuple[ClassifyRequest, Request, int | None] | None:
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/<anything>+json."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names a key twice (raised from inside the parser, then answered 400)."""
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, unless it has a key twice: json.loads would keep the last value silently, so
+    `{"texts": [...], "texts": [...]}` would classify half of what the client meant. One call per JSON object: a
+    request body has one or two."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return value
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body's JSON value.
+
+    Raises ApiError (400) for a body json.loads would take though the API does not: UTF-16 or UTF-32 (json.loads
+    detects and decodes them), bytes that are not UTF-8 (json.loads decodes UTF-8 with surrogates passed through), a
+    key twice in one object; and for nesting too deep for the parser (its RecursionError: a request needs 3 levels).
+    Raises ValueError (json.JSONDecodeError) for malformed JSON or an empty body."""
+    encoding = json.detect_encoding(raw)
+    if encoding not in ("utf-8", "utf-8-sig"):  # utf-8-sig: a UTF-8 byte order mark, which json.loads accepts too
+        raise ApiError(400, f"the body is {encoding.upper()}, not UTF-8; send the JSON encoded as UTF-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise ApiError(
+            400, f"the body is not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); send the JSON encoded as UTF-8"
+        ) from None
+    try:
+        return _JSON.decode(text)
+    except RecursionError:
+        raise ApiError(
+            400, "the JSON body nests arrays or objects too deeply to parse; a request needs at most 3 levels"
+        ) from None
+    except _DuplicateKey as duplicate:
+        raise ApiError(400, f"the JSON body has the key {str(duplicate)[:100]!r} twice in one object; send each key once") from None
+
+
+def _well_formed(value: Any, request: Request) -> tuple[ClassifyRequest, Request, int | None] | None:
     """The request's body and timeout header as FastAPI would validate them, or None when it might not.
 
-    The body: `application/json`, then json.loads and the model (lax), as FastAPI does. The header: FastAPI reads its
-    first value; taken here only when it is plain ASCII digits within the declared range.
+    The body: the model (lax), as FastAPI validates it. The header: FastAPI reads its first value; taken here only
+    when it is plain ASCII digits within the declared range.
     """
-    content_type = request.headers.get("content-type", "")
-    if content_type.partition(";")[0].strip().lower() != "application/json":
-        return None
-    timeout_ms = next((value for name, value in request.scope["headers"] if name == TIMEOUT_HEADER), None)
-    if timeout_ms is not None:
-        if not timeout_ms.isdigit() or not 1 <= int(timeout_ms) <= MAX_TIMEOUT_MS:  # bytes.isdigit: ASCII only
+    header = next((header for name, header in request.scope["headers"] if name == TIMEOUT_HEADER), None)
+    timeout_ms = None
+    if header is not None:
+        if not header.isdigit() or not 1 <= int(header) <= MAX_TIMEOUT_MS:  # bytes.isdigit: ASCII only
             return None
-        timeout_ms = int(timeout_ms)
-    raw = await request.body()  # kept by the request, so FastAPI's handler reads the same bytes
+        timeout_ms = int(header)
     try:
-        return ClassifyRequest.model_validate(json.loads(raw)), request, timeout_ms
-    except (ValueError, pydantic.ValidationError):  # not JSON (or not UTF-8), or not a valid request
+        return ClassifyRequest.model_validate(value), request, timeout_ms
+    except pydantic.ValidationError:  # not a valid request: FastAPI's declared path says why
         return None
 
 
@@ -395,8 +474,6 @@ def _http_error_message(request: Request, error: HTTPException) -> str:
         return f"{request.method} is not allowed on {request.url.path}; use {(error.headers or {}).get('Allow', 'another method')}"
     if error.status_code == 404:
         return f"no such endpoint: {request.url.path}; see /docs"
-    if error.status_code == 400:
-        return f"{error.detail}: send the body as JSON in UTF-8"
     return str(error.detail)
 
 
@@ -512,6 +589,38 @@ class ApiKeyMiddleware:
         for accepted in self.keys:
             matched |= hmac.compare_digest(key.strip(), accepted)
         return matched and scheme.lower() == b"bearer"
+
+
+class HostCheckMiddleware:
+    """Answers 400 to a request without exactly one Host header (HTTP/1.1 requires it), and, when `trusted` names
+    hosts, to one whose Host (its port aside) is none of them (`*.example.com` matches any subdomain). Probes and
+    /metrics answer any Host: Kubernetes probes and Prometheus address the pod by its IP."""
+
+    def __init__(self, app: ASGIApp, trusted: list[str] | None) -> None:
+        self.app = app
+        self.exact = frozenset(host for host in trusted or () if not host.startswith("*."))
+        self.suffixes = tuple(host[1:] for host in trusted or () if host.startswith("*."))  # ".example.com"
+        self.any_host = trusted is None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            hosts = [value for name, value in scope["headers"] if name == b"host"]
+            if len(hosts) != 1 or not hosts[0]:
+                message = "the request needs exactly one Host header, naming this service's host"
+                await _error_response(scope, send, 400, message, {})
+                return
+            if not self._trusted(scope["path"], hosts[0].decode("latin-1").lower()):
+                message = "the Host header names a host this service does not answer to (CLASSIFIER_TRUSTED_HOSTS)"
+                await _error_response(scope, send, 400, message, {})
+                return
+        await self.app(scope, receive, send)
+
+    def _trusted(self, path: str, host: str) -> bool:
+        if self.any_host or path in ConcurrencyLimitMiddleware.EXEMPT_PATHS:
+            return True
+        # The port aside: "example.com:8000" -> "example.com", "[::1]:8000" -> "[::1]".
+        name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
+        return name in self.exact or name.endswith(self.suffixes)
 
 
 class ConcurrencyLimitMiddleware:

@@ -138,6 +138,28 @@ class Settings(BaseSettings):
         description="Comma-separated origins browsers may call from (CORS), or *; unset = no CORS headers (off).",
     )
 
+    # Hostile clients (service/server.py, service/api.py): how much of a request is read before it is parsed, and
+    # which Host headers are answered.
+    max_request_line_bytes: int = Field(
+        8192,
+        ge=256,
+        description="Longest request line (method, URL, version) in bytes; longer is answered 414 and closed as it "
+        "arrives, before it is parsed.",
+    )
+    max_header_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="Most bytes of a request's line and headers together; more is answered 431 and closed as it "
+        "arrives, before it is parsed.",
+    )
+    max_header_count: int = Field(100, ge=8, description="Most header lines in one request; more is answered 431.")
+    trusted_hosts: str = Field(
+        "*",
+        description="Comma-separated host names the Host header may name (a leading *. matches any subdomain), or * "
+        "for any; another is answered 400. /health, /ready and /metrics answer any Host (probes and scrapers use "
+        "the pod's address); a request without Host is always 400.",
+    )
+
     def api_key_list(self) -> list[bytes]:
         """The accepted keys (none when api_keys is unset): the file's lines, or the list's items."""
         if self.api_keys is None:
@@ -146,6 +168,11 @@ class Settings(BaseSettings):
         path = Path(value)
         lines = path.read_text().splitlines() if "," not in value and path.is_file() else value.split(",")
         return [key.encode() for line in lines if (key := line.strip()) and not key.startswith("#")]
+
+    def trusted_host_list(self) -> list[str] | None:
+        """The trusted host patterns, lower-case; None when any host is trusted."""
+        hosts = [host.strip().lower() for host in self.trusted_hosts.split(",") if host.strip()]
+        return None if "*" in hosts else hosts
 
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in (self.cors_allow_origins or "").split(",") if origin.strip()]
@@ -160,6 +187,19 @@ class Settings(BaseSettings):
     def _check_bucket_bounds(self) -> "Settings":
         if self.bucket_bounds is not None:
             check_bucket_bounds(self.bucket_bounds)
+        return self
+
+    @model_validator(mode="after")
+    def _check_request_limits(self) -> "Settings":
+        if self.max_request_line_bytes > self.max_header_bytes:
+            raise ValueError("max_request_line_bytes must not exceed max_header_bytes, which counts the request line too")
+        hosts = self.trusted_host_list()
+        if hosts == []:
+            raise ValueError("trusted_hosts names no host: give host names, or * for any")
+        for host in hosts or []:
+            # A port is not part of the match (the Host header's port is ignored); an IPv6 address comes in brackets.
+            if "*" in host.removeprefix("*.") or (":" in host and not host.startswith("[")):
+                raise ValueError(f"trusted_hosts: {host!r} is not a host name (without a port), *.domain or *")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,243 @@
+"""Hostile clients against a real service process (issue 22): what one client can make the replica pay.
+
+    flock /tmp/bench.lock python -m loadtest.hostile [--model DIR] [--scenario header_flood|deep_json|all]
+
+Starts the service itself (tuning off, as the audit ran it), then runs each scenario chosen, one function each:
+
+- header_flood: --connections (20) clients each send --flood-mb (50) MB of one unterminated header value, as fast
+  as the server reads it, opening a new connection whenever one is answered or closed, while --trickle (5) more
+  send a header a byte every 100 ms, and a separate thread polls /health every 50 ms. It prints /health's
+  p50/p99/max and any failed poll, the server's RSS before, at its peak and after, and when the answers came
+  (408s, 431s, seconds from each connection's opening) and how many bytes the flood wrote.
+- deep_json: `[[[...]]]` 100,000 deep, as the body and as `texts`, to /classify and /predict: the status, the
+  body, and whether a traceback reached the server log.
+
+It prints numbers as JSON; it is not a test (they depend on the machine): run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+from loadtest.probe import ServerProcess, ServiceNotReady, free_port, machine, percentile, service_command
+
+FLOOD_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Flood: "
+FLOOD_CHUNK = b"a" * 65536
+TRICKLE_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Trickle: " + b"a" * 10_000
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+async def _read_status(reader: asyncio.StreamReader) -> tuple[str, float | None]:
+    """The status of the answer on a connection ("none" if it closed without one, "reset" if it was reset first),
+    and when its first bytes came (monotonic)."""
+    try:
+        head = await reader.read(64)
+    except ConnectionError:
+        return "reset", None
+    if not head.startswith(b"HTTP/1.1 "):
+        return "none", None
+    arrived = time.monotonic()
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+    return head.split()[1].decode(), arrived
+
+
+# A sender writes to a connection until it is answered (the task) or done, adding what it wrote to sent[0]: a reset
+# ends it with an exception, and what it got through still counts.
+Sender = Callable[[asyncio.StreamWriter, asyncio.Task, list[int]], Awaitable[None]]
+
+
+async def _one_connection(url: str, send: Sender) -> dict:
+    """Opens a connection, runs `send` while reading the answer; what it got, when, and the bytes sent."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    opened = time.monotonic()
+    answer = asyncio.create_task(_read_status(reader))
+    sent = [0]
+    with contextlib.suppress(ConnectionError):
+        await send(writer, answer, sent)
+    status, arrived = await answer
+    writer.close()
+    return {"status": status, "after_s": None if arrived is None else arrived - opened, "sent": sent[0]}
+
+
+async def _flood_sender(writer: asyncio.StreamWriter, answer: asyncio.Task, sent: list[int], budget: int) -> None:
+    writer.write(FLOOD_HEAD)
+    sent[0] += len(FLOOD_HEAD)
+    while sent[0] < budget and not answer.done():
+        writer.write(FLOOD_CHUNK)
+        await writer.drain()
+        sent[0] += len(FLOOD_CHUNK)
+
+
+async def _trickle_sender(writer: asyncio.StreamWriter, answer: asyncio.Task, sent: list[int], deadline: float) -> None:
+    for byte in TRICKLE_HEAD:
+        if answer.done() or time.monotonic() > deadline:
+            break
+        writer.write(bytes([byte]))
+        await writer.drain()
+        sent[0] += 1
+        await asyncio.sleep(0.1)
+
+
+def _poll_health(url: str, stop: threading.Event, interval: float, latencies: list[float], failures: list[str]) -> None:
+    """GET /health every `interval` s until `stop`, from this thread: each answer's latency, or why there was none."""
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                status = client.get("/health").status_code
+                latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    failures.append(f"status {status}")
+            except httpx.HTTPError as error:
+                failures.append(f"{type(error).__name__} after {_ms(time.perf_counter() - started)} ms")
+            stop.wait(interval)
+
+
+def header_flood(server: ServerProcess, args: argparse.Namespace) -> dict:
+    """20 clients sending 50 MB of unterminated header each, and a few trickling, while /health is polled."""
+    budget = int(args.flood_mb * 1024 * 1024)
+    rss_before = server.rss_mib()
+    server.reset_peak_rss()
+    latencies: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_health, args=(server.url, stop, 0.05, latencies, failures), daemon=True)
+
+    async def flooder() -> list[dict]:
+        """One client: new connections until its budget is sent or the time is up."""
+        connections, left = [], budget
+        deadline = time.monotonic() + args.flood_seconds
+        while left > 0 and time.monotonic() < deadline:
+            got = await _one_connection(server.url, functools.partial(_flood_sender, budget=left))
+            connections.append(got)
+            left -= max(got["sent"], 1)
+        return connections
+
+    async def trickler() -> dict:
+        deadline = time.monotonic() + args.flood_seconds
+        return await _one_connection(server.url, functools.partial(_trickle_sender, deadline=deadline))
+
+    async def run() -> tuple[list[list[dict]], list[dict]]:
+        floods = asyncio.gather(*(flooder() for _ in range(args.connections)))
+        trickles = asyncio.gather(*(trickler() for _ in range(args.trickle)))
+        return await floods, await trickles
+
+    poller.start()
+    started = time.monotonic()
+    floods, trickles = asyncio.run(run())
+    flood_seconds = time.monotonic() - started
+    time.sleep(1)  # /health polled a moment after, too
+    stop.set()
+    poller.join()
+    connections = [connection for flood in floods for connection in flood]
+    flood_after = [c["after_s"] for c in connections if c["after_s"] is not None]
+    trickle_after = [c["after_s"] for c in trickles if c["after_s"] is not None]
+    return {
+        "flood": {
+            "clients": args.connections,
+            "connections": len(connections),
+            "statuses": dict(Counter(c["status"] for c in connections)),
+            "answered_after_ms": {"p50": _ms(percentile(flood_after, 50)), "max": _ms(max(flood_after, default=None))},
+            # written into the sockets: the kernel buffers megabytes of each before the server's reset is seen
+            "mib_written": round(sum(c["sent"] for c in connections) / 2**20, 1),
+            "seconds": round(flood_seconds, 1),
+        },
+        "trickle": {
+            "connections": len(trickles),
+            "statuses": dict(Counter(c["status"] for c in trickles)),
+            "answered_after_s": sorted(round(seconds, 2) for seconds in trickle_after),
+        },
+        "health": {
+            "polls": len(latencies) + len(failures),
+            "failures": failures[:10],
+            "p50_ms": _ms(percentile(latencies, 50)),
+            "p99_ms": _ms(percentile(latencies, 99)),
+            "max_ms": _ms(max(latencies, default=None)),
+        },
+        "rss_mib": {"before": round(rss_before, 1), "peak": round(server.peak_rss_mib(), 1), "after": round(server.rss_mib(), 1)},
+    }
+
+
+def deep_json(server: ServerProcess, args: argparse.Namespace) -> dict:
+    """`[[[...]]]` 100,000 deep as the body and as `texts`: status, body, and whether the log got a traceback."""
+    depth = args.depth
+    deep = "[" * depth + '"a"' + "]" * depth
+    bodies = {"body": "[" * depth + "]" * depth, "texts": '{"texts": ' + deep + "}", "inputs": '{"inputs": ' + deep + "}"}
+    cases = [("/classify", "body"), ("/classify", "texts"), ("/predict", "body"), ("/predict", "inputs")]
+    results = {}
+    with httpx.Client(base_url=server.url, timeout=30, headers={"content-type": "application/json"}) as client:
+        for route, kind in cases:
+            logged_before = server.log_path.read_text()
+            started = time.perf_counter()
+            response = client.post(route, content=bodies[kind].encode())
+            seconds = time.perf_counter() - started
+            time.sleep(0.2)  # for the log to be written
+            logged = server.log_path.read_text()[len(logged_before) :]
+            results[f"{route} {kind}"] = {
+                "status": response.status_code,
+                "body": response.text[:300],
+                "ms": _ms(seconds),
+                "traceback_logged": "Traceback" in logged,
+                "log_lines": len(logged.splitlines()),
+            }
+    return {"depth": depth, "answers": results}
+
+
+SCENARIOS: dict[str, Callable[[ServerProcess, argparse.Namespace], dict]] = {
+    "header_flood": header_flood,
+    "deep_json": deep_json,
+}
+
+
+def hostile(args: argparse.Namespace) -> dict:
+    chosen = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    log_path = Path(tempfile.gettempdir()) / f"hostile-service-{args.port}.log"
+    env = {"CLASSIFIER_TUNE": "false", "CLASSIFIER_LOG_LEVEL": "info"}
+    with ServerProcess(service_command(args.model, args.port), args.port, log_path, env, ready_timeout=600) as server:
+        result: dict = {"machine": machine(), "model": httpx.get(f"{server.url}/info").json()["model"]}
+        for name in chosen:
+            result[name] = SCENARIOS[name](server, args)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    parser.add_argument("--port", type=int, default=free_port())
+    parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument("--connections", type=int, default=20, help="header_flood: flooding clients")
+    parser.add_argument("--flood-mb", type=float, default=50, help="header_flood: MB each flooding client sends")
+    parser.add_argument("--flood-seconds", type=float, default=30, help="header_flood: at most this long")
+    parser.add_argument("--trickle", type=int, default=5, help="header_flood: clients sending a byte every 100 ms")
+    parser.add_argument("--depth", type=int, default=100_000, help="deep_json: nesting depth")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        result = hostile(parse_args(argv))
+    except ServiceNotReady as error:
+        raise SystemExit(str(error)) from None
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
