@@ -39,6 +39,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from service.cache_dir import CacheDirUnusable, build_once, retired_prefix, staging_prefix
 from service.package_files import package_dir
 
 logger = logging.getLogger("service.default_model")
@@ -264,7 +265,7 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, report: di
     # Write into a temporary sibling and rename it into place, so an interrupted build never
     # leaves a half-written directory that looks like a valid model.
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.building-", dir=target_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target_dir.name), dir=target_dir.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary cache directory
         _clear_length_settings(tokenizer)
@@ -280,7 +281,7 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, report: di
 def _replace_dir(new: Path, target: Path) -> None:
     # rename() cannot overwrite a non-empty directory: move the old one aside first.
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=retired_prefix(target.name), dir=target.parent))
         os.replace(target, old / target.name)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -333,9 +334,10 @@ def read_build_report(model_dir: Path) -> dict | None:
 
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
-    """Return the default model's directory, building it first (logging that it will take ~10 minutes)
-    if it is not there yet. Without the default-model extra, logs which extra to install (one line) and
-    raises DefaultModelExtraMissing."""
+    """Return the default model's directory, building it first (logging that it will take ~10 minutes) if it is
+    not there yet. Before building: without the default-model extra, logs which extra to install (one line) and
+    raises DefaultModelExtraMissing; a cache directory that cannot take the build raises CacheDirUnusable. Processes
+    sharing the cache directory build it once: the others wait for that build and return its result."""
     model_dir = default_model_dir(cache_dir)
     if read_build_report(model_dir) is None:
         try:
@@ -343,9 +345,17 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
         except DefaultModelExtraMissing as error:
             logger.error("%s", error)
             raise
-        logger.warning("building the default model into %s; this takes up to about 10 minutes on a CPU", model_dir)
-        build_default_model(model_dir)
+        build_once(model_dir, _is_built, _build_announced)
     return model_dir
+
+
+def _is_built(model_dir: Path) -> bool:
+    return read_build_report(model_dir) is not None
+
+
+def _build_announced(model_dir: Path) -> None:
+    logger.warning("building the default model into %s; this takes up to about 10 minutes on a CPU", model_dir)
+    build_default_model(model_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -355,10 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir = default_model_dir(args.cache_dir)
-    if args.force:
-        build_default_model(model_dir)
-    else:
-        ensure_default_model(args.cache_dir)
+    try:
+        if args.force:
+            build_once(model_dir, _is_built, build_default_model, force=True)
+        else:
+            ensure_default_model(args.cache_dir)
+    except CacheDirUnusable as error:
+        raise SystemExit(f"error: {error}") from None
     print(json.dumps(read_build_report(model_dir), indent=2))
 
 
