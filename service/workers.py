@@ -22,7 +22,6 @@ and every API process serves the sum over all processes at /metrics (`service.me
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -46,6 +45,7 @@ from service.loading import build_backend, load_engine, load_failure_reason
 from service.scorer import Scorer
 from service.server import freeze_loaded_heap
 from service.settings import Settings
+from service.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,7 @@ def _become(name: str, settings: Settings) -> None:
     """Set up a child process: its own process group (a terminal's Ctrl-C reaches the supervisor alone, which then
     signals each child once), its name in ps and /proc (comm), and logging."""
     os.setpgrp()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    name_this_thread(name)  # the main thread's name is the process's
     request_ids.configure_logging(settings.log_level, name)
 
 
