@@ -32,6 +32,10 @@ from service.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
+# Admissions publish the queue's state (three gauges, each a write to a shared file under --workers) this long after
+# the first of them, once for all that come meanwhile, not once each; batches taken and ended publish it at once.
+QUEUE_STATE_DELAY = 0.01
+
 
 @dataclass(slots=True)
 class Pending:
@@ -139,7 +143,7 @@ class Batcher:
         self._in_flight = InFlight()
         self._changed = threading.Condition()
         self._accepting = True
-        self._queue_state_due = False  # admissions have changed the queue since its state was last published
+        self._queue_state_due = False  # admissions have changed the queue and its state is to be published
         self._worked: asyncio.Future | None = None
 
     def start(self, inference_thread: Executor) -> None:
@@ -185,13 +189,13 @@ class Batcher:
             for item in items:
                 self.queue.append(item)
             self._changed.notify()
-        if not self._queue_state_due:  # once per turn of the loop, however many requests it admits
+        if not self._queue_state_due:  # once per QUEUE_STATE_DELAY, however many requests come in it
             self._queue_state_due = True
-            answers.call_soon(self._publish_admitted)
+            answers.call_later(QUEUE_STATE_DELAY, self._publish_admitted)
         return Submission(items)
 
     def _publish_admitted(self) -> None:
-        """Publish the queue's state after this loop turn's admissions."""
+        """Publish the queue's state after the admissions of the last QUEUE_STATE_DELAY."""
         with self._changed:
             self._queue_state_due = False
             self._publish_queue_state()
@@ -436,9 +440,9 @@ class Answers:
         """A future for one text's scores (on the event loop)."""
         return self._loop.create_future()
 
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        """On the event loop: run `callback` at the end of this turn of the loop."""
-        self._loop.call_soon(callback)
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """On the event loop: run `callback` on it `delay` seconds from now."""
+        self._loop.call_later(delay, callback)
 
     def fail(self, items: list[QueuedText], error: Exception) -> None:
         """From any thread: fail the texts' futures with `error` (those still waiting)."""
