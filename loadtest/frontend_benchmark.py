@@ -12,12 +12,19 @@ e.g. an unpacked copy of an older commit) is started as a real process and drive
 keep-alive connections; a Lua script posting a long-tailed mix of real texts from loadtest/corpus.py), with one
 text per request and with `--multi` texts per request. Configurations alternate round by round, so ratios come from
 runs made back to back. Reported per run: requests/s, texts/s, and CPU seconds per request of every process of the
-service (from /proc/<pid>/stat, before and after), whose sum is what one request costs the machine.
+service (from /proc/<pid>/stat, before and after), whose sum is what one request costs the machine, and of each
+thread of the engine process (/proc/<pid>/task/<tid>/stat, named by service/thread_names.py): its event loop
+(`clf-engine`: the IPC, admission, the queue, answers), the collation thread (`clf-collate`), the inference thread
+(`clf-inference`: the model's forward passes, per batch) and ZeroMQ's I/O thread. A replica's engine process tops out
+where one of its threads does: each is one core at most, and the projected capacity of the engine process is
+1 / (the busiest thread's CPU per request) (`engine_capacity`), with the bookkeeping alone (every thread but the
+model's) beside it (`bookkeeping_capacity`: 1 / the event loop's CPU per request).
 `--profile N` records N seconds of py-spy under the single-text load of the first configuration instead.
 Results go to loadtest/results/frontend.json.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,6 +38,8 @@ from loadtest.corpus import load_texts
 from loadtest.probe import ROOT, ServerProcess, machine, service_command, write_bodies, wrk, wrk_command
 
 RESULTS = ROOT / "loadtest" / "results"
+ENGINE_PROCESS = "clf-engine"  # the engine process's name, and its event loop thread's (service/workers.py)
+INFERENCE_THREAD = "clf-inference"  # the thread that runs the model (service/batcher.py)
 WRK_TIMEOUT = 30  # seconds: a request unanswered this long counts as a socket error
 DEFAULT_TOKENIZER = Path.home() / ".cache" / "classifier-service" / "default-model-v1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -92,14 +101,27 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
     seconds so far."""
     seconds = {}
     for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
-        # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        seconds[pid] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+        with contextlib.suppress(OSError):
+            seconds[pid] = _name_and_cpu_seconds(Path(f"/proc/{pid}/stat"))
     return seconds
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of `pid`, summed by thread name (threads of one name add up)."""
+    seconds: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                name, spent = _name_and_cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat"))
+                seconds[name] = seconds.get(name, 0.0) + spent
+    return seconds
+
+
+def _name_and_cpu_seconds(stat: Path) -> tuple[str, float]:
+    text = stat.read_text()
+    name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    # utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    return name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 # --- the load ---
@@ -108,10 +130,13 @@ def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
 def saturate(server: ServerProcess, bodies: Path, per_request: int, connections: int, seconds: float) -> dict:
     pids = process_tree(server.process.pid)
     before = cpu_seconds(pids)
+    engines = [pid for pid, (role, _) in before.items() if role == ENGINE_PROCESS]
+    threads_before = {pid: thread_cpu_seconds(pid) for pid in engines}
     started = time.perf_counter()
     run = wrk(server.url, bodies, connections, seconds, WRK_TIMEOUT)
     elapsed = time.perf_counter() - started
     after = cpu_seconds(pids)
+    threads_after = {pid: thread_cpu_seconds(pid) for pid in engines}
     answered = run.answered
     per_process = [
         {"pid": pid, "role": role, "cpu_seconds": spent - before[pid][1], "cpu_utilisation": (spent - before[pid][1]) / elapsed}
@@ -121,6 +146,9 @@ def saturate(server: ServerProcess, bodies: Path, per_request: int, connections:
     cpu_total = sum(p["cpu_seconds"] for p in per_process)
     for p in per_process:
         p["cpu_ms_per_request"] = 1000 * p["cpu_seconds"] / max(1, answered)
+        if p["pid"] in threads_after:
+            spent = {name: cpu - threads_before[p["pid"]].get(name, 0.0) for name, cpu in threads_after[p["pid"]].items()}
+            p["threads_cpu_ms_per_request"] = {name: 1000 * cpu / max(1, answered) for name, cpu in spent.items() if cpu > 0}
     return {
         "requests_per_second": answered / run.seconds,
         "texts_per_second": answered * per_request / run.seconds,
@@ -208,23 +236,64 @@ def main() -> None:
     print_summary(runs, configs)
 
 
+def engine_split(result: dict) -> dict | None:
+    """The engine process's CPU ms per request: in all, by thread, the API processes' together, and the projected
+    capacities (requests/s) of one engine process: where its busiest thread tops out at one core, and where its
+    event loop (the bookkeeping every request passes through) does. None without an engine process (--workers 1)."""
+    engine = next((p for p in result["processes"] if p["role"] == ENGINE_PROCESS), None)
+    if engine is None:
+        return None
+    threads = engine["threads_cpu_ms_per_request"]
+    loop = threads.get(ENGINE_PROCESS, 0.0)
+    return {
+        "engine": engine["cpu_ms_per_request"],
+        "threads": threads,
+        "bookkeeping": engine["cpu_ms_per_request"] - threads.get(INFERENCE_THREAD, 0.0),
+        "api": sum(p["cpu_ms_per_request"] for p in result["processes"] if p["role"].startswith("clf-api")),
+        "engine_capacity": 1000 / max(threads.values()),
+        "bookkeeping_capacity": 1000 / loop if loop else None,
+    }
+
+
 def summary_line(result: dict) -> str:
-    processes = ", ".join(f"{p['role']} {p['cpu_ms_per_request']:.2f}" for p in result["processes"] if p["cpu_seconds"] > 0.05)
-    return (
+    processes = ", ".join(f"{p['role']} {p['cpu_ms_per_request']:.3f}" for p in result["processes"] if p["cpu_seconds"] > 0.05)
+    line = (
         f"{result['requests_per_second']:.0f} req/s, {result['texts_per_second']:.0f} texts/s, p50 {result['p50_ms']:.1f} ms, "
         f"p99 {result['p99_ms']:.1f} ms, failures {result['failures']}, CPU {result['cpu_ms_per_request']:.3f} ms/request "
         f"({processes}), {result['cpu_utilisation']:.2f} cores busy"
     )
+    if (split := engine_split(result)) is not None:
+        threads = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(split["threads"].items(), key=lambda item: -item[1]))
+        line += f"; engine threads ms/request: {threads}"
+    return line
+
+
+def _median(splits: list[dict], key) -> float:
+    return statistics.median(key(split) for split in splits)
 
 
 def print_summary(runs: dict, configs: list) -> None:
-    print(f"\n{'configuration':44} {'texts/req':>9} {'req/s median':>12} {'min-max':>13} {'texts/s':>8} {'CPU ms/req':>10}")
+    print(f"\n{'configuration':44} {'texts/req':>9} {'req/s median':>12} {'min-max':>13} {'texts/s':>8} {'CPU ms/req':>10}"
+          f" {'API ms/req':>10} {'engine':>7} {'loop':>6} {'model':>6} {'engine cap.':>11} {'loop cap.':>9}")
     for name, _, _ in configs:
         for per_request, results in runs[name].items():
             rates = [r["requests_per_second"] for r in results]
             cpu = statistics.median(r["cpu_ms_per_request"] for r in results)
             texts = statistics.median(r["texts_per_second"] for r in results)
-            print(f"{name:44} {per_request:9d} {statistics.median(rates):12.0f} {min(rates):6.0f}-{max(rates):<6.0f} {texts:8.0f} {cpu:10.3f}")
+            line = f"{name:44} {per_request:9d} {statistics.median(rates):12.0f} {min(rates):6.0f}-{max(rates):<6.0f} {texts:8.0f} {cpu:10.3f}"
+            splits = [split for r in results if (split := engine_split(r)) is not None]
+            if splits:
+                line += (
+                    f" {_median(splits, lambda s: s['api']):10.3f} {_median(splits, lambda s: s['engine']):7.3f}"
+                    f" {_median(splits, lambda s: s['threads'].get(ENGINE_PROCESS, 0.0)):6.3f}"
+                    f" {_median(splits, lambda s: s['threads'].get(INFERENCE_THREAD, 0.0)):6.3f}"
+                    f" {_median(splits, lambda s: s['engine_capacity']):11.0f}"
+                    f" {_median(splits, lambda s: s['bookkeeping_capacity'] or 0.0):9.0f}"
+                )
+            print(line)
+    print("(ms/req: CPU milliseconds per request; engine: the engine process, loop: its event loop thread, model: its"
+          " inference thread; cap.: projected requests/s of one engine process, where its busiest thread, or its event"
+          " loop, tops out at one core)")
     if len(configs) > 1:
         first = configs[0][0]
         for name, _, _ in configs[1:]:

@@ -28,8 +28,13 @@ from service.errors import DeadlineExceeded, NotAccepting, Overloaded
 from service.live_tuning import Arm, LiveTuning
 from service.scheduler import Batch, BatchQueue, QueuedText, deadline_passed, missed_deadlines
 from service.splitting import BatchModel, Scores, SplittingRunner
+from service.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
+
+# Admissions publish the queue's state (three gauges, each a write to a shared file under --workers) this long after
+# the first of them, once for all that come meanwhile, not once each; batches taken and ended publish it at once.
+QUEUE_STATE_DELAY = 0.01
 
 
 @dataclass(slots=True)
@@ -74,22 +79,26 @@ class InFlight:
 
     def __init__(self) -> None:
         self._waiting: list[QueuedText] = []
+        self._waiting_tokens = 0  # theirs, summed once per change rather than at every admission
         self._inference_idle = True
         self._running: tuple[int, float] = (0, 0.0)
 
     def taken(self, batch: Batch) -> None:
-        self._waiting = [] if self._inference_idle else list(batch.items)
+        self._set_waiting([] if self._inference_idle else list(batch.items))
 
     def withdraw(self, items: list[QueuedText]) -> list[QueuedText]:
         """Remove those of `items` waiting to run, and return them."""
+        if not self._waiting:
+            return []
         wanted = {id(item) for item in items}
         withdrawn = [item for item in self._waiting if id(item) in wanted]
         if withdrawn:
-            self._waiting = [item for item in self._waiting if id(item) not in wanted]
+            self._set_waiting([item for item in self._waiting if id(item) not in wanted])
         return withdrawn
 
     def started(self, items: list[QueuedText], now: float) -> None:
-        self._waiting, self._inference_idle = [], False
+        self._set_waiting([])
+        self._inference_idle = False
         self._running = (sum(item.tokens for item in items), now)
 
     def ended(self) -> None:
@@ -101,7 +110,11 @@ class InFlight:
         return Backlog(queued_tokens + self.waiting_tokens(), running_tokens, now - running_since)
 
     def waiting_tokens(self) -> int:
-        return sum(item.tokens for item in self._waiting)
+        return self._waiting_tokens
+
+    def _set_waiting(self, items: list[QueuedText]) -> None:
+        self._waiting = items
+        self._waiting_tokens = sum(item.tokens for item in items)
 
 
 class Batcher:
@@ -130,6 +143,7 @@ class Batcher:
         self._in_flight = InFlight()
         self._changed = threading.Condition()
         self._accepting = True
+        self._queue_state_due = False  # admissions have changed the queue and its state is to be published
         self._worked: asyncio.Future | None = None
 
     def start(self, inference_thread: Executor) -> None:
@@ -174,9 +188,17 @@ class Batcher:
             ]
             for item in items:
                 self.queue.append(item)
-            self._publish_queue_state()
             self._changed.notify()
+        if not self._queue_state_due:  # once per QUEUE_STATE_DELAY, however many requests come in it
+            self._queue_state_due = True
+            answers.call_later(QUEUE_STATE_DELAY, self._publish_admitted)
         return Submission(items)
+
+    def _publish_admitted(self) -> None:
+        """Publish the queue's state after the admissions of the last QUEUE_STATE_DELAY."""
+        with self._changed:
+            self._queue_state_due = False
+            self._publish_queue_state()
 
     def cancel(self, submission: Submission, reason: str) -> int:
         """Drop the submission's texts still queued or in the batch waiting to run (`reason`: client_gone, deadline),
@@ -359,6 +381,7 @@ class BatchThreads:
 
     def _collate_batches(self) -> None:
         """Take each batch once the inference thread has taken the previous one, and build its inputs."""
+        name_this_thread("clf-collate")
         try:
             while (taken := self._batcher.take_batch()) is not None:
                 batch, more_queued, arm = taken
@@ -377,6 +400,7 @@ class BatchThreads:
             return None
 
     def _work(self) -> None:
+        name_this_thread("clf-inference")
         while (collated := self._ready.get()) is not None:
             live, started = self._batcher.start_running(collated)
             self._ready.task_done()  # only now may the collation thread take the next batch
@@ -415,6 +439,10 @@ class Answers:
     def future(self) -> asyncio.Future:
         """A future for one text's scores (on the event loop)."""
         return self._loop.create_future()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """On the event loop: run `callback` on it `delay` seconds from now."""
+        self._loop.call_later(delay, callback)
 
     def fail(self, items: list[QueuedText], error: Exception) -> None:
         """From any thread: fail the texts' futures with `error` (those still waiting)."""

@@ -8,7 +8,6 @@ or in the engine process (`service.ipc.RemoteBackend`); `service.loading.make_ba
 what building the back half decided, which the front is built from and /info shows.
 """
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -83,9 +82,9 @@ class Front:
         self.multi_label = problem_type == "multi_label_classification"
 
     async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None) -> list[EncodedText]:
-        """Token ids for the texts and pairs, computed off the event loop by a free tokenizer worker; raises
-        TextTooLong."""
-        encoded = await asyncio.wrap_future(self.encoders.submit(texts, truncate, side))
+        """Token ids for the texts and pairs (`EncoderPool.encode`: a big request off the event loop, by a free
+        tokenizer worker); raises TextTooLong."""
+        encoded = await self.encoders.encode(texts, truncate, side)
         for text in encoded:
             metrics.INPUT_TOKENS.observe(len(text.ids))
             if text.truncated:

@@ -2,8 +2,8 @@
 
 Each API process holds an `EngineClient` (a DEALER socket), behind `RemoteBackend`, the engine's back half as
 the API process sees it; the engine process runs an `EngineServer` (a ROUTER socket bound to an `ipc://` address) in
-front of anything with `score(token_ids, deadline)`. Messages are msgspec Structs encoded with msgpack, tagged by
-type, so each side decodes exactly the union it expects and a malformed frame is an error, not a guess. An error
+front of a back half's `begin(token_ids, deadline, on_done)`. Messages are msgspec Structs encoded with msgpack,
+tagged by type, so each side decodes exactly the union it expects and a malformed frame is an error, not a guess. An error
 crosses as a `Failure` (`encode_failure`) and is raised again on the other side as the same ClassifierError
 (`decode_failure`). Deadlines are `time.monotonic()` seconds: CLOCK_MONOTONIC is system-wide on Linux,
 so a deadline computed in an API process names the same instant in the engine process.
@@ -16,21 +16,23 @@ Liveness, so nothing waits forever on a dead peer:
 - The engine forgets a client it has not heard from for `peer_timeout` seconds (clients say hello each heartbeat),
   or that it can no longer send to, and cancels that client's work, as for callers that left.
 
-Cost per request, which caps a replica's front end (loadtest/frontend_benchmark.py): both ends read their sockets
-from the event loop's own poller (`add_reader` on ZeroMQ's descriptor) instead of through zmq.asyncio's futures, and
-the engine sends each API process the answers ready in one turn of its loop as one multipart message (a batch's
-answers go out together), one msgpack frame per answer.
+Cost per request, which caps a replica (loadtest/frontend_benchmark.py): both ends read their sockets from the event
+loop's own poller (`add_reader` on ZeroMQ's descriptor) instead of through zmq.asyncio's futures; what either end
+has to say to a peer in one turn of its loop crosses as one frame holding the list of those messages (the requests
+an API process's callers made in that turn; the answers a batch finished, with the cancellations and states beside
+them); and the engine serves each request through its back half's `begin`, with a callback, not a task of its own.
 """
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 import zmq
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 0.5
 PEER_TIMEOUT_SECONDS = 30.0
+
+# ZeroMQ's constants as plain ints: its enum types cost a third of a socket check, made several times a request.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 EngineStatus = Literal["loading", "ready", "draining", "stopped", "failed"]
 
@@ -160,8 +165,8 @@ class _Readable:
         self.check()  # the descriptor signals only changes after this; messages may be waiting already
 
     def check(self) -> None:
-        while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self.on_message(self.socket.recv_multipart(zmq.NOBLOCK))
+        while int(self.socket.getsockopt(_EVENTS)) & _POLLIN:
+            self.on_message(self.socket.recv_multipart(_NOBLOCK))
 
     def stop(self) -> None:
         self._loop.remove_reader(self._descriptor)
@@ -196,7 +201,9 @@ class EngineClient:
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._socket.connect(address)
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(FromEngine)
+        self._decoder = msgspec.msgpack.Decoder(list[FromEngine])
+        self._loop = asyncio.get_running_loop()
+        self._outbox: list[ToEngine] = []  # messages for the engine, sent at the end of this loop turn
         self._ids = itertools.count()
         self._pending: dict[int, _Waiting] = {}
         self._heard_at = time.monotonic()
@@ -250,14 +257,26 @@ class EngineClient:
     def _cancel(self, request_id: int) -> None:
         """Tell the engine to drop the request's texts still queued (nothing to do if it is gone)."""
         if self.gone is None:
-            with contextlib.suppress(zmq.ZMQError, EngineGone):
-                self._send(Cancel(request_id))
+            self._send(Cancel(request_id))
 
     def _send(self, message: ToEngine) -> None:
+        """Queue a message for the engine; the first queued in this turn of the loop schedules the send."""
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(message)
+
+    def _flush(self) -> None:
+        """Send the queued messages as one frame; when the engine is not connected, their requests fail."""
+        outbox, self._outbox = self._outbox, []
+        if not outbox or self._socket.closed:
+            return
         try:
-            self._socket.send(self._encoder.encode(message), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise EngineGone("not connected to the engine") from None
+            self._socket.send(self._encoder.encode(outbox), flags=_NOBLOCK)
+        except zmq.Again:  # no live connection (IMMEDIATE): nothing was queued, so nothing will be answered
+            for message in outbox:
+                waiting = self._pending.get(message.request_id) if isinstance(message, ScoreRequest) else None
+                if waiting is not None and not waiting.future.done():
+                    waiting.future.set_exception(EngineGone("not connected to the engine"))
         finally:
             self._readers[0].check()
 
@@ -265,29 +284,29 @@ class EngineClient:
         self._heard_at = time.monotonic()
         for frame in frames:
             try:
-                message = self._decoder.decode(frame)
+                messages = self._decoder.decode(frame)
             except msgspec.DecodeError:
                 log.error("dropped a malformed message from the engine (%d bytes)", len(frame))
                 continue
-            if isinstance(message, EngineState):
-                self.state = message
-                self._state_changed.set()
-                continue
-            waiting = self._pending.get(message.request_id)
-            if waiting is None or waiting.future.done():
-                continue  # its caller left
-            if isinstance(message, Scores):
-                waiting.future.set_result(message.scores)
-            else:
-                waiting.future.set_exception(decode_failure(message))
+            for message in messages:
+                if isinstance(message, EngineState):
+                    self.state = message
+                    self._state_changed.set()
+                    continue
+                waiting = self._pending.get(message.request_id)
+                if waiting is None or waiting.future.done():
+                    continue  # its caller left
+                if isinstance(message, Scores):
+                    waiting.future.set_result(message.scores)
+                else:
+                    waiting.future.set_exception(decode_failure(message))
 
     async def _beat(self) -> None:
         """Say hello each heartbeat; give up requests long past their deadline; declare the engine gone after
         `peer_timeout` of silence."""
         hello = Hello(pid=os.getpid())
         while True:
-            with contextlib.suppress(EngineGone):
-                self._send(hello)
+            self._send(hello)
             await asyncio.sleep(self.heartbeat)
             now = time.monotonic()
             self._give_up_overdue(now)
@@ -364,24 +383,36 @@ async def connect_backend(address: str) -> tuple[RemoteBackend, EngineFacts]:
     return RemoteBackend(client), state.facts
 
 
-# What the engine process serves: scores for token ids before a deadline; cancelling the call drops queued texts.
-Score = Callable[[list[list[int]], float], Awaitable[list[list[float]]]]
+# What a request to the engine process ends with: each text's scores, or the error that failed it.
+Outcome = list[list[float]] | Exception
+
+
+class Call(Protocol):
+    """A request in progress in the back half: `cancel` it when its caller has left (its texts still queued are
+    dropped, and its `on_done` is not called)."""
+
+    def cancel(self) -> object: ...
+
+
+# What the engine process serves: `begin(token_ids, deadline, on_done)` starts scoring, or raises a refusal at once;
+# `on_done(outcome)` is called once, later from the event loop (never from within `begin`), unless cancelled first.
+Begin = Callable[[list[list[int]], float, Callable[[Outcome], None]], Call]
 # The engine's current state, sent to clients as heartbeat.
 CurrentState = Callable[[], EngineState]
 
 
 class EngineServer:
-    """Serves `score` to every connected client until `close`; each request runs as its own task."""
+    """Serves `begin` to every connected client until `close`."""
 
     def __init__(
         self,
         address: str,
-        score: Score,
+        begin: Begin,
         current_state: CurrentState,
         heartbeat: float = HEARTBEAT_SECONDS,
         peer_timeout: float = PEER_TIMEOUT_SECONDS,
     ) -> None:
-        self.score, self.current_state = score, current_state
+        self.begin, self.current_state = begin, current_state
         self.heartbeat, self.peer_timeout = heartbeat, peer_timeout
         self._loop = asyncio.get_running_loop()
         self._context = zmq.Context()
@@ -389,12 +420,12 @@ class EngineServer:
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished client raises, not vanishes
         self._socket.bind(address)
         self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(ToEngine)
+        self._decoder = msgspec.msgpack.Decoder(list[ToEngine])
         self._clients: dict[bytes, float] = {}  # identity -> last heard (monotonic)
-        self._work: dict[tuple[bytes, int], asyncio.Task] = {}
+        self._work: dict[tuple[bytes, int], Call] = {}
         self._idle = asyncio.Event()  # set while no request is in progress
         self._idle.set()
-        self._outbox: dict[bytes, list[bytes]] = {}  # frames for each client, sent at the end of this loop turn
+        self._outbox: dict[bytes, list[FromEngine]] = {}  # messages for each client, sent at the end of this loop turn
         self._reader = _Readable(self._socket, self._on_message)
         self._tasks = [asyncio.create_task(self._beat(), name="ipc-state")]
 
@@ -409,9 +440,9 @@ class EngineServer:
 
     async def publish_state(self) -> None:
         """Send the current state to every client now (on a change, rather than at the next heartbeat)."""
-        frame = self._encoder.encode(self.current_state())
+        state = self.current_state()
         for identity in self._clients:
-            self._post(identity, frame)
+            self._post(identity, state)
         self._flush()
 
     async def close(self) -> None:
@@ -422,9 +453,11 @@ class EngineServer:
         with contextlib.suppress(zmq.ZMQError):
             await self.publish_state()
         self._reader.stop()
-        for task in [*self._tasks, *self._work.values()]:
+        for identity in list(self._clients):
+            self._forget(identity)
+        for task in self._tasks:
             task.cancel()
-        for task in [*self._tasks, *self._work.values()]:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._socket.close(linger=0)
@@ -435,56 +468,67 @@ class EngineServer:
         new_client = identity not in self._clients
         self._clients[identity] = time.monotonic()
         if new_client:
-            self._post(identity, self._encoder.encode(self.current_state()))
+            self._post(identity, self.current_state())
         try:
-            message = self._decoder.decode(frame)
+            messages = self._decoder.decode(frame)
         except msgspec.DecodeError:
             log.error("dropped a malformed message from an API process (%d bytes)", len(frame))
             return
-        if isinstance(message, ScoreRequest):
-            key = (identity, message.request_id)
-            work = self._work[key] = asyncio.create_task(self._answer(identity, message))
-            self._idle.clear()
-            # Not in _answer's own `finally`: a task cancelled before it starts (its Cancel read in the same
-            # wake-up) never runs any of it, and a drain would wait for it until the grace period.
-            work.add_done_callback(lambda _: self._done(key))
-        elif isinstance(message, Cancel):
-            task = self._work.get((identity, message.request_id))
-            if task is not None:
-                task.cancel()
+        for message in messages:
+            if isinstance(message, ScoreRequest):
+                self._start_request(identity, message)
+            elif isinstance(message, Cancel):
+                call = self._work.pop((identity, message.request_id), None)
+                if call is not None:
+                    call.cancel()
+                    self._check_idle()
 
-    def _done(self, key: tuple[bytes, int]) -> None:
-        self._work.pop(key, None)
+    def _start_request(self, identity: bytes, request: ScoreRequest) -> None:
+        """Start the request's work, or answer its refusal."""
+        token_ids = request.token_ids
+        for index, second_start in request.second_starts.items():
+            token_ids[index] = PairIds(token_ids[index], second_start)
+        context = request_ids.current.set(request.http_request_id)  # log lines about it name the request
+        try:
+            on_done = functools.partial(self._answer, identity, request.request_id, request.http_request_id)
+            self._work[identity, request.request_id] = self.begin(token_ids, request.deadline, on_done)
+            self._idle.clear()
+        except Exception as error:
+            self._post(identity, encode_failure(request.request_id, error))
+        finally:
+            request_ids.current.reset(context)
+
+    def _answer(self, identity: bytes, request_id: int, http_request_id: str, outcome: Outcome) -> None:
+        if self._work.pop((identity, request_id), None) is None:
+            return  # cancelled, or its client forgotten: nobody to answer
+        self._check_idle()
+        if isinstance(outcome, Exception):
+            context = request_ids.current.set(http_request_id)
+            try:
+                self._post(identity, encode_failure(request_id, outcome))
+            finally:
+                request_ids.current.reset(context)
+        else:
+            self._post(identity, Scores(request_id, outcome))
+
+    def _check_idle(self) -> None:
         if not self._work:
             self._idle.set()
 
-    async def _answer(self, identity: bytes, request: ScoreRequest) -> None:
-        request_ids.current.set(request.http_request_id)  # this task's own context: its log lines name the request
-        token_ids = request.token_ids
-        try:
-            for index, second_start in request.second_starts.items():
-                token_ids[index] = PairIds(token_ids[index], second_start)
-            reply: FromEngine = Scores(request.request_id, await self.score(token_ids, request.deadline))
-        except asyncio.CancelledError:
-            return  # the caller left; nobody to answer
-        except Exception as error:
-            reply = encode_failure(request.request_id, error)
-        self._post(identity, self._encoder.encode(reply))
-
-    def _post(self, identity: bytes, frame: bytes) -> None:
-        """Queue a frame for a client; the first queued in this turn of the loop schedules the send."""
+    def _post(self, identity: bytes, message: FromEngine) -> None:
+        """Queue a message for a client; the first queued in this turn of the loop schedules the send."""
         if not self._outbox:
             self._loop.call_soon(self._flush)
-        self._outbox.setdefault(identity, []).append(frame)
+        self._outbox.setdefault(identity, []).append(message)
 
     def _flush(self) -> None:
-        """Send each client its queued frames as one multipart message."""
+        """Send each client its queued messages as one frame."""
         outbox, self._outbox = self._outbox, {}
-        if not outbox:  # sent already (publish_state flushes at once), maybe by `close`: nothing to do
+        if not outbox or self._socket.closed:  # sent already (publish_state flushes at once), or closed: nothing to do
             return
-        for identity, frames in outbox.items():
+        for identity, messages in outbox.items():
             try:
-                self._socket.send_multipart((identity, *frames), flags=zmq.NOBLOCK)
+                self._socket.send_multipart((identity, self._encoder.encode(messages)), flags=_NOBLOCK)
             except zmq.ZMQError as error:  # EHOSTUNREACH: that client has gone
                 log.debug("could not answer an API process that has gone: %s", error)
                 self._forget(identity)
@@ -501,7 +545,8 @@ class EngineServer:
             await self.publish_state()
 
     def _forget(self, identity: bytes) -> None:
+        """Drop a client and cancel its work."""
         self._clients.pop(identity, None)
-        for (owner, _), task in list(self._work.items()):
-            if owner == identity:
-                task.cancel()
+        for key in [key for key in self._work if key[0] == identity]:
+            self._work.pop(key).cancel()
+        self._check_idle()

@@ -2,11 +2,14 @@
 
 `Scorer.score` takes token ids and returns each text's fp32 logits (the front activates them); what crosses it is
 plain data and `service.errors`, so the back can run in a process of its own, apart from tokenization and
-post-processing.
+post-processing. The engine process serves `Scorer.begin`, the same with a callback: no task per request.
 """
 
 import asyncio
 import dataclasses
+import functools
+import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from service import metrics
@@ -16,6 +19,103 @@ from service.errors import DeadlineExceeded
 from service.live_tuning import LiveTuning
 from service.runner import BatchModelAdapter
 from service.scheduler import BatchingPolicy, BatchQueue, deadline_passed
+
+
+class ScoreCall:
+    """One request's texts in the batcher, from `Scorer.begin` until `on_done` has its outcome: the scores once every
+    text has run, or the first failure in text order as soon as it comes; at the deadline, the texts still queued are
+    dropped and it fails with DeadlineExceeded, while texts already running finish. `cancel` (its caller left) drops
+    the texts still queued (reason client_gone) and calls nothing."""
+
+    __slots__ = ("_batcher", "_deadline", "_finished", "_on_done", "_remaining", "_submission", "_timer")
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        submission: Submission,
+        deadline: float,
+        on_done: Callable[[list[list[float]] | Exception], None],
+    ) -> None:
+        self._batcher, self._submission, self._deadline, self._on_done = batcher, submission, deadline, on_done
+        futures = submission.futures
+        self._remaining = len(futures)
+        self._finished = False
+        for future in futures:
+            future.add_done_callback(self._text_done)
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm_timer()
+
+    def cancel(self) -> None:
+        if not self._finished:
+            self._finish()
+            self._batcher.cancel(self._submission, "client_gone")
+            self._discard()
+
+    def _arm_timer(self) -> None:
+        if self._deadline != math.inf:
+            delay = max(0.0, self._deadline - self._batcher.clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._deadline_reached)
+
+    def _text_done(self, future: asyncio.Future) -> None:
+        if self._finished:
+            return
+        if not future.cancelled() and future.exception() is not None:
+            self._fail(next(error for text in self._submission.futures if (error := _failure(text)) is not None))
+            return
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._succeed()
+
+    def _deadline_reached(self) -> None:
+        if self._finished:
+            return
+        if not deadline_passed(self._deadline, self._batcher.clock()):
+            self._arm_timer()  # woken early (the batcher's clock is not the loop's)
+        elif self._batcher.cancel(self._submission, "deadline"):
+            self._fail(DeadlineExceeded())
+        # else nothing of it is queued any more: the rest is in a running batch, which finishes
+
+    def _succeed(self) -> None:
+        self._finish()
+        scores = [future.result() for future in self._submission.futures]  # only this call cancels them
+        if self._batcher.clock() > self._deadline:
+            metrics.LATE_ANSWERS.inc()
+        self._on_done(scores)
+
+    def _fail(self, error: Exception) -> None:
+        self._finish()
+        if isinstance(error, DeadlineExceeded):
+            # Texts dropped at their batch's start leave the request's others queued: nobody waits for them now.
+            self._batcher.cancel(self._submission, "deadline")
+            self._discard()
+        self._on_done(error)
+
+    def _finish(self) -> None:
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _discard(self) -> None:
+        """Answers of its texts in a running batch are discarded (and counted) when the batch ends."""
+        for future in self._submission.futures:
+            future.cancel()
+
+
+def _failure(future: asyncio.Future) -> Exception | None:
+    if not future.done() or future.cancelled():
+        return None
+    error = future.exception()
+    assert error is None or isinstance(error, Exception), "the batcher fails texts with Exceptions"
+    return error
+
+
+def _settle(outcome: asyncio.Future, result: list[list[float]] | Exception) -> None:
+    if outcome.done():  # its awaiting caller was cancelled
+        return
+    if isinstance(result, Exception):
+        outcome.set_exception(result)
+    else:
+        outcome.set_result(result)
 
 
 class Scorer:
@@ -60,48 +160,20 @@ class Scorer:
         deadline, now dropped), TextTooLargeForDevice or InferenceFailed (a text that failed alone). Cancelling the
         caller drops its texts still queued (reason client_gone).
         """
-        submission = self.batcher.submit(token_ids, deadline)
+        outcome: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+        call = self.begin(token_ids, deadline, functools.partial(_settle, outcome))
         try:
-            scores = await self._scores(submission, deadline)
-            if self.batcher.clock() > deadline:
-                metrics.LATE_ANSWERS.inc()
-            return scores
+            return await outcome
         except asyncio.CancelledError:
-            self.batcher.cancel(submission, "client_gone")
-            self._discard(submission)
-            raise
-        except DeadlineExceeded:
-            # Texts dropped at their batch's start leave the request's others queued: nobody waits for them now.
-            self.batcher.cancel(submission, "deadline")
-            self._discard(submission)
+            call.cancel()
             raise
 
-    async def _scores(self, submission: Submission, deadline: float) -> list[list[float]]:
-        """The texts' scores; at the deadline, those still queued are dropped and DeadlineExceeded raised, while
-        texts already running finish. The first failure among them is raised as soon as it comes."""
-        futures = submission.futures
-        pending: set[asyncio.Future] = set(futures)
-        while pending:
-            timeout = max(0.0, deadline - self.batcher.clock())
-            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
-            if any(not future.cancelled() and future.exception() is not None for future in done):
-                break
-            if pending and deadline_passed(deadline, self.batcher.clock()):
-                if self.batcher.cancel(submission, "deadline"):
-                    raise DeadlineExceeded()
-                # Nothing of it is queued any more: the rest is in a running batch, which finishes.
-                await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                break
-        for future in futures:  # the first failure, whatever the order the texts finished in
-            if future.done() and not future.cancelled() and (error := future.exception()) is not None:
-                raise error
-        return [future.result() for future in futures]
-
-    @staticmethod
-    def _discard(submission: Submission) -> None:
-        """Answers of its texts in a running batch are discarded (and counted) when the batch ends."""
-        for future in submission.futures:
-            future.cancel()
+    def begin(
+        self, token_ids: list[list[int]], deadline: float, on_done: Callable[[list[list[float]] | Exception], None]
+    ) -> "ScoreCall":
+        """As `score`, without a task: `on_done` gets the scores or the error later, from the event loop, unless the
+        returned call is cancelled first. A refusal at admission is raised at once."""
+        return ScoreCall(self.batcher, self.batcher.submit(token_ids, deadline), deadline, on_done)
 
     def info(self) -> dict:
         """How batches are shaped, the budget now in force included, and live tuning's figures when it runs."""

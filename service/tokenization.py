@@ -1,5 +1,6 @@
 """Turning request texts into token ids the model accepts: the fast tokenizer, truncation and length checks."""
 
+import asyncio
 import copy
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -217,7 +218,11 @@ def _tokens_after_first_words(words: list[int | None], first: int) -> int:
 
 class EncoderPool:
     """Encodes requests on several threads, each with its own tokenizer copy, so one big request does not hold up
-    the others (the Rust tokenizer releases the GIL while it works)."""
+    the others (the Rust tokenizer releases the GIL while it works); `encode` encodes a small request on the event
+    loop's own thread instead (with a copy of its own), where handing it to a thread and back costs more than
+    tokenizing it."""
+
+    INLINE_CHARS = 1000  # requests of at most this many characters are encoded on the event loop
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, workers: int) -> None:
         self.max_length = max_length
@@ -225,6 +230,13 @@ class EncoderPool:
         for worker in range(workers):
             self._idle.put(TextEncoder(tokenizer if worker == 0 else copy.deepcopy(tokenizer), max_length))
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+        self._inline = TextEncoder(copy.deepcopy(tokenizer), max_length)  # the event loop's
+
+    async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None) -> list[EncodedText]:
+        """The EncodedTexts, or TextTooLong: from the event loop, which it holds up only for a small request."""
+        if sum(len(text) if isinstance(text, str) else len(text[0]) + len(text[1]) for text in texts) <= self.INLINE_CHARS:
+            return self._inline.encode(texts, truncate, side)
+        return await asyncio.wrap_future(self.submit(texts, truncate, side))
 
     def submit(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None) -> Future:
         """Encode on a free worker; the future holds the EncodedTexts or TextTooLong."""

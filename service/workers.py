@@ -22,7 +22,6 @@ and every API process serves the sum over all processes at /metrics (`service.me
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -31,6 +30,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait as wait_for_exit
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -40,11 +40,12 @@ import uvloop
 from service import request_ids
 from service.engine import Engine, EngineFacts
 from service.errors import LoadFailed, NotReady
-from service.ipc import EngineServer, EngineState, EngineStatus
+from service.ipc import Call, EngineServer, EngineState, EngineStatus, Outcome
 from service.loading import build_backend, load_engine, load_failure_reason
 from service.scorer import Scorer
 from service.server import freeze_loaded_heap
 from service.settings import Settings
+from service.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,10 @@ class _EngineProcess:
         self.backend: Scorer | None = None
         self.facts: EngineFacts | None = None
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    def begin(self, token_ids: list[list[int]], deadline: float, on_done: Callable[[Outcome], None]) -> Call:
         if self.backend is None:  # API processes ask only once it is ready; refused as in one process
             raise LoadFailed(self.failure) if self.failure is not None else NotReady()
-        return await self.backend.score(token_ids, deadline)
+        return self.backend.begin(token_ids, deadline, on_done)
 
     def state(self) -> EngineState:
         """For the API processes: why it failed, or once loaded, its facts and how it batches now."""
@@ -114,7 +115,7 @@ async def _engine_main(settings: Settings, address: str) -> int:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     engine = _EngineProcess()
-    server = EngineServer(address, engine.score, engine.state)
+    server = EngineServer(address, engine.begin, engine.state)
     try:
         try:
             engine.backend, engine.facts = await build_backend(settings)
@@ -148,8 +149,7 @@ def _become(name: str, settings: Settings) -> None:
     """Set up a child process: its own process group (a terminal's Ctrl-C reaches the supervisor alone, which then
     signals each child once), its name in ps and /proc (comm), and logging."""
     os.setpgrp()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    name_this_thread(name)  # the main thread's name is the process's
     request_ids.configure_logging(settings.log_level, name)
 
 

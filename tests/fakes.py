@@ -3,9 +3,13 @@ here once; tests import them. No torch here: the engine processes that tests spa
 
 import asyncio
 import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from service.errors import Overloaded
 
+# What a request to the engine process ends with (`service.ipc.Outcome`, not imported: it would bring in torch).
+Outcome = list[list[float]] | BaseException
 WAIT = 60  # seconds a fake waits for a test's go-ahead on a loaded machine: a hang fails, a slow machine does not
 
 
@@ -105,6 +109,19 @@ class FakeRunner:
         return torch.tensor([[float(len(ids)), float(ids[0])] for ids in sequences])
 
 
+def begun_in_a_task(scores: Coroutine[Any, Any, list[list[float]]], on_done: Callable[[Outcome], None]) -> asyncio.Task:
+    """An async back half's scoring served as an EngineServer serves a request (`ipc.Begin`): in a task, whose
+    outcome goes to `on_done` (nothing when it is cancelled)."""
+
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            on_done(task.exception() or task.result())
+
+    task = asyncio.ensure_future(scores)
+    task.add_done_callback(done)
+    return task
+
+
 class FakeScorer:
     """The engine's back half (what `Engine` and the engine process call: `score`, `ready`, `info`, `stop`): its
     logits for each text are [len(ids), sum(ids)].
@@ -142,6 +159,10 @@ class FakeScorer:
                 self.some_cancelled.set()
                 raise
         return [[float(len(ids)), float(sum(ids))] for ids in token_ids]
+
+    def begin(self, token_ids: list[list[int]], deadline: float, on_done: Callable[[Outcome], None]) -> asyncio.Task:
+        """`score` as an EngineServer serves it (`ipc.Begin`)."""
+        return begun_in_a_task(self.score(token_ids, deadline), on_done)
 
     def info(self) -> dict:
         """The batching section of /info."""

@@ -5,9 +5,10 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 from service.admission import Backlog
+from service.batch_metrics import observe_each
 from service.batcher import Batcher, InFlight
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded, Overloaded
@@ -173,3 +174,21 @@ def test_what_left_the_queue_counts_as_work_ahead_until_it_has_run():
     assert in_flight.backlog(100, 2.5) == Backlog(100, 50, 0.5)
     in_flight.ended()
     assert in_flight.backlog(100, 3.0).running_tokens == 0
+
+
+def test_a_batch_of_observations_lands_as_each_observed_alone():
+    """`observe_each` writes a histogram's sum and buckets once per batch: the same samples as one `observe` each."""
+    registry = CollectorRegistry()
+    one_by_one = Histogram("one_by_one_seconds", "each", ["length"], buckets=(0.01, 0.1, 1.0), registry=registry)
+    batched = Histogram("batched_seconds", "all", ["length"], buckets=(0.01, 0.1, 1.0), registry=registry)
+    amounts = [0.0, 0.01, 0.010001, 0.05, 0.1, 0.5, 1.0, 7.0, 0.003]
+    for amount in amounts:
+        one_by_one.labels("<=16").observe(amount)
+    observe_each(batched.labels("<=16"), amounts)
+    observe_each(batched.labels("<=32"), [])  # nothing observed: its series stay at 0
+    for bound in ("0.01", "0.1", "1.0", "+Inf"):
+        expected = registry.get_sample_value("one_by_one_seconds_bucket", {"length": "<=16", "le": bound})
+        assert registry.get_sample_value("batched_seconds_bucket", {"length": "<=16", "le": bound}) == expected
+    assert registry.get_sample_value("batched_seconds_count", {"length": "<=16"}) == len(amounts)
+    assert registry.get_sample_value("batched_seconds_sum", {"length": "<=16"}) == pytest.approx(sum(amounts))
+    assert registry.get_sample_value("batched_seconds_count", {"length": "<=32"}) == 0

@@ -37,7 +37,7 @@ async def _make_backend(settings: Settings, address: str) -> None:
         precision="fp32",
         tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"},
     )
-    server = EngineServer(address, local.score, lambda: EngineState("ready", facts=facts, batching=local.info()))
+    server = EngineServer(address, local.begin, lambda: EngineState("ready", facts=facts, batching=local.info()))
     try:
         async with asyncio.timeout(BOUND):
             remote, remote_facts = await make_backend(settings, address)
@@ -72,7 +72,7 @@ def test_the_http_layer_answers_an_error_of_the_engine_process_as_one_raised_in_
         return Engine(await build_front(settings, facts), back, facts)
 
     async def through_the_engine_process(settings: Settings) -> Engine:
-        servers.append(EngineServer(address, back.score, lambda: EngineState("ready", facts=facts, batching=back.info())))
+        servers.append(EngineServer(address, back.begin, lambda: EngineState("ready", facts=facts, batching=back.info())))
         return await load_engine(settings, engine_address=address)
 
     local_app, remote_app = create_app(settings, in_process), create_app(settings, through_the_engine_process)

@@ -16,7 +16,7 @@ from service.postprocess import ProblemType
 from service.settings import Settings
 from service.tokenization import PairIds
 from tests.conftest import TINY_MAX_LENGTH
-from tests.fakes import FakeScorer
+from tests.fakes import FakeScorer, begun_in_a_task
 from tests.test_http import CLS, LABELS, MODEL_ID, TOKENIZER, error_body, fake_engine, serving, settings
 
 
@@ -115,7 +115,9 @@ def test_pair_ids_and_the_http_request_id_cross_to_the_engine_process(tmp_path, 
 
     async def main():
         address = f"ipc://{tmp_path}/engine.sock"
-        server = ipc.EngineServer(address, score, lambda: ipc.EngineState("ready"))
+        server = ipc.EngineServer(
+            address, lambda ids, deadline, on_done: begun_in_a_task(score(ids, deadline), on_done), lambda: ipc.EngineState("ready")
+        )
         client = ipc.EngineClient(address)
         try:
             await client.wait_for_state()

@@ -53,10 +53,10 @@ def ready_state() -> EngineState:
 
 
 @contextlib.asynccontextmanager
-async def serving(address: str, score, state=ready_state, server: dict | None = None, client: dict | None = None):
-    """An EngineServer serving `score` and an EngineClient connected to it (each with its keyword options), closed
+async def serving(address: str, begin, state=ready_state, server: dict | None = None, client: dict | None = None):
+    """An EngineServer serving `begin` and an EngineClient connected to it (each with its keyword options), closed
     after; everything in between must end within BOUND."""
-    engine = EngineServer(address, score, state, **(server or {}))
+    engine = EngineServer(address, begin, state, **(server or {}))
     line = EngineClient(address, **(client or {}))
     try:
         async with asyncio.timeout(BOUND):
@@ -76,21 +76,22 @@ def address(tmp_path) -> str:
 
 
 def test_messages_round_trip_through_msgpack():
+    """A frame is the list of a loop turn's messages to one peer, in order."""
     encoder = msgspec.msgpack.Encoder()
-    to_engine = msgspec.msgpack.Decoder(ToEngine)
-    from_engine = msgspec.msgpack.Decoder(FromEngine)
-    for message in (ScoreRequest(7, [[101, 2023, 102], [101, 102]], 1234.5), Cancel(7), Hello(42)):
-        assert to_engine.decode(encoder.encode(message)) == message
-    for message in (
+    to_engine = msgspec.msgpack.Decoder(list[ToEngine])
+    from_engine = msgspec.msgpack.Decoder(list[FromEngine])
+    requests = [ScoreRequest(7, [[101, 2023, 102], [101, 102]], 1234.5), Cancel(7), Hello(42)]
+    assert to_engine.decode(encoder.encode(requests)) == requests
+    answers = [
         Scores(7, [[0.25, 0.75]]),
         Failure(7, "Overloaded", "the queue is full", {"Retry-After": "2"}),
         Failure(8, "DeadlineExceeded", "too late"),
         EngineState("draining", facts=FACTS, batching={"max_batch_tokens": 2048}),
         EngineState("failed", "FileNotFoundError: model directory /models/x does not exist"),
-    ):
-        assert from_engine.decode(encoder.encode(message)) == message
+    ]
+    assert from_engine.decode(encoder.encode(answers)) == answers
     with pytest.raises(msgspec.ValidationError):  # a reply where a request belongs is refused, not guessed
-        to_engine.decode(encoder.encode(Scores(1, [[1.0]])))
+        to_engine.decode(encoder.encode([Hello(1), Scores(1, [[1.0]])]))
 
 
 def test_scores_errors_and_state_travel_both_ways(address):
@@ -99,7 +100,7 @@ def test_scores_errors_and_state_travel_both_ways(address):
 
 async def _scores_errors_and_state_travel_both_ways(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score) as (_, client):
+    async with serving(address, scorer.begin) as (_, client):
         state = await client.wait_for_state()
         assert state.status == "ready" and state.facts == FACTS and state.batching == {"max_batch_tokens": 2048}
         deadline = time.monotonic() + 5
@@ -117,7 +118,7 @@ def test_a_cancelled_caller_cancels_its_work_in_the_engine(address):
 
 async def _a_cancelled_caller_cancels_its_work_in_the_engine(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score) as (server, client):
+    async with serving(address, scorer.begin) as (server, client):
         await client.wait_for_state()
         waiting = asyncio.create_task(client.score([[0, 5]], time.monotonic() + 30))
         await scorer.started.wait()
@@ -138,7 +139,7 @@ def test_a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(a
 async def _a_request_cancelled_before_its_work_starts_leaves_nothing_in_progress(address):
     """The engine may read a request and its cancellation in one go: a drain would otherwise wait for it forever."""
     scorer = FakeScorer()
-    async with serving(address, scorer.score) as (server, client):
+    async with serving(address, scorer.begin) as (server, client):
         await client.wait_for_state()
         for _ in range(20):
             waiting = asyncio.create_task(client.score([[0, 1]], time.monotonic() + 30))
@@ -157,7 +158,7 @@ def test_state_changes_reach_clients(address):
 async def _state_changes_reach_clients(address):
     status = {"now": "loading"}
     fast = {"heartbeat": 0.05}
-    async with serving(address, FakeScorer().score, lambda: EngineState(status["now"]), server=fast, client=fast) as (server, client):
+    async with serving(address, FakeScorer().begin, lambda: EngineState(status["now"]), server=fast, client=fast) as (server, client):
         assert (await client.wait_for_state()).status == "loading"
         status["now"] = "ready"
         await server.publish_state()
@@ -167,7 +168,7 @@ async def _state_changes_reach_clients(address):
 def _serve_forever(address: str, started) -> None:
     async def main() -> None:
         scorer = FakeScorer()
-        EngineServer(address, scorer.score, ready_state, heartbeat=0.05)
+        EngineServer(address, scorer.begin, ready_state, heartbeat=0.05)
         started.set()
         await asyncio.Event().wait()
 
@@ -213,7 +214,7 @@ def test_a_request_is_given_up_after_its_deadline_and_the_peer_timeout(address):
 
 async def _given_up(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score, server={"heartbeat": 0.05}, client={"heartbeat": 0.05, "peer_timeout": 0.5}) as (_, client):
+    async with serving(address, scorer.begin, server={"heartbeat": 0.05}, client={"heartbeat": 0.05, "peer_timeout": 0.5}) as (_, client):
         await client.wait_for_state()
         with pytest.raises(EngineGone, match="after the request's deadline"):
             await client.score([[0, 1]], time.monotonic() + 0.2)  # the engine never answers it
@@ -226,7 +227,7 @@ def test_a_silent_client_has_its_work_dropped(address):
 
 async def _a_silent_client_has_its_work_dropped(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score, server={"heartbeat": 0.05, "peer_timeout": 0.5}, client={"heartbeat": 0.05}) as (server, client):
+    async with serving(address, scorer.begin, server={"heartbeat": 0.05, "peer_timeout": 0.5}, client={"heartbeat": 0.05}) as (server, client):
         await client.wait_for_state()
         abandoned = asyncio.create_task(client.score([[0, 9]], time.monotonic() + 60))
         await scorer.started.wait()
@@ -244,7 +245,7 @@ def test_the_remote_backend_is_the_engine_processes_back_half_until_it_goes(addr
 
 async def _the_remote_backend_is_the_engine_processes_back_half_until_it_goes(address):
     scorer = FakeScorer()
-    async with serving(address, scorer.score) as (server, client):
+    async with serving(address, scorer.begin) as (server, client):
         backend = RemoteBackend(client)
         await client.wait_for_state()
         assert backend.ready and backend.info() == {"max_batch_tokens": 2048}
