@@ -23,7 +23,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import loading, metrics, request_ids
+from service.callers import CallerIdentity, class_of
 from service.errors import ClassifierError, LoadFailed, internal_error_message
+from service.fairness import Usage, exceeded, fair_share
 from service.postprocess import Activation
 from service.schemas import (
     ClassifyRequest,
@@ -108,7 +110,13 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     if keys := settings.api_key_list():  # no middleware at all (and no cost) when the service is open
         protected = KEYED_PATHS | ({"/metrics"} if settings.metrics_require_key else set())
         app.add_middleware(ApiKeyMiddleware, keys=keys, protected=frozenset(protected))
-    app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
+    identify = CallerIdentity(bool(keys), settings.client_id_header, settings.client_id_max_length)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        max_requests=settings.max_concurrent_requests,
+        identify=identify,
+        headroom=settings.fair_share_headroom,
+    )
     if origins := settings.cors_origin_list():  # outside the key check: a browser's preflight carries no key
         app.add_middleware(
             CORSMiddleware,
@@ -150,7 +158,7 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
         deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
         work = engine.classify(
             inputs, top_k=top_k, truncate=truncate, deadline=deadline, side=side, activation=activation,
-            threshold=threshold,
+            threshold=threshold, caller=request.scope["state"][CALLER],
         )
         results = await _unless_client_leaves(work, request.receive)  # raises its ClassifierError, if any
         return None if results is None else (engine.model_id, results)
@@ -514,34 +522,61 @@ class ApiKeyMiddleware:
         return matched and scheme.lower() == b"bearer"
 
 
-class ConcurrencyLimitMiddleware:
-    """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests).
+# Where the concurrency limit leaves the request's caller (`service.callers`), in the scope's state.
+CALLER = "caller"
 
-    A request counts from its headers to its response, so stalled uploads count too. Probes and /metrics are exempt:
-    an overloaded replica must still say how it is.
+
+class ConcurrencyLimitMiddleware:
+    """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests),
+    shared fairly between callers (`identify` names each request's caller, left in its scope's state for the routes):
+    once the limit is reached, a caller holding more than its fair share of the slots is refused, while callers under
+    theirs may still take `headroom` (a fraction of the limit) more (`fairness.exceeded`).
+
+    A request counts from its headers to its response, so stalled uploads count too, against their caller's share.
+    Probes and /metrics are exempt: an overloaded replica must still say how it is.
     """
 
     EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
-    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int, identify: Callable[[Scope], str], headroom: float) -> None:
         self.app = app
         self.max_requests = max_requests
+        self.identify = identify
+        self.headroom = headroom
         self.in_flight = 0
+        self.held: dict[str, int] = {}  # requests in flight by caller, for the callers holding any
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_requests:
-            message = f"the server is handling {self.max_requests} requests already; retry shortly"
+        caller = scope.setdefault("state", {})[CALLER] = self.identify(scope)
+        held = self.held.get(caller, 0)
+        usage = Usage(self.in_flight, held, len(self.held) + (held == 0))
+        limit = exceeded(usage, 1, self.max_requests, self.headroom)
+        if limit is not None:
+            if limit == "fair_share":
+                metrics.FAIR_SHARE_REFUSALS.labels("slots", class_of(caller)).inc()
+                share = fair_share(self.max_requests, usage.active_callers)
+                message = (
+                    f"the server is handling {self.in_flight} requests, {held} of them this caller's, more than its fair "
+                    f"share ({share:.0f} of {self.max_requests}, {usage.active_callers} callers); retry shortly"
+                )
+            else:
+                message = f"the server is handling {self.in_flight} requests already; retry shortly"
             await _error_response(scope, send, 429, message, {"Retry-After": "1"})
             return
         self.in_flight += 1
+        self.held[caller] = held + 1
         metrics.REQUESTS_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            if self.held[caller] == 1:
+                del self.held[caller]
+            else:
+                self.held[caller] -= 1
             metrics.REQUESTS_IN_FLIGHT.dec()
 
 

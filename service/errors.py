@@ -38,8 +38,9 @@ class TextTooLong(ClassifierError):
 
 
 class Overloaded(ClassifierError):
-    """The queue cannot take these texts now: it would exceed its token limit (`queue_full`), or it would not reach
-    them before their deadline (`predicted_wait`)."""
+    """The queue cannot take these texts now: it would exceed its token limit (`queue_full`), their caller would hold
+    more than its fair share of a full queue (`fair_share`), or it would not reach them before their deadline
+    (`predicted_wait`)."""
 
     status = 429
 

@@ -52,13 +52,14 @@ EngineStatus = Literal["loading", "ready", "draining", "stopped", "failed"]
 class ScoreRequest(msgspec.Struct, tag="score", array_like=True):
     """Score these token-id sequences (one per text) before `deadline` (time.monotonic seconds). `second_starts`:
     where the second text of each pair starts (`PairIds.second_start`, by the text's index); `http_request_id`: the
-    HTTP request's id, for the engine process's log lines about it."""
+    HTTP request's id, for the engine process's log lines about it; `caller`: who sent it (`service.callers`)."""
 
     request_id: int
     token_ids: list[list[int]]
     deadline: float
     second_starts: dict[int, int] = {}
     http_request_id: str = ""
+    caller: str = ""
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -204,7 +205,7 @@ class EngineClient:
         self._readers = [_Readable(self._socket, self._on_message), _Readable(self._monitor, self._on_monitor_event)]
         self._tasks = [asyncio.create_task(self._beat(), name="ipc-heartbeat")]
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         """Scores per text. Raises the engine's ClassifierError, or EngineGone if it stops answering (or has not
         answered `peer_timeout` after the deadline). Cancelling the awaiting task tells the engine to drop the texts
         still queued."""
@@ -215,7 +216,7 @@ class EngineClient:
         self._pending[request_id] = _Waiting(future, deadline + self.peer_timeout)
         try:
             second_starts = {i: ids.second_start for i, ids in enumerate(token_ids) if type(ids) is PairIds}
-            self._send(ScoreRequest(request_id, token_ids, deadline, second_starts, request_ids.current.get()))
+            self._send(ScoreRequest(request_id, token_ids, deadline, second_starts, request_ids.current.get(), caller))
             return await future
         except asyncio.CancelledError:
             self._cancel(request_id)
@@ -332,10 +333,10 @@ class RemoteBackend:
         state = self.client.state
         return self.client.gone is None and state is not None and state.status == "ready"
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         """As `Scorer.score`; raises the engine's ClassifierError, or EngineUnavailable once it has gone."""
         try:
-            return await self.client.score(token_ids, deadline)
+            return await self.client.score(token_ids, deadline, caller)
         except EngineGone:
             raise EngineUnavailable() from None
 
@@ -364,8 +365,9 @@ async def connect_backend(address: str) -> tuple[RemoteBackend, EngineFacts]:
     return RemoteBackend(client), state.facts
 
 
-# What the engine process serves: scores for token ids before a deadline; cancelling the call drops queued texts.
-Score = Callable[[list[list[int]], float], Awaitable[list[list[float]]]]
+# What the engine process serves: scores for token ids before a deadline, for a caller; cancelling the call drops
+# queued texts.
+Score = Callable[[list[list[int]], float, str], Awaitable[list[list[float]]]]
 # The engine's current state, sent to clients as heartbeat.
 CurrentState = Callable[[], EngineState]
 
@@ -464,7 +466,7 @@ class EngineServer:
         try:
             for index, second_start in request.second_starts.items():
                 token_ids[index] = PairIds(token_ids[index], second_start)
-            reply: FromEngine = Scores(request.request_id, await self.score(token_ids, request.deadline))
+            reply: FromEngine = Scores(request.request_id, await self.score(token_ids, request.deadline, request.caller))
         except asyncio.CancelledError:
             return  # the caller left; nobody to answer
         except Exception as error:

@@ -88,7 +88,8 @@ INPUT_TOKENS = Histogram(
 TRUNCATED_TEXTS = Counter("classifier_truncated_texts_total", "Texts cut to the model's maximum length.")
 REJECTED_TEXTS = Counter(
     "classifier_rejected_texts_total",
-    "Texts refused at admission, by reason (queue_full, predicted_wait: the queue would not reach them in time).",
+    "Texts refused at admission, by reason (queue_full; fair_share: the queue is full and their caller holds more than "
+    "its share; predicted_wait: the queue would not reach them in time).",
     ["reason"],
 )
 CANCELLED_TEXTS = Counter(
@@ -110,6 +111,18 @@ ADMISSION_WAIT_FACTOR = Gauge(
 UNANSWERED_TOKENS = Counter(
     "classifier_unanswered_tokens_total",
     "Real tokens the model ran for texts whose caller had left or given up by the time their batch finished.",
+)
+# Fair share between callers: by caller class (key, client_id, peer, none; `callers.CALLER_CLASSES`), never by caller,
+# so the series stay few whatever the traffic.
+FAIR_SHARE_REFUSALS = Counter(
+    "classifier_fair_share_refusals_total",
+    "Requests refused because their caller held more than its fair share of a full limit, by resource (queue: queued "
+    "tokens; slots: requests in flight) and caller class.",
+    ["resource", "caller"],
+)
+ADMITTED_TEXTS = Counter("classifier_admitted_texts_total", "Texts admitted to the queue, by caller class.", ["caller"])
+ACTIVE_CALLERS = Gauge(
+    "classifier_active_callers", "Callers with texts in the queue now, sharing it fairly.", multiprocess_mode="livemax"
 )
 MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")
 BATCHING_INFO = Info(

@@ -138,6 +138,25 @@ class Settings(BaseSettings):
         description="Comma-separated origins browsers may call from (CORS), or *; unset = no CORS headers (off).",
     )
 
+    # Fair share between callers (service/fairness.py): who a caller is, and how far past a limit those under their
+    # share may go once the callers over theirs are refused.
+    fair_share_headroom: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Once the queue (max_queue_tokens) or the request slots (max_concurrent_requests) are full, callers "
+        "over their fair share (the limit divided by the active callers) are refused (429) and callers under it may "
+        "still use this fraction of the limit beyond it; 0 = a full limit refuses everyone.",
+    )
+    client_id_header: str = Field(
+        "X-Client-Id",
+        min_length=1,
+        description="Header naming the caller when API keys are off (else its peer address names it).",
+    )
+    client_id_max_length: int = Field(
+        64, ge=1, le=1024, description="Longest client id kept from that header (characters); longer ones are cut."
+    )
+
     def api_key_list(self) -> list[bytes]:
         """The accepted keys (none when api_keys is unset): the file's lines, or the list's items."""
         if self.api_keys is None:

@@ -97,10 +97,10 @@ class _EngineProcess:
         self.backend: Scorer | None = None
         self.facts: EngineFacts | None = None
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str) -> list[list[float]]:
         if self.backend is None:  # API processes ask only once it is ready; refused as in one process
             raise LoadFailed(self.failure) if self.failure is not None else NotReady()
-        return await self.backend.score(token_ids, deadline)
+        return await self.backend.score(token_ids, deadline, caller)
 
     def state(self) -> EngineState:
         """For the API processes: why it failed, or once loaded, its facts and how it batches now."""

@@ -110,7 +110,8 @@ class FakeScorer:
     logits for each text are [len(ids), sum(ids)].
 
     A request with a text holding `hold_token` waits in `score` until `release` is set (`started` says it got
-    there); if its caller is cancelled meanwhile (its client left), its token ids go to `cancelled`. A request with a
+    there); if its caller is cancelled meanwhile (its client left), its token ids go to `cancelled`. Each request's
+    deadline and caller go to `deadlines` and `callers`. A request with a
     text holding `fail_token` raises `failure` (by default: the queue is full, retry in 3 s). `accepting` is what
     `ready` says; `stop` ends it.
     """
@@ -123,14 +124,16 @@ class FakeScorer:
         self.cancelled: list[list[list[int]]] = []
         self.some_cancelled = asyncio.Event()  # set once `cancelled` has one
         self.deadlines: list[float] = []
+        self.callers: list[str] = []  # who sent each request, in order
         self.accepting = True
 
     @property
     def ready(self) -> bool:
         return self.accepting
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         self.deadlines.append(deadline)
+        self.callers.append(caller)
         if any(self.fail_token in ids for ids in token_ids):
             raise self.failure
         if any(self.hold_token in ids for ids in token_ids):
