@@ -51,7 +51,8 @@ def exceeded(usage: Usage, adding: int, limit: int, headroom: float) -> Exceeded
 class VirtualTime:
     """Start-time fair queueing's bookkeeping: each caller's virtual finish tag (the tokens run for it, counted from
     when it last became active) and the virtual time now. Callers are plain strings; a caller's tag is forgotten once
-    it has nothing queued and the virtual time has passed it, so memory follows the active callers."""
+    it has nothing queued and the virtual time has passed it (or nothing at all is queued), so memory follows the active
+    callers."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -74,7 +75,12 @@ class VirtualTime:
         self.now = max(self.now, self.tag(caller))
 
     def forget_idle(self, active: set[str]) -> None:
-        """Drop the tags of callers outside `active` that the virtual time has passed: they restart at it anyway."""
+        """Drop the tags of callers outside `active` that the virtual time has passed: they restart at it anyway. Once
+        no caller is active the busy period is over and every tag goes: nobody is owed anything, and a stream of
+        callers each served alone (which never moves the virtual time) leaves nothing behind."""
+        if not active:
+            self._finish.clear()
+            return
         for caller in [caller for caller, finish in self._finish.items() if caller not in active and finish <= self.now]:
             del self._finish[caller]
 
