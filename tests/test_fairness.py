@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from service.admission import Backlog, refusal
 from service.api import create_app
@@ -19,6 +20,7 @@ from service.drain_rate import DrainRate
 from service.errors import Overloaded
 from service.fairness import Usage, VirtualTime, exceeded, fair_share
 from service.scheduler import BatchingPolicy, BatchQueue, Place, QueuedText
+from service.settings import Settings
 from tests.fakes import FakeClock, FakeModel, FakeScorer
 from tests.test_http import JSON, RawClient, fake_engine, in_flight, serving, settings, until
 
@@ -255,6 +257,15 @@ def test_callers_are_their_key_when_keys_are_on_else_their_client_id_else_their_
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("fair_share_headroom", 1.5), ("fair_share_headroom", -0.1), ("client_id_header", ""),
+                        ("client_id_max_length", 0), ("client_id_max_length", 4096)]
+)
+def test_bad_fair_share_settings_are_refused(name, value):
+    with pytest.raises(ValidationError):
+        Settings(**{name: value})
+
+
 def test_the_caller_reaches_the_back_half():
     keyed, open_ = FakeScorer(), FakeScorer()  # a back half stops with its app
 
@@ -266,6 +277,10 @@ def test_the_caller_reaches_the_back_half():
             named = {"X-Client-Id": "nightly-batch"}
             assert (await client.post("/classify", json={"texts": ["hi"]}, headers=named)).status_code == 200
             assert (await client.post("/predict", json={"inputs": "hi"})).status_code == 200
+            shown = (await client.get("/info")).json()["settings"]
+            assert (shown["fair_share_headroom"], shown["client_id_header"], shown["client_id_max_length"]) == (
+                0.1, "X-Client-Id", 64
+            )
 
     asyncio.run(main())
     assert keyed.callers == ["key:" + hashlib.sha256(b"k2").hexdigest()[:16]]
