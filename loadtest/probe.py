@@ -391,27 +391,32 @@ class Answer:
 @dataclass
 class Client:
     """Keep-alive HTTP/1.1 POSTs of JSON on asyncio streams, with a pool of idle connections: cheap enough that the
-    load generator leaves the cores to the server under test."""
+    load generator leaves the cores to the server under test. `headers` go with every request (an `X-Client-Id`)."""
 
     host: str
     port: int
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
 
     # uvicorn closes connections idle for 5 s; one reused just as it closes would read as a lost answer.
     MAX_IDLE_SECONDS = 2.0
 
     @classmethod
-    def of(cls, url: str) -> Client:
+    def of(cls, url: str, headers: dict[str, str] | None = None) -> Client:
         host, _, port = url.removeprefix("http://").partition(":")
-        return cls(host, int(port))
+        return cls(host, int(port), headers=headers or {})
 
-    async def post(self, path: str, body: bytes, leave_after: float | None = None) -> tuple[str, bytes]:
+    async def post(
+        self, path: str, body: bytes, leave_after: float | None = None, read_after: float | None = None
+    ) -> tuple[str, bytes]:
         """POST `body` to `path`: (status, response body); with `leave_after`, hang up that many seconds after
-        sending (on a connection of its own) and return ("left", b"")."""
+        sending (on a connection of its own) and return ("left", b""); with `read_after`, start reading the answer
+        only that many seconds after sending (a slow reader)."""
         reader, writer = await self._connection(fresh=leave_after is not None)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
         try:
             writer.write(
-                f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{extra}"
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
@@ -420,6 +425,8 @@ class Client:
                 await asyncio.sleep(leave_after)
                 writer.close()
                 return "left", b""
+            if read_after is not None:
+                await asyncio.sleep(read_after)
             status, headers = await self._head(reader)
             payload = await reader.readexactly(int(headers.get("content-length", "0")))
         except BaseException:
@@ -432,13 +439,14 @@ class Client:
         return status, payload
 
     async def request(
-        self, path: str, body: bytes, leave_after: float | None = None, give_up_after: float | None = None
+        self, path: str, body: bytes, leave_after: float | None = None, give_up_after: float | None = None,
+        read_after: float | None = None,
     ) -> Answer:
         """post, timed, with a failure (no answer within `give_up_after` seconds among them) as an Answer rather
         than an exception."""
         started = time.perf_counter()
         try:
-            status, _ = await asyncio.wait_for(self.post(path, body, leave_after), give_up_after)
+            status, _ = await asyncio.wait_for(self.post(path, body, leave_after, read_after), give_up_after)
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
             status = f"error: {type(error).__name__}"
         return Answer(status, time.perf_counter() - started)
