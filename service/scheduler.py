@@ -11,6 +11,9 @@ Texts also carry their caller's deadline: the queue hands back those whose deadl
 caller has gone, so they never reach the model; `missed_deadlines`, the one deadline decision, also names the texts
 of a batch about to start whose deadline would pass before it ends. A bucket is "due" when its time window has run
 out (or no partner is expected within it): that is the window's end, never a deadline.
+Texts carry their caller too (`service.callers`): each caller's texts wait in buckets of their own, the caller the
+model has served least seeds the next batch (start-time fair queueing, `service.fairness`), and the batch fills with
+every caller's texts of similar length, so one caller's flood delays another's text by about a batch, not the flood.
 """
 
 import bisect
