@@ -69,8 +69,8 @@ def test_tags_are_forgotten_once_passed_or_once_nothing_is_queued():
         virtual.activated(caller)
     virtual.seeded("a")
     virtual.served("a", 10)
-    virtual.forget_idle({"a"})  # b's tag (0) is not past the virtual time (0)... it is equal: passed
-    assert len(virtual) == 1
+    virtual.forget_idle({"a"})  # b is not active and the virtual time (0) has reached its tag (0): forgotten
+    assert len(virtual) == 1 and virtual.tag("a") == 10
     for caller in (f"one-shot-{i}" for i in range(100)):  # each alone, served once: the virtual time never moves
         virtual.activated(caller)
         virtual.seeded(caller)
