@@ -225,17 +225,23 @@ def print_summary(report: dict, rates: list[float]) -> None:
         print(f"{name:58} {tps:8.1f} " + " ".join(f"{cell:>8}" for cell in cells))
     batched = report["batched"]["saturation"]
     light = report["batched"].get(f"rate_{rates[0]:g}") if rates else None
-    print(f"\ntexts: token p50 {report['offline']['token_p50']}, p99 {report['offline']['token_p99']}; single-text model "
-          f"latency p50 {report['offline']['single_text_p50_ms']:.1f} ms back to back, "
-          f"{report['offline']['single_text_spaced_p50_ms']:.1f} ms spaced as at {rates[0] if rates else 5:g} req/s")
-    print(f"saturation throughput / model alone at its best budget ({report['offline']['best_budget']}): "
-          f"{batched['texts_per_second'] / offline_tps:.2f}  (target >= 0.90)")
+    print(
+        f"\ntexts: token p50 {report['offline']['token_p50']}, p99 {report['offline']['token_p99']}; single-text model "
+        f"latency p50 {report['offline']['single_text_p50_ms']:.1f} ms back to back, "
+        f"{report['offline']['single_text_spaced_p50_ms']:.1f} ms spaced as at {rates[0] if rates else 5:g} req/s"
+    )
+    print(
+        f"saturation throughput / model alone at its best budget ({report['offline']['best_budget']}): "
+        f"{batched['texts_per_second'] / offline_tps:.2f}  (target >= 0.90)"
+    )
     plain = report["plain"]["saturation"]["texts_per_second"]
     print(f"saturation throughput / plain server: {batched['texts_per_second'] / plain:.2f}  (target >= 1.40)")
     print(f"saturation padding efficiency:        {batched['server']['padding_efficiency']:.3f}  (target >= 0.90)")
     if light:
-        print(f"p50 at {rates[0]:g} req/s minus spaced single-text latency: "
-              f"{light['p50_ms'] - report['offline']['single_text_spaced_p50_ms']:.1f} ms  (target <= 10)")
+        print(
+            f"p50 at {rates[0]:g} req/s minus spaced single-text latency: "
+            f"{light['p50_ms'] - report['offline']['single_text_spaced_p50_ms']:.1f} ms  (target <= 10)"
+        )
 
 
 if __name__ == "__main__":

@@ -166,9 +166,9 @@ def report_overload(outcomes: list[Outcome], cut_at: float) -> dict:
             "deadline_ms": timeout_ms,
             "answered_after_deadline": sum(s * 1000 > timeout_ms for s in answered) if timeout_ms else None,
             # When the late ones were sent (seconds into the run): a cluster at the start is a cold estimate.
-            "late_sent_at_s": sorted(
-                round(o.sent_at, 1) for o in mine if o.status in ("200", "504") and o.seconds * 1000 > timeout_ms
-            )[:20] if timeout_ms else None,
+            "late_sent_at_s": sorted(round(o.sent_at, 1) for o in mine if o.status in ("200", "504") and o.seconds * 1000 > timeout_ms)[:20]
+            if timeout_ms
+            else None,
         }
     answered = [o.seconds for o in before if o.status == "200"]
     return {

@@ -182,9 +182,27 @@ def profile(server: ServerProcess, bodies: Path, connections: int, seconds: floa
     load = subprocess.Popen(wrk_command(server.url, bodies, connections, seconds + 4, WRK_TIMEOUT), stdout=subprocess.DEVNULL)
     time.sleep(2)
     subprocess.run(
-        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.process.pid), "--subprocesses", "--threads", "--native", "--idle",
-         "--duration", f"{seconds:g}", "--rate", "200", "--format", "raw", "--output", str(output)],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(server.process.pid),
+            "--subprocesses",
+            "--threads",
+            "--native",
+            "--idle",
+            "--duration",
+            f"{seconds:g}",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(output),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     load.wait()
 
@@ -194,9 +212,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15, help="seconds per saturation run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration, alternating")
     parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[1])
-    parser.add_argument(
-        "--baseline", action="append", default=[], help="another tree holding a service package, measured first (repeatable)"
-    )
+    parser.add_argument("--baseline", action="append", default=[], help="another tree holding a service package, measured first (repeatable)")
     parser.add_argument("--model", help="a checkpoint directory instead of the near-zero-cost model")
     parser.add_argument("--multi", type=int, default=8, help="texts per request in the multi-text runs (1: none)")
     parser.add_argument("--connections", type=int, default=64)
@@ -273,8 +289,10 @@ def _median(splits: list[dict], key) -> float:
 
 
 def print_summary(runs: dict, configs: list) -> None:
-    print(f"\n{'configuration':44} {'texts/req':>9} {'req/s median':>12} {'min-max':>13} {'texts/s':>8} {'CPU ms/req':>10}"
-          f" {'API ms/req':>10} {'engine':>7} {'loop':>6} {'model':>6} {'engine cap.':>11} {'loop cap.':>9}")
+    print(
+        f"\n{'configuration':44} {'texts/req':>9} {'req/s median':>12} {'min-max':>13} {'texts/s':>8} {'CPU ms/req':>10}"
+        f" {'API ms/req':>10} {'engine':>7} {'loop':>6} {'model':>6} {'engine cap.':>11} {'loop cap.':>9}"
+    )
     for name, _, _ in configs:
         for per_request, results in runs[name].items():
             rates = [r["requests_per_second"] for r in results]
@@ -291,16 +309,20 @@ def print_summary(runs: dict, configs: list) -> None:
                     f" {_median(splits, lambda s: s['bookkeeping_capacity'] or 0.0):9.0f}"
                 )
             print(line)
-    print("(ms/req: CPU milliseconds per request; engine: the engine process, loop: its event loop thread, model: its"
-          " inference thread; cap.: projected requests/s of one engine process, where its busiest thread, or its event"
-          " loop, tops out at one core)")
+    print(
+        "(ms/req: CPU milliseconds per request; engine: the engine process, loop: its event loop thread, model: its"
+        " inference thread; cap.: projected requests/s of one engine process, where its busiest thread, or its event"
+        " loop, tops out at one core)"
+    )
     if len(configs) > 1:
         first = configs[0][0]
         for name, _, _ in configs[1:]:
             for per_request in runs[name]:
                 ratios = [b["requests_per_second"] / a["requests_per_second"] for a, b in zip(runs[first][per_request], runs[name][per_request])]
-                print(f"{name} / {first}, {per_request} text(s)/request: median {statistics.median(ratios):.2f} "
-                      f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+                print(
+                    f"{name} / {first}, {per_request} text(s)/request: median {statistics.median(ratios):.2f} "
+                    f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})"
+                )
 
 
 if __name__ == "__main__":

@@ -699,8 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         size = gpu_travel.travel_size()
         command = gpu_travel.device_command(quick=args.quick)
         print(f"prepared {result['destination']}: wheels of {', '.join(result['requirements'])}")
-        print(f"travels: {size['total_bytes'] / 2**20:.1f} MiB (tree {size['tree_bytes'] / 2**20:.1f} MiB, carried "
-              f"{json.dumps({k: round(v / 2**20, 1) for k, v in size['carried_bytes'].items()})} MiB) of {size['limit_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"travels: {size['total_bytes'] / 2**20:.1f} MiB (tree {size['tree_bytes'] / 2**20:.1f} MiB, carried "
+            f"{json.dumps({k: round(v / 2**20, 1) for k, v in size['carried_bytes'].items()})} MiB) of {size['limit_bytes'] / 2**20:.0f} MiB"
+        )
         print(f"device run: carry {json.dumps(gpu_travel.CARRY)}, timeout_s 600, command ({len(command)} characters):\n{command}")
         return 0 if size["fits"] and len(command) <= gpu_travel.COMMAND_LIMIT else 1
     try:

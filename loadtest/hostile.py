@@ -11,6 +11,12 @@ Starts the service itself (tuning off, as the audit ran it), then runs each scen
   (408s, 431s, seconds from each connection's opening) and how many bytes the flood wrote.
 - deep_json: `[[[...]]]` 100,000 deep, as the body and as `texts`, to /classify and /predict: the status, the
   body, and whether a traceback reached the server log.
+- greedy: an interactive caller sends single texts at --rate (5) requests/s, first on an idle service (its
+  baseline), then beside a greedy caller that sends --greedy-requests (200) requests of --greedy-texts (256) texts
+  at once, each with timeout_ms=600000, reading its answers --read-after (2) s late and sending a refused request
+  again after a second. It prints the interactive caller's status counts and p50/p99 idle and beside the greedy
+  one, the greedy caller's status counts and texts answered per second, and the fair-share refusals /metrics
+  counted. The callers name themselves with X-Client-Id (both come from one address).
 
 It prints numbers as JSON; it is not a test (they depend on the machine): run it alone.
 """
@@ -22,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import random
 import tempfile
 import threading
 import time
@@ -31,11 +38,25 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.probe import ServerProcess, ServiceNotReady, free_port, machine, percentile, service_command
+from loadtest.corpus import load_texts
+from loadtest.probe import (
+    Answer,
+    Client,
+    Interval,
+    ServerProcess,
+    ServiceNotReady,
+    free_port,
+    machine,
+    open_loop,
+    percentile,
+    scrape,
+    service_command,
+)
 
 FLOOD_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Flood: "
 FLOOD_CHUNK = b"a" * 65536
 TRICKLE_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Trickle: " + b"a" * 10_000
+GREEDY_TIMEOUT_MS = 600_000
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -201,9 +222,85 @@ def deep_json(server: ServerProcess, args: argparse.Namespace) -> dict:
     return {"depth": depth, "answers": results}
 
 
+def _statuses(answers: list[Answer]) -> dict[str, int]:
+    return dict(Counter(answer.status for answer in answers))
+
+
+def _latency(answers: list[Answer]) -> dict[str, float | None]:
+    answered = [answer.seconds for answer in answers if answer.status == "200"]
+    return {"p50_ms": _ms(percentile(answered, 50)), "p99_ms": _ms(percentile(answered, 99))}
+
+
+async def _interactive(url: str, texts: list[str], rate: float, duration: float, rng: random.Random) -> list[Answer]:
+    """Single texts at Poisson arrivals of `rate` per second for `duration` seconds, as the caller `interactive`."""
+    client = Client.of(url, {"X-Client-Id": "interactive"})
+    answers: list[Answer] = []
+
+    async def send(index: int) -> None:
+        body = json.dumps({"texts": [texts[index % len(texts)]]}).encode()
+        answers.append(await client.request("/classify", body, give_up_after=120))
+
+    await open_loop(rate, duration, send, rng)
+    client.close()
+    return answers
+
+
+async def _greedy(url: str, args: argparse.Namespace) -> dict:
+    """The interactive caller alone, then beside the greedy one (see the module's docstring)."""
+    texts = load_texts(seed=args.seed)
+    rng = random.Random(args.seed)
+    idle = await _interactive(url, texts, args.rate, args.idle_seconds, rng)
+
+    greedy_client = Client.of(url, {"X-Client-Id": "greedy"})
+    greedy_answers: list[Answer] = []
+    answered_texts = 0
+    run_ends = time.perf_counter() + args.duration
+
+    async def greedy_request(index: int) -> None:
+        nonlocal answered_texts
+        chunk = [texts[(index * args.greedy_texts + i) % len(texts)] for i in range(args.greedy_texts)]
+        body = json.dumps({"texts": chunk, "timeout_ms": GREEDY_TIMEOUT_MS}).encode()
+        while True:
+            answer = await greedy_client.request("/classify", body, give_up_after=GREEDY_TIMEOUT_MS / 1000, read_after=args.read_after)
+            greedy_answers.append(answer)
+            if answer.status == "200":
+                answered_texts += len(chunk)
+                return
+            if time.perf_counter() >= run_ends:  # refused and the run is over: it gives up
+                return
+            await asyncio.sleep(1.0)  # refused (429): again after a second
+
+    before = scrape(url)
+    started = time.perf_counter()
+    flood = [asyncio.create_task(greedy_request(i)) for i in range(args.greedy_requests)]
+    beside = await _interactive(url, texts, args.rate, args.duration, rng)
+    await asyncio.gather(*flood)
+    greedy_seconds = time.perf_counter() - started
+    change = Interval(before, scrape(url))
+    greedy_client.close()
+    return {
+        "interactive_idle": {"statuses": _statuses(idle), **_latency(idle)},
+        "interactive_beside_greedy": {"statuses": _statuses(beside), **_latency(beside)},
+        "greedy": {
+            "statuses": _statuses(greedy_answers),
+            "texts_answered": answered_texts,
+            "seconds": round(greedy_seconds, 1),
+            "texts_per_second": round(answered_texts / greedy_seconds, 1),
+        },
+        "fair_share_refusals": change.delta_by("classifier_fair_share_refusals_total", "resource"),
+        "rejected_texts": change.delta_by("classifier_rejected_texts_total", "reason"),
+    }
+
+
+def greedy(server: ServerProcess, args: argparse.Namespace) -> dict:
+    """A greedy caller beside an interactive one (see the module's docstring)."""
+    return asyncio.run(_greedy(server.url, args))
+
+
 SCENARIOS: dict[str, Callable[[ServerProcess, argparse.Namespace], dict]] = {
     "header_flood": header_flood,
     "deep_json": deep_json,
+    "greedy": greedy,
 }
 
 
@@ -228,6 +325,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flood-seconds", type=float, default=30, help="header_flood: at most this long")
     parser.add_argument("--trickle", type=int, default=5, help="header_flood: clients sending a byte every 100 ms")
     parser.add_argument("--depth", type=int, default=100_000, help="deep_json: nesting depth")
+    parser.add_argument("--seed", type=int, default=0, help="greedy: the corpus sample and arrival times")
+    parser.add_argument("--duration", type=float, default=60, help="greedy: seconds the interactive caller runs beside")
+    parser.add_argument("--idle-seconds", type=float, default=20, help="greedy: seconds of the idle baseline")
+    parser.add_argument("--rate", type=float, default=5, help="greedy: interactive requests per second")
+    parser.add_argument("--greedy-requests", type=int, default=200)
+    parser.add_argument("--greedy-texts", type=int, default=256, help="greedy: texts per greedy request")
+    parser.add_argument("--read-after", type=float, default=2.0, help="greedy: seconds the greedy caller waits to read")
     return parser.parse_args(argv)
 
 

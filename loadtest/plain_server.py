@@ -39,7 +39,7 @@ def create_app(model_dir: str, device: str = "cpu") -> FastAPI:
         ids = tokenizer(text, truncation=False)["input_ids"]
         if len(ids) > max_length and not truncate:
             return None
-        kept = ids[:max_length - 1] + ids[-1:] if len(ids) > max_length else ids  # keep the closing special token
+        kept = ids[: max_length - 1] + ids[-1:] if len(ids) > max_length else ids  # keep the closing special token
         with torch.inference_mode():
             scores = model(input_ids=torch.tensor([kept], device=device)).logits.float().softmax(-1)[0].tolist()
         ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]

@@ -252,9 +252,7 @@ def is_ready(url: str, timeout: float = 2) -> bool:
         return False
 
 
-def wait_until_ready(
-    url: str, timeout: float, process: subprocess.Popen | None = None, log: IO[str] | Path | None = None
-) -> None:
+def wait_until_ready(url: str, timeout: float, process: subprocess.Popen | None = None, log: IO[str] | Path | None = None) -> None:
     """Wait until `url`/ready answers 200. Raises ServiceNotReady, with the log's text when given (a readable file
     or a path), if `process` exits first or the timeout passes."""
 
@@ -330,7 +328,12 @@ class ServerProcess:
     minute). The one way the scripts start servers."""
 
     def __init__(
-        self, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, cwd: Path = ROOT,
+        self,
+        command: list[str],
+        port: int,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
         ready_timeout: float = 300,
     ) -> None:
         self.port = port
@@ -391,28 +394,30 @@ class Answer:
 @dataclass
 class Client:
     """Keep-alive HTTP/1.1 POSTs of JSON on asyncio streams, with a pool of idle connections: cheap enough that the
-    load generator leaves the cores to the server under test."""
+    load generator leaves the cores to the server under test. `headers` go with every request (an `X-Client-Id`)."""
 
     host: str
     port: int
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
 
     # uvicorn closes connections idle for 5 s; one reused just as it closes would read as a lost answer.
     MAX_IDLE_SECONDS = 2.0
 
     @classmethod
-    def of(cls, url: str) -> Client:
+    def of(cls, url: str, headers: dict[str, str] | None = None) -> Client:
         host, _, port = url.removeprefix("http://").partition(":")
-        return cls(host, int(port))
+        return cls(host, int(port), headers=headers or {})
 
-    async def post(self, path: str, body: bytes, leave_after: float | None = None) -> tuple[str, bytes]:
+    async def post(self, path: str, body: bytes, leave_after: float | None = None, read_after: float | None = None) -> tuple[str, bytes]:
         """POST `body` to `path`: (status, response body); with `leave_after`, hang up that many seconds after
-        sending (on a connection of its own) and return ("left", b"")."""
+        sending (on a connection of its own) and return ("left", b""); with `read_after`, start reading the answer
+        only that many seconds after sending (a slow reader)."""
         reader, writer = await self._connection(fresh=leave_after is not None)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
         try:
             writer.write(
-                f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
             await writer.drain()
@@ -420,6 +425,8 @@ class Client:
                 await asyncio.sleep(leave_after)
                 writer.close()
                 return "left", b""
+            if read_after is not None:
+                await asyncio.sleep(read_after)
             status, headers = await self._head(reader)
             payload = await reader.readexactly(int(headers.get("content-length", "0")))
         except BaseException:
@@ -432,13 +439,18 @@ class Client:
         return status, payload
 
     async def request(
-        self, path: str, body: bytes, leave_after: float | None = None, give_up_after: float | None = None
+        self,
+        path: str,
+        body: bytes,
+        leave_after: float | None = None,
+        give_up_after: float | None = None,
+        read_after: float | None = None,
     ) -> Answer:
         """post, timed, with a failure (no answer within `give_up_after` seconds among them) as an Answer rather
         than an exception."""
         started = time.perf_counter()
         try:
-            status, _ = await asyncio.wait_for(self.post(path, body, leave_after), give_up_after)
+            status, _ = await asyncio.wait_for(self.post(path, body, leave_after, read_after), give_up_after)
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
             status = f"error: {type(error).__name__}"
         return Answer(status, time.perf_counter() - started)
@@ -468,7 +480,10 @@ class Client:
 
 
 async def open_loop(
-    rate: float, duration: float, arrive: Callable[[int], Awaitable[object]], rng: random.Random,
+    rate: float,
+    duration: float,
+    arrive: Callable[[int], Awaitable[object]],
+    rng: random.Random,
     wait: float | None = None,
 ) -> tuple[int, float]:
     """Poisson arrivals at `rate` per second for `duration` seconds, whatever the server's speed: the i-th calls
@@ -509,7 +524,12 @@ class OpenLoopRun:
 
 
 async def poisson_requests(
-    url: str, bodies: Sequence[bytes], rate: float, duration: float, rng: random.Random, first: int = 0,
+    url: str,
+    bodies: Sequence[bytes],
+    rate: float,
+    duration: float,
+    rng: random.Random,
+    first: int = 0,
     give_up_after: float = 120,
 ) -> OpenLoopRun:
     """POST /classify the bodies in turn from `first`, at Poisson arrivals (open_loop); a request not answered
@@ -584,8 +604,12 @@ def wrk(url: str, bodies: Path, connections: int, seconds: float, timeout: float
         raise SystemExit("the saturation runs need wrk: apt-get install wrk") from None
     summary = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
     return WrkRun(
-        summary["requests"], summary["non_2xx"], summary["socket_errors"], summary["duration_us"] / 1e6,
-        summary["p50_us"] / 1000, summary["p99_us"] / 1000,
+        summary["requests"],
+        summary["non_2xx"],
+        summary["socket_errors"],
+        summary["duration_us"] / 1e6,
+        summary["p50_us"] / 1000,
+        summary["p99_us"] / 1000,
     )
 
 
@@ -605,8 +629,13 @@ def saturate(url: str, bodies: Path, concurrency: int, duration: float, texts_pe
 
 
 def python_saturate(
-    url: str, bodies: Sequence[bytes], concurrency: int, duration: float, processes: int = 1,
-    texts_per_request: int = 1, give_up_after: float = 60,
+    url: str,
+    bodies: Sequence[bytes],
+    concurrency: int,
+    duration: float,
+    processes: int = 1,
+    texts_per_request: int = 1,
+    give_up_after: float = 60,
 ) -> dict:
     """What `saturate` reports (texts, failures, texts/s, p50/p99), from `concurrency` keep-alive clients in Python
     (each sends the next body as soon as its last is answered) spread over `processes` client processes, for hosts

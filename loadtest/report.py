@@ -316,13 +316,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=128, help="closed-loop clients at saturation")
     parser.add_argument("--rate-duration", type=float, default=10, help="seconds at each offered load")
     parser.add_argument(
-        "--rate-fractions", type=lambda s: [float(x) for x in s.split(",")], default=list(DEFAULT_FRACTIONS),
+        "--rate-fractions",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=list(DEFAULT_FRACTIONS),
         help="offered loads as fractions of each server's own saturation rate, comma-separated",
     )
     parser.add_argument("--classic-batch-size", type=int, default=32, help="batch size of the first three rungs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every server")
     parser.add_argument(
-        "--service-env", action="append", default=[], metavar="CLASSIFIER_X=VALUE",
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="CLASSIFIER_X=VALUE",
         help="a setting for every service process (repeatable)",
     )
     return parser.parse_args(argv)

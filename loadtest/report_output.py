@@ -33,6 +33,7 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 
 def ratio_and_range(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
     """Median over median, and the widest range the runs allow (slowest over fastest, fastest over slowest)."""
+
     def ratio(a: float, b: float) -> float:
         return a / b if b > 0 else math.inf
 
@@ -63,7 +64,8 @@ def knee(curve: list[dict]) -> dict | None:
         return None
     floor = points[0]["p99_ms"]
     keeping_up = [
-        point for point in points
+        point
+        for point in points
         if point["p99_ms"] <= 3 * floor and point["texts_per_second"] >= 0.95 * point["offered_rps"] * _answered_share(point)
     ]
     return max(keeping_up, key=lambda point: point["offered_rps"]) if keeping_up else points[0]
@@ -211,8 +213,15 @@ def plot_latency_by_length(results: dict, path: Path) -> Series:
         for name, hatch, alpha in (("p50_ms", "", 1.0), ("p99_ms", "//", 0.55)):
             label = f"{name[:3]} at {point['offered_rps']:.0f} requests/s ({point['fraction_of_saturation']:.0%} of saturation)"
             values = [[i, point["latency_by_length"][c][name]] for i, c in enumerate(classes) if c in point["latency_by_length"]]
-            axis.bar([i + (offset - len(points) + 0.5) * width for i, _ in values], [v for _, v in values], width, hatch=hatch, alpha=alpha,
-                color=f"C{load_index}", label=label)
+            axis.bar(
+                [i + (offset - len(points) + 0.5) * width for i, _ in values],
+                [v for _, v in values],
+                width,
+                hatch=hatch,
+                alpha=alpha,
+                color=f"C{load_index}",
+                label=label,
+            )
             drawn[label] = values
             offset += 1
     axis.set_xticks(range(len(classes)), [f"{c} tokens" for c in classes])
@@ -301,8 +310,10 @@ def markdown(results: dict) -> str:
         "|---|---|---|",
     ]
     for entry in results["strategies"]:
-        settings = "`loadtest/plain_server.py` (fp32, one forward per text)" if entry["settings"] is None else (
-            ", ".join(f"`{k}={v}`" for k, v in entry["settings"].items()) or "the defaults (tuning on)"
+        settings = (
+            "`loadtest/plain_server.py` (fp32, one forward per text)"
+            if entry["settings"] is None
+            else (", ".join(f"`{k}={v}`" for k, v in entry["settings"].items()) or "the defaults (tuning on)")
         )
         budget = f"{entry['precision']}, {entry['max_batch_tokens']}" if entry["max_batch_tokens"] else entry["precision"]
         lines.append(f"| {entry['title']} | {settings} | {budget}{'; ' + entry['tuning'] if entry['tuning'] else ''} |")
@@ -310,7 +321,8 @@ def markdown(results: dict) -> str:
         "",
         "Every service process also ran with `CLASSIFIER_REQUEST_TIMEOUT_MS=120000` (a closed loop sends only as fast "
         "as it is answered, so the slow rungs are measured, not refused), `CLASSIFIER_DRAIN_DELAY_SECONDS=0`"
-        + "".join(f", `{setting}`" for setting in results["options"]["service_env"]) + ".",
+        + "".join(f", `{setting}`" for setting in results["options"]["service_env"])
+        + ".",
         "",
         "## At saturation",
         "",
@@ -323,8 +335,9 @@ def markdown(results: dict) -> str:
         server = entry["server"]
         lines.append(
             f"| {entry['title']} | {median:.1f} ({low:.1f}-{high:.1f}) | {ratio:.2f}x ({ratio_low:.2f}-{ratio_high:.2f}) | "
-            f"{server['padding_efficiency']:.3f} | {server['mean_batch_size']:.1f} | " if server else
-            f"| {entry['title']} | {median:.1f} ({low:.1f}-{high:.1f}) | {ratio:.2f}x ({ratio_low:.2f}-{ratio_high:.2f}) | (no padding) | 1 | "
+            f"{server['padding_efficiency']:.3f} | {server['mean_batch_size']:.1f} | "
+            if server
+            else f"| {entry['title']} | {median:.1f} ({low:.1f}-{high:.1f}) | {ratio:.2f}x ({ratio_low:.2f}-{ratio_high:.2f}) | (no padding) | 1 | "
         )
         lines[-1] += f"{entry['peak_rss_mib']:.0f} ({entry['rss_ready_mib']:.0f}) |"
     lines += [
@@ -333,8 +346,9 @@ def markdown(results: dict) -> str:
         "",
         *(f"- {step}" for step in steps),
         "",
-        "Verdict: the measurements show the expected order." if ordered else
-        "Verdict: **the measurements contradict the expected order** at the step(s) at or below 1.00x above.",
+        "Verdict: the measurements show the expected order."
+        if ordered
+        else "Verdict: **the measurements contradict the expected order** at the step(s) at or below 1.00x above.",
         "",
         _baselines_sentence(strategies),
         "",
@@ -362,8 +376,12 @@ def markdown(results: dict) -> str:
     lines += _by_length_table(
         [(f"{p['offered_rps']:.0f} req/s ({p['fraction_of_saturation']:.0%})", p["latency_by_length"]) for p in strategies["service"]["load_curve"]]
     )
-    lines += ["", "Server-side, `classifier_text_latency_seconds{length}` during the saturation runs (p50 / p99 ms, "
-              "interpolated within histogram buckets as `histogram_quantile` does):", ""]
+    lines += [
+        "",
+        "Server-side, `classifier_text_latency_seconds{length}` during the saturation runs (p50 / p99 ms, "
+        "interpolated within histogram buckets as `histogram_quantile` does):",
+        "",
+    ]
     lines += _by_length_table([(entry["title"], entry["server"]["latency_by_length"]) for entry in results["strategies"] if entry["server"]])
     lines += ["", "Every number is in `results.json`; the data each plot draws is in `plots.json`.", ""]
     return "\n".join(lines)
@@ -373,9 +391,7 @@ def _by_length_table(rows: list[tuple[str, dict]]) -> list[str]:
     classes = [name for name in LENGTH_CLASSES if any(name in by_length for _, by_length in rows)]
     table = ["| | " + " | ".join(f"{c} tokens" for c in classes) + " |", "|---|" + "---:|" * len(classes)]
     for title, by_length in rows:
-        cells = [
-            f"{_ms(by_length[c]['p50_ms'])} / {_ms(by_length[c]['p99_ms'])}" if c in by_length else "" for c in classes
-        ]
+        cells = [f"{_ms(by_length[c]['p50_ms'])} / {_ms(by_length[c]['p99_ms'])}" if c in by_length else "" for c in classes]
         table.append(f"| {title} | " + " | ".join(cells) + " |")
     return table
 
@@ -402,7 +418,8 @@ def _baselines_sentence(strategies: dict) -> str:
     verdict = (
         f"so on these texts batching in arrival order ({', '.join(slower)}) is slower than no batching at all: padding "
         "a batch to the maximum length, or to the longest text that arrived with it, costs more than batching saves"
-        if slower else "so every batching rung beats no batching at all"
+        if slower
+        else "so every batching rung beats no batching at all"
     )
     return (
         f"For reference, the service with batching off reaches {off:.0f} texts/s and the plain server {plain:.0f}, "
@@ -420,8 +437,7 @@ def _knee_sentence(strategies: dict) -> str:
             parts.append(f"{strategies[key]['title']} up to about {point['offered_rps']:.0f} requests/s (p99 {_ms(point['p99_ms'])} ms)")
     return (
         "p50 and p99 latency against offered load, log scale: each curve stays flat until its server saturates, then "
-        "climbs steeply (the knee). Keeping up (p99 within 3x its light-load p99, answering 95% of the offered rate): "
-        + "; ".join(parts) + "."
+        "climbs steeply (the knee). Keeping up (p99 within 3x its light-load p99, answering 95% of the offered rate): " + "; ".join(parts) + "."
     )
 
 

@@ -138,8 +138,7 @@ def markdown(summary: dict) -> str:
         f"| texts classified | {server['texts_classified']} ({_fmt(server['texts_per_second'])}/s) |",
         f"| /classify responses by status | {_counts(server['requests_by_status'])} |",
         f"| server time per request p50 / p99 | {_fmt(request['p50'], 1000)} / {_fmt(request['p99'], 1000)} ms |",
-        f"| queue wait per text mean / p50 / p99 | {_fmt(queue['mean'], 1000)} / {_fmt(queue['p50'], 1000)}"
-        f" / {_fmt(queue['p99'], 1000)} ms |",
+        f"| queue wait per text mean / p50 / p99 | {_fmt(queue['mean'], 1000)} / {_fmt(queue['p50'], 1000)} / {_fmt(queue['p99'], 1000)} ms |",
         f"| model time per batch mean / p99 | {_fmt(infer['mean'], 1000)} / {_fmt(infer['p99'], 1000)} ms |",
         f"| batches, texts per batch mean / p99 | {size['count']}, {_fmt(size['mean'])} / {_fmt(size['p99'])} |",
         f"| batch flushes by reason | {_counts(server['batch_flushes_by_reason'])} |",

@@ -90,13 +90,16 @@ def main() -> None:
         report["rounds"].append(runs)
 
     last = report["rounds"][-1]["tuned"]
-    speeds = offline_ladder(
-        model, load_texts(args.offline_texts, seed=1), last["precision"], budget_ladder(512, "cpu"), args.threads
-    )
+    speeds = offline_ladder(model, load_texts(args.offline_texts, seed=1), last["precision"], budget_ladder(512, "cpu"), args.threads)
     best = max(speeds, key=speeds.get)
     chosen = [runs["tuned"]["max_batch_tokens"] for runs in report["rounds"]]
-    report["offline"] = {"precision": last["precision"], "texts_per_second": speeds, "best": best, "chosen": chosen,
-                         "chosen_over_best": [speeds[budget] / speeds[best] for budget in chosen]}
+    report["offline"] = {
+        "precision": last["precision"],
+        "texts_per_second": speeds,
+        "best": best,
+        "chosen": chosen,
+        "chosen_over_best": [speeds[budget] / speeds[best] for budget in chosen],
+    }
     (RESULTS / "tuning_benchmark.json").write_text(json.dumps(report, indent=1))
 
     ratios = [r["ratio"] for r in report["rounds"]]
@@ -104,15 +107,20 @@ def main() -> None:
     for number, runs in enumerate(report["rounds"], 1):
         tuning = runs["tuned"]["tuning"]
         trials = {t["precision"]: t for t in tuning["precision_trials"]}
-        print(f"round {number}: tuned {runs['tuned']['texts_per_second']:.1f} texts/s ({runs['tuned']['precision']}, "
-              f"{runs['tuned']['max_batch_tokens']} tokens; tuning {tuning['seconds']:.1f} s, ready in "
-              f"{runs['tuned']['ready_seconds']:.1f} s), fixed {runs['fixed']['texts_per_second']:.1f} texts/s; "
-              f"deviations {({p: t['max_deviation'] for p, t in trials.items()})}, "
-              f"label changes {({p: t['label_changes'] for p, t in trials.items()})}")
-    print(f"offline in {last['precision']}: " + ", ".join(f"{budget}: {speed:.1f}" for budget, speed in speeds.items())
-          + " texts/s; chosen budgets per round at " + ", ".join(
-              f"{budget} -> {ratio:.3f}" for budget, ratio in zip(chosen, report["offline"]["chosen_over_best"]))
-          + f" of the best ({best}) (target >= 0.95)")
+        print(
+            f"round {number}: tuned {runs['tuned']['texts_per_second']:.1f} texts/s ({runs['tuned']['precision']}, "
+            f"{runs['tuned']['max_batch_tokens']} tokens; tuning {tuning['seconds']:.1f} s, ready in "
+            f"{runs['tuned']['ready_seconds']:.1f} s), fixed {runs['fixed']['texts_per_second']:.1f} texts/s; "
+            f"deviations { ({p: t['max_deviation'] for p, t in trials.items()}) }, "
+            f"label changes { ({p: t['label_changes'] for p, t in trials.items()}) }"
+        )
+    print(
+        f"offline in {last['precision']}: "
+        + ", ".join(f"{budget}: {speed:.1f}" for budget, speed in speeds.items())
+        + " texts/s; chosen budgets per round at "
+        + ", ".join(f"{budget} -> {ratio:.3f}" for budget, ratio in zip(chosen, report["offline"]["chosen_over_best"]))
+        + f" of the best ({best}) (target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -59,15 +59,11 @@ def tuning_view(info: dict) -> dict:
     tuning, live = info["tuning"], info["batching"].get("live_tuning")
     return {
         "startup_precision": info["precision"],
-        "startup_max_batch_tokens": tuning["max_batch_tokens"]["value"]
-        if "max_batch_tokens" in tuning
-        else info["batching"]["max_batch_tokens"],
+        "startup_max_batch_tokens": tuning["max_batch_tokens"]["value"] if "max_batch_tokens" in tuning else info["batching"]["max_batch_tokens"],
         "tuning_seconds": tuning.get("seconds"),
         "disturbed": tuning.get("disturbed", []),
         "precision_trials": tuning.get("precision_trials", []),
-        "in_force": live["in_force"] if live else {
-            "precision": info["precision"], "max_batch_tokens": info["batching"]["max_batch_tokens"]
-        },
+        "in_force": live["in_force"] if live else {"precision": info["precision"], "max_batch_tokens": info["batching"]["max_batch_tokens"]},
         "switches": live["switches"] if live else [],
         "live_candidates": live["candidates"] if live else {},
     }
@@ -96,24 +92,23 @@ def busy_start(args: argparse.Namespace, model: str, bodies: Path) -> dict:
             info = httpx.get(f"{server.url}/info").json()
     finally:
         stop(job)
-    return {**tuning_view(info), **measured, "ready_seconds": ready_seconds,
-            "load_texts_per_second": load["texts_per_second"]}
+    return {**tuning_view(info), **measured, "ready_seconds": ready_seconds, "load_texts_per_second": load["texts_per_second"]}
 
 
 def describe(name: str, run: dict, limit: float) -> str:
     """One start, on one line: what start-up chose and in how long against the limit, whether it was disturbed, the
     live switches, what is in force at the end with each setting's live figures, and the measured throughput."""
     force = run["in_force"]
-    switches = "; ".join(f"{s['what']} {s['from']} -> {s['to']} ({s['median_ratio']}x over {s['pairs']} pairs)"
-                         for s in run["switches"])
-    figures = ", ".join(f"{label} {c['tokens_per_second']} tok/s ({c['batches']} batches)"
-                        for label, c in run["live_candidates"].items())
+    switches = "; ".join(f"{s['what']} {s['from']} -> {s['to']} ({s['median_ratio']}x over {s['pairs']} pairs)" for s in run["switches"])
+    figures = ", ".join(f"{label} {c['tokens_per_second']} tok/s ({c['batches']} batches)" for label, c in run["live_candidates"].items())
     disturbed = f"yes ({'; '.join(run['disturbed'])})" if run["disturbed"] else "no"
-    return (f"  {name}: start-up chose {run['startup_precision']}/{run['startup_max_batch_tokens']} in "
-            f"{run['tuning_seconds']} s (limit {limit}); disturbed: {disturbed}; "
-            f"switches: {len(run['switches'])}{f' ({switches})' if switches else ''}; "
-            f"in force {force['precision']}/{force['max_batch_tokens']}; live: {figures or '-'}; "
-            f"measured {run['texts_per_second']:.1f} texts/s (p99 {run['p99_ms']} ms)")
+    return (
+        f"  {name}: start-up chose {run['startup_precision']}/{run['startup_max_batch_tokens']} in "
+        f"{run['tuning_seconds']} s (limit {limit}); disturbed: {disturbed}; "
+        f"switches: {len(run['switches'])}{f' ({switches})' if switches else ''}; "
+        f"in force {force['precision']}/{force['max_batch_tokens']}; live: {figures or '-'}; "
+        f"measured {run['texts_per_second']:.1f} texts/s (p99 {run['p99_ms']} ms)"
+    )
 
 
 def main() -> None:
@@ -145,14 +140,20 @@ def main() -> None:
             "same_precision": busy["in_force"]["precision"] == quiet["in_force"]["precision"],
         }
         report["runs"].append(run)
-        print(f"run {number}:\n{describe('quiet', quiet, args.tuning_time_limit)}\n"
-              f"{describe('busy', busy, args.tuning_time_limit)}", flush=True)
-        print(f"  busy / quiet = {run['ratio']:.2f} (target >= 0.9); busy start ends on the quiet start's precision: "
-              f"{run['same_precision']}; quiet start switched {len(quiet['switches'])} times (target <= 1)", flush=True)
+        print(f"run {number}:\n{describe('quiet', quiet, args.tuning_time_limit)}\n{describe('busy', busy, args.tuning_time_limit)}", flush=True)
+        print(
+            f"  busy / quiet = {run['ratio']:.2f} (target >= 0.9); busy start ends on the quiet start's precision: "
+            f"{run['same_precision']}; quiet start switched {len(quiet['switches'])} times (target <= 1)",
+            flush=True,
+        )
     (RESULTS / "tuning_contention.json").write_text(json.dumps(report, indent=1))
-    print("\nbusy / quiet per run: " + ", ".join(f"{run['ratio']:.2f}" for run in report["runs"])
-          + "; tuning seconds (busy): " + ", ".join(str(run["busy"]["tuning_seconds"]) for run in report["runs"])
-          + f" (limit {args.tuning_time_limit})")
+    print(
+        "\nbusy / quiet per run: "
+        + ", ".join(f"{run['ratio']:.2f}" for run in report["runs"])
+        + "; tuning seconds (busy): "
+        + ", ".join(str(run["busy"]["tuning_seconds"]) for run in report["runs"])
+        + f" (limit {args.tuning_time_limit})"
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ def parse_flags(argv: list[str] | None = None) -> dict:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--model", help="Hugging Face checkpoint directory or hub id (default: the embedded model)")
-    parser.add_argument(
-        "--workers", type=int, help="API processes in front of one engine process (default: 1 on a CPU, up to 4 on CUDA)"
-    )
+    parser.add_argument("--workers", type=int, help="API processes in front of one engine process (default: 1 on a CPU, up to 4 on CUDA)")
     flags = vars(parser.parse_args(argv))
     return {name: value for name, value in flags.items() if value is not None}
 

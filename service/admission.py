@@ -14,17 +14,24 @@ Measured under 3x overload (chaos run, 9,744 texts), real waits were 0.19-2.04x 
 after the text it follows there, and a text that opens one waits for the whole queue, scaled by how much longer
 than predicted such texts have really waited (`drain_rate.WaitCalibration`, a high quantile). Scaling every
 prediction instead halved the queue, and with it the batches: 28-29% fewer answers in the same run, on the same CPU.
+
+Between callers the queue is shared fairly (`fairness`): the backlog ahead of a caller's text is its own queued
+tokens and, of every other caller's, only as many as it runs of its own by then (`BatchQueue.tokens_ahead_of`); and
+when the queue is full, a caller over its fair share of it is refused ("fair_share"), while callers under theirs may
+still use the headroom beyond the limit.
 """
 
 import math
 from dataclasses import dataclass
 
 from service.drain_rate import DrainRate
+from service.fairness import Usage, exceeded, fair_share
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why texts are refused (`queue_full` or `predicted_wait`), what to tell the client, and when to retry."""
+    """Why texts are refused (`queue_full`, `fair_share` or `predicted_wait`), what to tell the client, and when to
+    retry."""
 
     reason: str
     message: str
@@ -94,9 +101,7 @@ def predicted_ends(
 
 def plain_wait(backlog: Backlog, own_tokens: int, tokens_per_second: float | None) -> float:
     """Seconds until `own_tokens` more, queued behind all of `backlog`, are done (what `WaitCalibration` corrects)."""
-    return seconds_ahead(
-        Backlog(backlog.queued_tokens + own_tokens, backlog.running_tokens, backlog.running_for), tokens_per_second
-    )
+    return seconds_ahead(Backlog(backlog.queued_tokens + own_tokens, backlog.running_tokens, backlog.running_for), tokens_per_second)
 
 
 def refusal(
@@ -106,20 +111,34 @@ def refusal(
     max_queue_tokens: int,
     tokens_per_second: float | None,
     predicted: float | None = None,
+    usage: Usage | None = None,
+    headroom: float = 0.0,
 ) -> Refusal | None:
     """None when `own_tokens` more can be queued and, answered `predicted` seconds from now (by default their plain
     wait behind all of `backlog`), meet the `time_left`; else why not, with a Retry-After from the plain time the
-    work ahead takes."""
+    work ahead takes. The queue's `usage` (None: one caller, whose backlog is the whole queue) decides, with
+    `headroom`, whether it is full for this caller (`fairness.exceeded`)."""
     retry_after = max(1.0, math.ceil(seconds_ahead(backlog, tokens_per_second)))
-    if backlog.queued_tokens + own_tokens > max_queue_tokens:
+    if usage is None:
+        usage = Usage(backlog.queued_tokens, backlog.queued_tokens, 1)
+    limit = exceeded(usage, own_tokens, max_queue_tokens, headroom)
+    if limit == "fair_share":
+        share = fair_share(max_queue_tokens, usage.active_callers)
+        return Refusal(
+            "fair_share",
+            f"the queue is full and this caller holds more than its fair share of it: {usage.caller + own_tokens:,} "
+            f"tokens with these texts, its share {share:,.0f} of {max_queue_tokens:,} ({usage.active_callers} callers "
+            "waiting); the others' texts go first",
+            retry_after,
+        )
+    if limit == "full":
         return Refusal("queue_full", "the queue is full", retry_after)
     if predicted is None:
         predicted = plain_wait(backlog, own_tokens, tokens_per_second)
     if predicted > time_left:
         return Refusal(
             "predicted_wait",
-            f"the queue would take about {predicted:.1f} s to reach these texts, longer than the "
-            f"{time_left:.1f} s left before their deadline",
+            f"the queue would take about {predicted:.1f} s to reach these texts, longer than the {time_left:.1f} s left before their deadline",
             retry_after,
         )
     return None
@@ -134,14 +153,16 @@ def admit(
     time_left: float,
     max_queue_tokens: int,
     rates: DrainRate,
+    usage: Usage | None = None,
+    headroom: float = 0.0,
 ) -> list[Admitted] | Refusal:
     """Admit a request's texts (`own_tokens` in all; per text, the tokens that run before it and when the text it
     follows is predicted, as in `predicted_ends`) or refuse them at once rather than let them time out later: when
-    the queue is full, or their predicted answer, plus the time answers take to reach the event loop, comes after
-    the `time_left`."""
+    the queue is full for their caller (its `usage` of the queue and the `headroom`, as in `refusal`), or their
+    predicted answer, plus the time answers take to reach the event loop, comes after the `time_left`."""
     rate = rates.tokens_per_second
     ends = predicted_ends(now, backlog, own_tokens, tokens_ahead, follows, rate, rates.calibration.factor)
-    refused = refusal(backlog, own_tokens, time_left - rates.delivery_lag, max_queue_tokens, rate, max(ends) - now)
+    refused = refusal(backlog, own_tokens, time_left - rates.delivery_lag, max_queue_tokens, rate, max(ends) - now, usage, headroom)
     if refused is not None:
         return refused
     opening_wait = plain_wait(backlog, own_tokens, rate)

@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import loading, metrics, request_ids
-from service.errors import ClassifierError, LoadFailed, internal_error_message
+from service.callers import CallerIdentity, class_of
+from service.errors import ClassifierError, LoadFailed, NotReady, internal_error_message
+from service.fairness import Usage, exceeded, fair_share
 from service.postprocess import Activation
 from service.schemas import (
     ClassifyRequest,
@@ -45,9 +47,7 @@ CLIENT_CLOSED_REQUEST = 499
 # FastAPI's OpenTelemetry hooks (recent FastAPI) ask the global providers on every request whether to trace: 3.7% of
 # the event loop's busy profile samples at saturation, for nothing when no provider is configured.
 WITHOUT_TELEMETRY: dict[str, Any] = (
-    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
-    if "telemetry" in inspect.signature(FastAPI).parameters
-    else {}
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
 )
 # An oversized body is read and dropped up to this many times the limit before the 413, so the client sees it.
 DISCARD_FACTOR = 16
@@ -78,9 +78,9 @@ class ApiError(ClassifierError):
         self.status = status
 
 
-def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engine) -> FastAPI:
+def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engine, replica_loaded: Callable[[], bool] = lambda: True) -> FastAPI:
     """The FastAPI application serving `settings.model`; the engine loads (`load_engine`) in the background after
-    start-up."""
+    start-up. `replica_loaded`: whether every API process of the replica has loaded (`--workers`), for /ready."""
     slot = EngineSlot(settings, load_engine)
 
     @asynccontextmanager
@@ -99,7 +99,8 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
         **WITHOUT_TELEMETRY,
         responses={
             # 400: a body not in UTF-8, nested too deeply or with a key twice, or a missing or untrusted Host
-            status: {"model": ErrorResponse} for status in (400, 408, 415, 422, 429, 503)
+            status: {"model": ErrorResponse}
+            for status in (400, 408, 415, 422, 429, 503)
         },
         # No redirect to the path with or without its trailing slash: Starlette builds its Location from the
         # client's Host header. `POST /classify/` is a 404 that names the path.
@@ -109,13 +110,17 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
     app.state.draining = threading.Event()
     # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
-    app.add_middleware(
-        RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds
-    )
+    app.add_middleware(RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds)
     if keys := settings.api_key_list():  # no middleware at all (and no cost) when the service is open
         protected = KEYED_PATHS | ({"/metrics"} if settings.metrics_require_key else set())
         app.add_middleware(ApiKeyMiddleware, keys=keys, protected=frozenset(protected))
-    app.add_middleware(ConcurrencyLimitMiddleware, max_requests=settings.max_concurrent_requests)
+    identify = CallerIdentity(bool(keys), settings.client_id_header, settings.client_id_max_length)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        max_requests=settings.max_concurrent_requests,
+        identify=identify,
+        headroom=settings.fair_share_headroom,
+    )
     if origins := settings.cors_origin_list():  # outside the key check: a browser's preflight carries no key
         app.add_middleware(
             CORSMiddleware,
@@ -127,11 +132,11 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     app.add_middleware(HostCheckMiddleware, trusted=settings.trusted_host_list())
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
-    _add_routes(app, settings, slot, app.state.draining)
+    _add_routes(app, settings, slot, app.state.draining, replica_loaded)
     return app
 
 
-def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: threading.Event) -> None:
+def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: threading.Event, replica_loaded: Callable[[], bool]) -> None:
     async def classified(
         inputs: list[TextInput],
         request: Request,
@@ -149,16 +154,21 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
         if len(inputs) > settings.max_texts_per_request:
             raise ApiError(
                 422,
-                f"too many texts: {len(inputs)} sent, at most {settings.max_texts_per_request} "
-                "per request; split them over several requests",
+                f"too many texts: {len(inputs)} sent, at most {settings.max_texts_per_request} per request; split them over several requests",
             )
         timeouts = [t for t in timeouts_ms if t is not None]
         # The deadline counts from the request's first bytes (set by service.server's protocol), not from now.
         arrived_at = getattr(request.state, "arrived_at", None) or time.monotonic()
         deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
         work = engine.classify(
-            inputs, top_k=top_k, truncate=truncate, deadline=deadline, side=side, activation=activation,
+            inputs,
+            top_k=top_k,
+            truncate=truncate,
+            deadline=deadline,
+            side=side,
+            activation=activation,
             threshold=threshold,
+            caller=request.scope["state"][CALLER],
         )
         results = await _unless_client_leaves(work, request.receive)  # raises its ClassifierError, if any
         return None if results is None else (engine.model_id, results)
@@ -227,9 +237,7 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
         ranked = [result["labels"] for result in answered[1]]
         return JsonBytesResponse(ranked[0] if body.one_input and parameters is None else ranked)
 
-    tei_errors: dict[int | str, dict[str, Any]] = {
-        status: {"model": TeiErrorResponse} for status in (400, 401, 408, 413, 422, 424, 429, 503, 504)
-    }
+    tei_errors: dict[int | str, dict[str, Any]] = {status: {"model": TeiErrorResponse} for status in (400, 401, 408, 413, 422, 424, 429, 503, 504)}
     for path in sorted(TEI_PATHS, reverse=True):
         app.router.add_api_route(
             path,
@@ -241,7 +249,7 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
             description="Text-embeddings-inference's /predict: every label and its score per input, best first; one "
             "text or pair answers one list, a list answers a list of lists. With the Hugging Face Inference API's "
             "`parameters` (huggingface_hub's InferenceClient.text_classification), every input answers a list. "
-            "Errors come in TEI's shape, `{\"error\", \"error_type\"}`, with TEI's statuses (424 for a failure of "
+            'Errors come in TEI\'s shape, `{"error", "error_type"}`, with TEI\'s statuses (424 for a failure of '
             "the model).",
             route_class_override=json_body_route(),
         )
@@ -255,6 +263,8 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
     @app.get("/ready", summary="200 once the model is loaded and warmed up; 503 before, and while draining")
     async def ready() -> dict:
         slot.engine()
+        if not replica_loaded():  # the shared listener hands connections to every API process, loaded or not
+            raise NotReady()
         if draining.is_set():
             raise ApiError(503, "draining: this replica is shutting down; send new requests elsewhere", {"Retry-After": "1"})
         return {"status": "ready"}
@@ -389,9 +399,7 @@ def parse_json_body(raw: bytes) -> Any:
     try:
         return _JSON.decode(text)
     except RecursionError:
-        raise ApiError(
-            400, "the JSON body nests arrays or objects too deeply to parse; a request needs at most 3 levels"
-        ) from None
+        raise ApiError(400, "the JSON body nests arrays or objects too deeply to parse; a request needs at most 3 levels") from None
     except _DuplicateKey as duplicate:
         raise ApiError(400, f"the JSON body has the key {str(duplicate)[:100]!r} twice in one object; send each key once") from None
 
@@ -434,9 +442,7 @@ class NoAnswer(Response):
         return
 
 
-def error_response(
-    path: str, status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any
-) -> JSONResponse:
+def error_response(path: str, status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> JSONResponse:
     """An error's JSON answer: its message and the request's id; on TEI's routes in TEI's shape and statuses
     (`error_type` beside the message)."""
     body: dict[str, Any] = {"error": message, "request_id": request_ids.current.get() or None, **extra}
@@ -623,34 +629,61 @@ class HostCheckMiddleware:
         return name in self.exact or name.endswith(self.suffixes)
 
 
-class ConcurrencyLimitMiddleware:
-    """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests).
+# Where the concurrency limit leaves the request's caller (`service.callers`), in the scope's state.
+CALLER = "caller"
 
-    A request counts from its headers to its response, so stalled uploads count too. Probes and /metrics are exempt:
-    an overloaded replica must still say how it is.
+
+class ConcurrencyLimitMiddleware:
+    """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests),
+    shared fairly between callers (`identify` names each request's caller, left in its scope's state for the routes):
+    once the limit is reached, a caller holding more than its fair share of the slots is refused, while callers under
+    theirs may still take `headroom` (a fraction of the limit) more (`fairness.exceeded`).
+
+    A request counts from its headers to its response, so stalled uploads count too, against their caller's share.
+    Probes and /metrics are exempt: an overloaded replica must still say how it is.
     """
 
     EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
-    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int, identify: Callable[[Scope], str], headroom: float) -> None:
         self.app = app
         self.max_requests = max_requests
+        self.identify = identify
+        self.headroom = headroom
         self.in_flight = 0
+        self.held: dict[str, int] = {}  # requests in flight by caller, for the callers holding any
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_requests:
-            message = f"the server is handling {self.max_requests} requests already; retry shortly"
+        caller = scope.setdefault("state", {})[CALLER] = self.identify(scope)
+        held = self.held.get(caller, 0)
+        usage = Usage(self.in_flight, held, len(self.held) + (held == 0))
+        limit = exceeded(usage, 1, self.max_requests, self.headroom)
+        if limit is not None:
+            if limit == "fair_share":
+                metrics.FAIR_SHARE_REFUSALS.labels("slots", class_of(caller)).inc()
+                share = fair_share(self.max_requests, usage.active_callers)
+                message = (
+                    f"the server is handling {self.in_flight} requests, {held} of them this caller's, more than its fair "
+                    f"share ({share:.0f} of {self.max_requests}, {usage.active_callers} callers); retry shortly"
+                )
+            else:
+                message = f"the server is handling {self.in_flight} requests already; retry shortly"
             await _error_response(scope, send, 429, message, {"Retry-After": "1"})
             return
         self.in_flight += 1
+        self.held[caller] = held + 1
         metrics.REQUESTS_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            if self.held[caller] == 1:
+                del self.held[caller]
+            else:
+                self.held[caller] -= 1
             metrics.REQUESTS_IN_FLIGHT.dec()
 
 

@@ -23,8 +23,10 @@ from typing import Any
 
 from service import batch_metrics, metrics
 from service.admission import Backlog, Refusal, admit, seconds_ahead
+from service.callers import class_of
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded, NotAccepting, Overloaded
+from service.fairness import Usage
 from service.live_tuning import Arm, LiveTuning
 from service.scheduler import Batch, BatchQueue, QueuedText, deadline_passed, missed_deadlines
 from service.splitting import BatchModel, Scores, SplittingRunner
@@ -131,10 +133,12 @@ class Batcher:
         rates: DrainRate,
         clock: Callable[[], float] = time.monotonic,
         live: LiveTuning | None = None,
+        fair_share_headroom: float = 0.0,
     ) -> None:
         self.queue = queue
         self.model = model
         self.max_queue_tokens = max_queue_tokens
+        self.fair_share_headroom = fair_share_headroom  # beyond max_queue_tokens, for callers under their share
         self.rates = rates
         self.clock = clock
         self.splitter = SplittingRunner(model, queue.policy, self.set_budget, clock)
@@ -151,13 +155,15 @@ class Batcher:
         self.answers = Answers(asyncio.get_running_loop(), self.clock, self.rates)
         self._worked = BatchThreads(self, self.answers).start(inference_thread)
 
-    def submit(self, texts: list[list[int]], deadline: float = math.inf) -> Submission:
-        """Queue the texts (token ids), to be answered by `deadline` (on this batcher's clock); one future per text.
+    def submit(self, texts: list[list[int]], deadline: float = math.inf, caller: str = "") -> Submission:
+        """Queue `caller`'s texts (token ids), to be answered by `deadline` (on this batcher's clock); one future per
+        text.
 
         Raises NotAccepting while draining, DeadlineExceeded when the deadline has already passed, and Overloaded
-        when the queue is full or these texts' predicted answer would come after the deadline (`admission`
-        decides, counting the batch running now, the queued batches texts join or wait behind, and how far real
-        waits have strayed from the plain prediction).
+        when the queue is full (for this caller: over its fair share, or past the headroom) or these texts' predicted
+        answer would come after the deadline (`admission` decides, counting the batch running now, the queued batches
+        texts join or wait behind, as far as the fair share puts them ahead, and how far real waits have strayed from
+        the plain prediction).
         """
         with self._changed:
             now = self.clock()
@@ -166,28 +172,35 @@ class Batcher:
             if deadline_passed(deadline, now):
                 raise DeadlineExceeded()
             waiting_tokens = self._in_flight.waiting_tokens()  # collated, waiting for the running batch
-            places = [self.queue.place(len(ids)) for ids in texts]
+            places = [self.queue.place(len(ids), caller) for ids in texts]
+            own_tokens = sum(len(ids) for ids in texts)
+            queued = self.queue.usage(caller)
             admitted = admit(
                 now,
-                self._in_flight.backlog(self.queue.tokens, now),
-                sum(len(ids) for ids in texts),
+                self._in_flight.backlog(self.queue.tokens_ahead_of(caller, own_tokens), now),
+                own_tokens,
                 [place.tokens_ahead + waiting_tokens for place in places],
                 [None if place.follows is None else place.follows.handle.answer_at for place in places],
                 deadline - now,
                 self.max_queue_tokens,
                 self.rates,
+                Usage(queued.total + waiting_tokens, queued.caller, queued.active_callers),
+                self.fair_share_headroom,
             )
             if isinstance(admitted, Refusal):
                 metrics.REJECTED_TEXTS.labels(admitted.reason).inc(len(texts))
+                if admitted.reason == "fair_share":
+                    metrics.FAIR_SHARE_REFUSALS.labels("queue", class_of(caller)).inc()
                 raise Overloaded(admitted.reason, admitted.message, admitted.retry_after)
             answers = self.answers
             assert answers is not None, "submit before start"
             items = [
-                QueuedText(len(ids), now, Pending(ids, answers.future(), text.answer_at, text.opening_wait), deadline)
+                QueuedText(len(ids), now, Pending(ids, answers.future(), text.answer_at, text.opening_wait), deadline, caller)
                 for ids, text in zip(texts, admitted)
             ]
             for item in items:
                 self.queue.append(item)
+            metrics.ADMITTED_TEXTS.labels(class_of(caller)).inc(len(items))
             self._changed.notify()
         if not self._queue_state_due:  # once per QUEUE_STATE_DELAY, however many requests come in it
             self._queue_state_due = True
@@ -299,9 +312,7 @@ class Batcher:
         if arm is not None and self.live is not None:
             self.live.use_precision(arm.precision)
 
-    def finish_running(
-        self, batch: Batch | None, started: float, ended: float, answered_tokens: int, arm: Arm | None = None
-    ) -> None:
+    def finish_running(self, batch: Batch | None, started: float, ended: float, answered_tokens: int, arm: Arm | None = None) -> None:
         """The running batch (None when none of its texts was left to run) ended, having answered `answered_tokens`
         real tokens, with live tuning's setting `arm`; the inference thread is idle."""
         with self._changed:
@@ -357,6 +368,7 @@ class Batcher:
     def _publish_queue_state(self) -> None:
         drain_seconds = seconds_ahead(Backlog(self.queue.tokens), self.rates.tokens_per_second)
         batch_metrics.publish_queue(len(self.queue), self.queue.tokens, drain_seconds)
+        metrics.ACTIVE_CALLERS.set(self.queue.callers)
 
     def _loop_answers(self) -> "Answers":
         assert self.answers is not None, "batches are taken only once started"

@@ -93,11 +93,7 @@ def check_space(directory: Path, needed_bytes: int = BUILD_BYTES) -> None:
 def remove_stale_builds(directory: Path, model_name: str) -> list[Path]:
     """Delete what killed builds of `model_name` left in `directory` (staging and retired directories); only the
     holder of the build lock may call it, since no other build can be running then. Returns what it deleted."""
-    stale = [
-        entry
-        for entry in directory.iterdir()
-        if entry.name.startswith((staging_prefix(model_name), retired_prefix(model_name)))
-    ]
+    stale = [entry for entry in directory.iterdir() if entry.name.startswith((staging_prefix(model_name), retired_prefix(model_name)))]
     for entry in stale:
         log.warning("removing %s, left by a build that did not finish", entry)
         shutil.rmtree(entry, ignore_errors=True)
@@ -168,7 +164,10 @@ def _wait(fd: int, path: Path, model_name: str, poll_seconds: float, reminder_se
         if current != holder:
             log.warning(
                 "waiting for %s, which is building %s in %s (lock %s); this process loads the result",
-                current, model_name, path.parent, path,
+                current,
+                model_name,
+                path.parent,
+                path,
             )
             holder, reminded = current, now
         elif now - reminded >= reminder_seconds:

@@ -289,9 +289,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def build_default_model(
-    target_dir: Path, *, seed: int = 0, progress: bool = True, limit: int | None = None
-) -> dict:
+def build_default_model(target_dir: Path, *, seed: int = 0, progress: bool = True, limit: int | None = None) -> dict:
     """Fine-tune and save the default model into target_dir; return the build report (also written
     as build_report.json). ``limit`` keeps only the first N training and N held-out examples; it is
     for tests and smoke runs, not for building the real model."""

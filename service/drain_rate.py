@@ -41,9 +41,7 @@ class WaitCalibration:
     bound of its real one.
     """
 
-    def __init__(
-        self, quantile: float = 0.98, window: int = 512, min_predicted: float = 0.25, min_samples: int = 50
-    ) -> None:
+    def __init__(self, quantile: float = 0.98, window: int = 512, min_predicted: float = 0.25, min_samples: int = 50) -> None:
         self.quantile, self.min_predicted, self.min_samples = quantile, min_predicted, min_samples
         self._ratios: deque[float] = deque(maxlen=window)
         self.factor = 1.0

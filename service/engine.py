@@ -26,8 +26,9 @@ class Backend(Protocol):
         """Whether it takes new texts (false once draining, or once it has gone)."""
         ...
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """Each text's fp32 logits, once all have run, by `deadline` (`time.monotonic()` seconds).
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
+        """Each text's fp32 logits, once all have run, by `deadline` (`time.monotonic()` seconds), sent by `caller`
+        (`service.callers`: the queue is shared fairly between callers; "" for one anonymous caller).
 
         Raises a ClassifierError: Overloaded, NotAccepting, DeadlineExceeded, TextTooLargeForDevice, InferenceFailed
         (or, remote, EngineUnavailable). Cancelling the caller drops its texts still queued.
@@ -145,16 +146,18 @@ class Engine:
         side: TruncationSide | None = None,
         activation: Activation | None = None,
         threshold: float = 0.5,
+        caller: str = "",
     ) -> list[dict]:
         """Each text's or pair's result (a `schemas.TextResult` as plain data), in order, once all have run by
         `deadline` (`time.monotonic()` seconds); long texts cut on `side` (None: the tokenizer's own), scored by
-        `activation` (None: the model's own; "none": the raw logits). /classify and /predict both answer from this.
+        `activation` (None: the model's own; "none": the raw logits), for `caller` (its fair share of the queue).
+        /classify and /predict both answer from this.
 
         Raises a ClassifierError: TextTooLong, or any the back half raises. Cancelling the caller (its client left)
         drops its texts still queued.
         """
         encoded = await self.front.encode(texts, truncate, side)
-        logits = await self.backend.score([text.ids for text in encoded], deadline)
+        logits = await self.backend.score([text.ids for text in encoded], deadline, caller)
         metrics.CLASSIFIED_TEXTS.inc(len(encoded))
         return self.front.results(encoded, logits, top_k, activation, threshold)
 

@@ -30,16 +30,14 @@ class TextTooLong(ClassifierError):
 
     def __init__(self, index: int, tokens: int, max_length: int, exact: bool = True) -> None:
         counted = f"{tokens}" if exact else f"more than {tokens - 1}"
-        super().__init__(
-            f"texts[{index}] has {counted} tokens but the model takes at most {max_length}; "
-            "shorten it or send truncate=true"
-        )
+        super().__init__(f"texts[{index}] has {counted} tokens but the model takes at most {max_length}; shorten it or send truncate=true")
         self.index, self.tokens, self.max_length = index, tokens, max_length
 
 
 class Overloaded(ClassifierError):
-    """The queue cannot take these texts now: it would exceed its token limit (`queue_full`), or it would not reach
-    them before their deadline (`predicted_wait`)."""
+    """The queue cannot take these texts now: it would exceed its token limit (`queue_full`), their caller would hold
+    more than its fair share of a full queue (`fair_share`), or it would not reach them before their deadline
+    (`predicted_wait`)."""
 
     status = 429
 
@@ -82,12 +80,9 @@ class DeadlineExceeded(ClassifierError):
     """The texts' deadline passed before the model reached them, or would pass before their batch ended."""
 
     status = 504
-    message = (
-        "the request's deadline passed before the model reached its texts; retry later or allow more time (timeout_ms)"
-    )
+    message = "the request's deadline passed before the model reached its texts; retry later or allow more time (timeout_ms)"
     unreachable_message = (
-        "the request's deadline passed, or would pass before the model finished its texts; retry later or allow "
-        "more time (timeout_ms)"
+        "the request's deadline passed, or would pass before the model finished its texts; retry later or allow more time (timeout_ms)"
     )
 
 

@@ -2,7 +2,7 @@
 
 Each API process holds an `EngineClient` (a DEALER socket), behind `RemoteBackend`, the engine's back half as
 the API process sees it; the engine process runs an `EngineServer` (a ROUTER socket bound to an `ipc://` address) in
-front of a back half's `begin(token_ids, deadline, on_done)`. Messages are msgspec Structs encoded with msgpack,
+front of a back half's `begin(token_ids, deadline, caller, on_done)`. Messages are msgspec Structs encoded with msgpack,
 tagged by type, so each side decodes exactly the union it expects and a malformed frame is an error, not a guess. An error
 crosses as a `Failure` (`encode_failure`) and is raised again on the other side as the same ClassifierError
 (`decode_failure`). Deadlines are `time.monotonic()` seconds: CLOCK_MONOTONIC is system-wide on Linux,
@@ -57,13 +57,14 @@ EngineStatus = Literal["loading", "ready", "draining", "stopped", "failed"]
 class ScoreRequest(msgspec.Struct, tag="score", array_like=True):
     """Score these token-id sequences (one per text) before `deadline` (time.monotonic seconds). `second_starts`:
     where the second text of each pair starts (`PairIds.second_start`, by the text's index); `http_request_id`: the
-    HTTP request's id, for the engine process's log lines about it."""
+    HTTP request's id, for the engine process's log lines about it; `caller`: who sent it (`service.callers`)."""
 
     request_id: int
     token_ids: list[list[int]]
     deadline: float
     second_starts: dict[int, int] = {}
     http_request_id: str = ""
+    caller: str = ""
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -188,9 +189,7 @@ class EngineClient:
     first request if the caller needs the engine's info.
     """
 
-    def __init__(
-        self, address: str, heartbeat: float = HEARTBEAT_SECONDS, peer_timeout: float = PEER_TIMEOUT_SECONDS
-    ) -> None:
+    def __init__(self, address: str, heartbeat: float = HEARTBEAT_SECONDS, peer_timeout: float = PEER_TIMEOUT_SECONDS) -> None:
         self.address = address
         self.heartbeat, self.peer_timeout = heartbeat, peer_timeout
         self.state: EngineState | None = None
@@ -211,7 +210,7 @@ class EngineClient:
         self._readers = [_Readable(self._socket, self._on_message), _Readable(self._monitor, self._on_monitor_event)]
         self._tasks = [asyncio.create_task(self._beat(), name="ipc-heartbeat")]
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         """Scores per text. Raises the engine's ClassifierError, or EngineGone if it stops answering (or has not
         answered `peer_timeout` after the deadline). Cancelling the awaiting task tells the engine to drop the texts
         still queued."""
@@ -222,7 +221,7 @@ class EngineClient:
         self._pending[request_id] = _Waiting(future, deadline + self.peer_timeout)
         try:
             second_starts = {i: ids.second_start for i, ids in enumerate(token_ids) if type(ids) is PairIds}
-            self._send(ScoreRequest(request_id, token_ids, deadline, second_starts, request_ids.current.get()))
+            self._send(ScoreRequest(request_id, token_ids, deadline, second_starts, request_ids.current.get(), caller))
             return await future
         except asyncio.CancelledError:
             self._cancel(request_id)
@@ -351,10 +350,10 @@ class RemoteBackend:
         state = self.client.state
         return self.client.gone is None and state is not None and state.status == "ready"
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         """As `Scorer.score`; raises the engine's ClassifierError, or EngineUnavailable once it has gone."""
         try:
-            return await self.client.score(token_ids, deadline)
+            return await self.client.score(token_ids, deadline, caller)
         except EngineGone:
             raise EngineUnavailable() from None
 
@@ -394,9 +393,10 @@ class Call(Protocol):
     def cancel(self) -> object: ...
 
 
-# What the engine process serves: `begin(token_ids, deadline, on_done)` starts scoring, or raises a refusal at once;
-# `on_done(outcome)` is called once, later from the event loop (never from within `begin`), unless cancelled first.
-Begin = Callable[[list[list[int]], float, Callable[[Outcome], None]], Call]
+# What the engine process serves: `begin(token_ids, deadline, caller, on_done)` starts scoring for a caller
+# (`service.callers`), or raises a refusal at once; `on_done(outcome)` is called once, later from the event loop (never
+# from within `begin`), unless cancelled first.
+Begin = Callable[[list[list[int]], float, str, Callable[[Outcome], None]], Call]
 # The engine's current state, sent to clients as heartbeat.
 CurrentState = Callable[[], EngineState]
 
@@ -491,7 +491,7 @@ class EngineServer:
         context = request_ids.current.set(request.http_request_id)  # log lines about it name the request
         try:
             on_done = functools.partial(self._answer, identity, request.request_id, request.http_request_id)
-            self._work[identity, request.request_id] = self.begin(token_ids, request.deadline, on_done)
+            self._work[identity, request.request_id] = self.begin(token_ids, request.deadline, request.caller, on_done)
             self._idle.clear()
         except Exception as error:
             self._post(identity, encode_failure(request.request_id, error))

@@ -137,11 +137,7 @@ class LiveTuner:
         speed = real_tokens / seconds
         evidence = self._evidence_of(arm)
         evidence.batches += 1
-        evidence.tokens_per_second = (
-            speed
-            if evidence.tokens_per_second is None
-            else SMOOTHING * speed + (1 - SMOOTHING) * evidence.tokens_per_second
-        )
+        evidence.tokens_per_second = speed if evidence.tokens_per_second is None else SMOOTHING * speed + (1 - SMOOTHING) * evidence.tokens_per_second
         length = length_class(padded_length)
         if arm == self.in_force:
             self._since_exploring += 1
@@ -202,13 +198,9 @@ class LiveTuner:
             "candidates": {
                 arm.label: {
                     "batches": evidence.batches,
-                    "tokens_per_second": None
-                    if evidence.tokens_per_second is None
-                    else round(evidence.tokens_per_second, 1),
+                    "tokens_per_second": None if evidence.tokens_per_second is None else round(evidence.tokens_per_second, 1),
                     "pairs": len(evidence.ratios),
-                    "median_ratio_to_in_force": round(statistics.median(evidence.ratios), 3)
-                    if evidence.ratios
-                    else None,
+                    "median_ratio_to_in_force": round(statistics.median(evidence.ratios), 3) if evidence.ratios else None,
                     "retired": evidence.retired_until > now,
                 }
                 for arm, evidence in sorted(self._evidence.items())

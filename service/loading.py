@@ -105,14 +105,17 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
         live = None
         if prepared.live_tuner is not None:
             live = LiveTuning(prepared.live_tuner, scoring.use_precision)
-        scorer = await Scorer.start(scoring, prepared.policy, settings.max_queue_tokens, inference_thread, live)
+        scorer = await Scorer.start(scoring, prepared.policy, settings.max_queue_tokens, inference_thread, live, settings.fair_share_headroom)
     except BaseException:
         inference_thread.shutdown(wait=False)
         raise
     facts = prepared.facts
     log.info(
         "ready: %s on %s (%s, max_batch_tokens %d)",
-        facts.model_id, facts.device, facts.precision, prepared.policy.max_batch_tokens,
+        facts.model_id,
+        facts.device,
+        facts.precision,
+        prepared.policy.max_batch_tokens,
     )
     return scorer, facts
 
@@ -165,9 +168,7 @@ def _prepare(settings: Settings) -> _Prepared:
             log.warning(note)
         precision, max_batch_tokens = str(tuning.precision.value), int(tuning.max_batch_tokens.value)
         metrics.TUNING_SECONDS.set(tuning.seconds)
-        live_tuner = LiveTuner(
-            Arm(precision, max_batch_tokens), tuning.live_precisions, tuning.live_budgets, time.monotonic()
-        )
+        live_tuner = LiveTuner(Arm(precision, max_batch_tokens), tuning.live_precisions, tuning.live_budgets, time.monotonic())
     else:
         precision = resolve_precision(settings.precision, device)
         forced = settings.max_batch_tokens
@@ -219,17 +220,21 @@ def _batching_policy(settings: Settings, max_length: int, pad_multiple: int, max
     )
 
 
-def _tune(
-    settings: Settings, loaded: LoadedModel, device: torch.device, max_length: int, longest: int
-) -> tuple[TuningReport, Tuner]:
+def _tune(settings: Settings, loaded: LoadedModel, device: torch.device, max_length: int, longest: int) -> tuple[TuningReport, Tuner]:
     """Measure what is `auto` (precision, budget) on this model and device, within the time limit however busy the
     machine; keep what was forced. The tuner holds the runners it built, one per precision."""
     started = time.perf_counter()
     limit = settings.tuning_time_limit
     calibration = [text.ids for text in TextEncoder(loaded.tokenizer, max_length).encode(calibration_texts(), True)]
     tuner = Tuner(
-        loaded.model, device, loaded.tokenizer.pad_token_id or 0, loaded.problem_type,
-        calibration, settings.max_batch_size, floor=longest, deadline=started + LAST_TRIAL_SHARE * limit,
+        loaded.model,
+        device,
+        loaded.tokenizer.pad_token_id or 0,
+        loaded.problem_type,
+        calibration,
+        settings.max_batch_size,
+        floor=longest,
+        deadline=started + LAST_TRIAL_SHARE * limit,
     )
     precision_trials: list[PrecisionTrial] = []
     budget_trials: list[BudgetTrial] = []
@@ -242,9 +247,7 @@ def _tune(
         )
         forced_budget = settings.max_batch_tokens
         trial_budget = max(longest, PRECISION_TRIAL_BUDGET) if forced_budget == "auto" else int(forced_budget)
-        precision, precision_trials = tuner.precision(
-            candidates, settings.precision_tolerance, trial_budget, until=started + PRECISION_SHARE * limit
-        )
+        precision, precision_trials = tuner.precision(candidates, settings.precision_tolerance, trial_budget, until=started + PRECISION_SHARE * limit)
     else:
         precision = Choice(resolve_precision(settings.precision, device), "forced by CLASSIFIER_PRECISION")
     if settings.max_batch_tokens == "auto":

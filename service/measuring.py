@@ -88,10 +88,7 @@ class TuningReport:
             f"timings, spread {t.spread:.2f}) dev {t.max_deviation:.4f} flips {t.label_changes}"
             for t in self.precision_trials
         )
-        budgets = ", ".join(
-            f"{t.budget}: {'out of memory' if t.out_of_memory else f'{t.tokens_per_second:.0f} tok/s'}"
-            for t in self.budget_trials
-        )
+        budgets = ", ".join(f"{t.budget}: {'out of memory' if t.out_of_memory else f'{t.tokens_per_second:.0f} tok/s'}" for t in self.budget_trials)
         return (
             f"tuned in {self.seconds:.1f} s: precision {self.precision.value} ({self.precision.reason}) [{precisions}]; "
             f"max_batch_tokens {self.max_batch_tokens.value} ({self.max_batch_tokens.reason}) [{budgets}]"
@@ -109,9 +106,8 @@ class TuningReport:
             else ""
         )
         checked = [*self.live_precisions[1:], *map(str, self.live_budgets[1:])]
-        return (
-            f"start-up tuning was disturbed ({'; '.join(self.disturbed)}): {measured}live traffic under load checks "
-            + (f"{', '.join(checked)} against the choice" if checked else "nothing: no faithful alternative to check")
+        return f"start-up tuning was disturbed ({'; '.join(self.disturbed)}): {measured}live traffic under load checks " + (
+            f"{', '.join(checked)} against the choice" if checked else "nothing: no faithful alternative to check"
         )
 
 
@@ -224,9 +220,7 @@ class Tuner:
             reasons.append(f"paired rounds spread {spread:.2f} around their median")
         return reasons + self._short_of_time
 
-    def precision(
-        self, candidates: list[str], tolerance: float, budget: int, until: float
-    ) -> tuple[Choice, list[PrecisionTrial]]:
+    def precision(self, candidates: list[str], tolerance: float, budget: int, until: float) -> tuple[Choice, list[PrecisionTrial]]:
         """Score the calibration set in each candidate, batch by batch, and compare each candidate's scores with
         fp32's; then time the candidates on traffic-shaped batches in rounds, until their ratios to fp32 settle,
         MAX_PAIRS rounds, or the clock passes `until`. Every batch runs in each candidate in turn (the order rotating),
@@ -255,18 +249,13 @@ class Tuner:
         shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
         for round_number in range(MAX_PAIRS):
             try:
-                speeds = {
-                    precision: self._pass_speed(precision, budget, until)
-                    for precision in _rotated(candidates, round_number)
-                }
+                speeds = {precision: self._pass_speed(precision, budget, until) for precision in _rotated(candidates, round_number)}
             except OutOfTime:
                 self._short_of_time.append(f"time for {round_number} paired rounds only")
                 break
             pair(speeds, sum(length * count for length, count in shapes))
             busy = bool(disturbance(self.load()))
-            if round_number + 1 >= MIN_PAIRS and all(
-                PairedRatios(tuple(values)).settled(busy) for values in ratios.values()
-            ):
+            if round_number + 1 >= MIN_PAIRS and all(PairedRatios(tuple(values)).settled(busy) for values in ratios.values()):
                 break
         pairs = {precision: PairedRatios(tuple(values)) for precision, values in ratios.items()}
         self._paired = [ratios for precision, ratios in pairs.items() if precision != "fp32"]
@@ -320,9 +309,7 @@ class Tuner:
                 batch.append(ids)
         return batches
 
-    def budget(
-        self, precision: str, climb_until: float, until: float, fallback: int
-    ) -> tuple[Choice, list[BudgetTrial]]:
+    def budget(self, precision: str, climb_until: float, until: float, fallback: int) -> tuple[Choice, list[BudgetTrial]]:
         """Climb the ladder of budgets until one runs out of memory or gets clearly slower, or the clock passes
         `climb_until`; time the rungs that ran once more, in turn, while that ends before `until`; choose among them
         on the fastest timing of each batch shape. Where the climb is not expected to fit (a busy machine), a reduced
@@ -331,7 +318,9 @@ class Tuner:
         ladder = budget_ladder(self.floor, self.device.type)
         self._probed(self.runner(precision), min(until, self.deadline))
         reduced = reduced_ladder(
-            ladder, fallback, {budget: self._rung_seconds(precision, budget) for budget in ladder},
+            ladder,
+            fallback,
+            {budget: self._rung_seconds(precision, budget) for budget in ladder},
             min(climb_until, self.deadline) - self.clock(),
         )
         trials: list[BudgetTrial] = []
@@ -347,10 +336,7 @@ class Tuner:
                 break
         if reduced is not None:
             measured = ", ".join(str(trial.budget) for trial in trials) or "none"
-            self._short_of_time.append(
-                f"no time to climb the budget ladder: the default {fallback} and its neighbours instead ({measured} "
-                "measured)"
-            )
+            self._short_of_time.append(f"no time to climb the budget ladder: the default {fallback} and its neighbours instead ({measured} measured)")
         if not trials:  # not even one rung fitted in the time: the rung the precision trials timed, if any
             timed = [budget for budget in ladder if self._timed(precision, budget, 1)]
             trials = [BudgetTrial(budget, round(self._measured_speed(precision, budget), 1)) for budget in timed[:1]]
@@ -364,8 +350,7 @@ class Tuner:
         except OutOfTime:
             pass  # the rungs keep the timings they have
         trials = [
-            trial if trial.out_of_memory else BudgetTrial(trial.budget, round(self._measured_speed(precision, trial.budget), 1))
-            for trial in trials
+            trial if trial.out_of_memory else BudgetTrial(trial.budget, round(self._measured_speed(precision, trial.budget), 1)) for trial in trials
         ]
         if not any(trial.out_of_memory for trial in trials):
             # Rungs above a stop for time whose batches the precision trials already timed cost nothing more.
@@ -382,11 +367,7 @@ class Tuner:
         batch of maximum-length texts first)."""
         shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
         largest = self._expected_seconds(max(1, budget // self.floor) * self.floor) if self.device.type == "cuda" else 0
-        return largest + sum(
-            self._expected_seconds(length * count)
-            for length, count in shapes
-            if not self._timings.get((precision, length, count))
-        )
+        return largest + sum(self._expected_seconds(length * count) for length, count in shapes if not self._timings.get((precision, length, count)))
 
     def _timed(self, precision: str, budget: int, samples: int) -> bool:
         """Whether every batch shape of `budget` already has `samples` timings."""
@@ -435,9 +416,7 @@ class Tuner:
         long_enough = [ids for ids in self.by_length if len(ids) >= length] or [self.by_length[-1]]
         return [(long_enough[i % len(long_enough)] * length)[:length] for i in range(count)]
 
-    def _run(
-        self, runner: ModelRunner, sequences: list[list[int]], padded_length: int, until: float
-    ) -> tuple[torch.Tensor, float]:
+    def _run(self, runner: ModelRunner, sequences: list[list[int]], padded_length: int, until: float) -> tuple[torch.Tensor, float]:
         """Run one batch: its logits and the seconds it took (kept as a recent slowness). Raises OutOfTime instead
         when, at the probe's cost times the largest recent slowness, it would end after `until` or the deadline."""
         tokens = padded_length * len(sequences)

@@ -66,9 +66,7 @@ BATCH_PADDING_EFFICIENCY = Histogram(
     buckets=RATIO_BUCKETS,
 )
 REAL_TOKENS = Counter("classifier_real_tokens_total", "Tokens of real text sent to the model.")
-PADDED_TOKENS = Counter(
-    "classifier_padded_tokens_total", "Tokens the model computed, padding included (batch size x padded length)."
-)
+PADDED_TOKENS = Counter("classifier_padded_tokens_total", "Tokens the model computed, padding included (batch size x padded length).")
 CLASSIFIED_TEXTS = Counter("classifier_classified_texts_total", "Texts classified and answered.")
 BATCH_FLUSHES = Counter(
     "classifier_batch_flushes_total",
@@ -82,19 +80,17 @@ QUEUE_DRAIN = Gauge(
     "Estimated time to clear the current queue at the token throughput measured while batches ran back to back.",
     multiprocess_mode="livemax",
 )
-INPUT_TOKENS = Histogram(
-    "classifier_input_tokens", "Tokens per text after truncation, special tokens included.", buckets=TOKEN_BUCKETS
-)
+INPUT_TOKENS = Histogram("classifier_input_tokens", "Tokens per text after truncation, special tokens included.", buckets=TOKEN_BUCKETS)
 TRUNCATED_TEXTS = Counter("classifier_truncated_texts_total", "Texts cut to the model's maximum length.")
 REJECTED_TEXTS = Counter(
     "classifier_rejected_texts_total",
-    "Texts refused at admission, by reason (queue_full, predicted_wait: the queue would not reach them in time).",
+    "Texts refused at admission, by reason (queue_full; fair_share: the queue is full and their caller holds more than "
+    "its share; predicted_wait: the queue would not reach them in time).",
     ["reason"],
 )
 CANCELLED_TEXTS = Counter(
     "classifier_cancelled_texts_total",
-    "Queued texts dropped before the model ran them, by reason (client_gone; deadline: passed, or would pass before "
-    "their batch ended).",
+    "Queued texts dropped before the model ran them, by reason (client_gone; deadline: passed, or would pass before their batch ended).",
     ["reason"],
 )
 LATE_ANSWERS = Counter(
@@ -111,10 +107,18 @@ UNANSWERED_TOKENS = Counter(
     "classifier_unanswered_tokens_total",
     "Real tokens the model ran for texts whose caller had left or given up by the time their batch finished.",
 )
-MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")
-BATCHING_INFO = Info(
-    "classifier_batching", "How batches are formed: padding (dynamic, fixed) and batching (buckets, arrival)."
+# Fair share between callers: by caller class (key, client_id, peer, none; `callers.CALLER_CLASSES`), never by caller,
+# so the series stay few whatever the traffic.
+FAIR_SHARE_REFUSALS = Counter(
+    "classifier_fair_share_refusals_total",
+    "Requests refused because their caller held more than its fair share of a full limit, by resource (queue: queued "
+    "tokens; slots: requests in flight) and caller class.",
+    ["resource", "caller"],
 )
+ADMITTED_TEXTS = Counter("classifier_admitted_texts_total", "Texts admitted to the queue, by caller class.", ["caller"])
+ACTIVE_CALLERS = Gauge("classifier_active_callers", "Callers with texts in the queue now, sharing it fairly.", multiprocess_mode="livemax")
+MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")
+BATCHING_INFO = Info("classifier_batching", "How batches are formed: padding (dynamic, fixed) and batching (buckets, arrival).")
 
 # Latency by text length. The label is a length class from a small fixed set (powers of two, model-independent), so
 # its cardinality never grows with traffic: 7 series per histogram.
@@ -159,9 +163,7 @@ EFFECTIVE_MAX_BATCH_TOKENS = Gauge(
     "Token budget per batch in force now: below the chosen one for a while after an out-of-memory.",
     multiprocess_mode="livemax",
 )
-TUNING_SECONDS = Gauge(
-    "classifier_tuning_seconds", "Time start-up tuning took to measure precision and budget.", multiprocess_mode="livemax"
-)
+TUNING_SECONDS = Gauge("classifier_tuning_seconds", "Time start-up tuning took to measure precision and budget.", multiprocess_mode="livemax")
 TUNING_SWITCHES = Counter(
     "classifier_tuning_switches_total",
     "Settings live tuning changed while serving, by what (precision, budget).",

@@ -66,8 +66,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "fp16" if device.type == "cuda" else "fp32"
     if precision != "fp32" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning(
-            "%s autocast on a CPU without bf16 instructions (avx512_bf16 or amx_bf16) is emulated: expect it "
-            "several times slower than fp32", precision
+            "%s autocast on a CPU without bf16 instructions (avx512_bf16 or amx_bf16) is emulated: expect it several times slower than fp32",
+            precision,
         )
     return precision
 
@@ -111,10 +111,7 @@ def with_linear_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.
     """
     linear = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
     shared = {
-        id(parameter)
-        for module in model.modules()
-        if not isinstance(module, torch.nn.Linear)
-        for parameter in module.parameters(recurse=False)
+        id(parameter) for module in model.modules() if not isinstance(module, torch.nn.Linear) for parameter in module.parameters(recurse=False)
     }
     memo: dict[int, object] = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
     for module in linear:
@@ -172,9 +169,7 @@ class ModelRunner:
         """Logits for collated inputs, as an fp32 CPU tensor of shape (texts, num_labels)."""
         if self.device.type != "cpu":  # collated on the host; three no-op .to() calls were 8% of a small CPU batch
             inputs = {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
-        with torch.inference_mode(), torch.autocast(
-            device_type=self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"
-        ):
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
             logits = self.model(**inputs).logits
         # Activations and scores are computed in fp32 whatever the forward pass ran in.
         return logits.float().cpu()

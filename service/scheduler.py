@@ -11,16 +11,20 @@ Texts also carry their caller's deadline: the queue hands back those whose deadl
 caller has gone, so they never reach the model; `missed_deadlines`, the one deadline decision, also names the texts
 of a batch about to start whose deadline would pass before it ends. A bucket is "due" when its time window has run
 out (or no partner is expected within it): that is the window's end, never a deadline.
+Texts carry their caller too (`service.callers`): each caller's texts wait in buckets of their own, the caller the
+model has served least seeds the next batch (start-time fair queueing, `service.fairness`), and the batch fills with
+every caller's texts of similar length, so one caller's flood delays another's text by about a batch, not the flood.
 """
 
 import bisect
 import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from service.fairness import Usage, VirtualTime
 from service.moving_average import MovingAverage
 
 FlushReason = Literal["budget", "size", "window"]
@@ -30,13 +34,14 @@ Batching = Literal["buckets", "arrival"]
 
 @dataclass(slots=True)
 class QueuedText:
-    """One text waiting for inference: its token count, when it arrived, an opaque handle for the caller, and the
-    time after which nobody waits for its answer."""
+    """One text waiting for inference: its token count, when it arrived, an opaque handle for the caller, the
+    time after which nobody waits for its answer, and who sent it (`service.callers`; "" for one anonymous caller)."""
 
     tokens: int
     arrived_at: float
     handle: Any = None
     deadline: float = math.inf
+    caller: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,7 @@ def deadline_passed(deadline: float, now: float) -> bool:
     return deadline <= now
 
 
-def missed_deadlines(
-    items: list[QueuedText], now: float, tokens_per_second: float | None = None, delivery_lag: float = 0.0
-) -> list[QueuedText]:
+def missed_deadlines(items: list[QueuedText], now: float, tokens_per_second: float | None = None, delivery_lag: float = 0.0) -> list[QueuedText]:
     """The texts of `items` whose answer cannot reach its caller by its deadline, earliest deadline first: those
     whose deadline has passed at `now`, and, for `items` about to start as one batch at `now` running at
     `tokens_per_second` real tokens (none before any measurement), those whose deadline would pass before the batch
@@ -124,8 +127,8 @@ def missed_deadlines(
     late = [item for item in by_deadline if deadline_passed(item.deadline, now)]
     if not tokens_per_second:
         return late
-    tokens = sum(item.tokens for item in by_deadline[len(late):])
-    for item in by_deadline[len(late):]:
+    tokens = sum(item.tokens for item in by_deadline[len(late) :])
+    for item in by_deadline[len(late) :]:
         if item.deadline >= now + delivery_lag + tokens / tokens_per_second:
             break
         late.append(item)
@@ -185,9 +188,24 @@ class _Draft:
         self.real_tokens += item.tokens
 
 
+class _CallerTexts:
+    """One caller's queued texts, in length buckets, each in arrival order."""
+
+    def __init__(self, bucket_count: int) -> None:
+        self.buckets: list[deque[QueuedText]] = [deque() for _ in range(bucket_count)]
+        self.bucket_tokens = [0] * bucket_count  # tokens waiting in each bucket
+        self.texts = 0
+        self.tokens = 0
+
+
 class BatchQueue:
-    """Length-bucketed queue. It alone owns the waiting texts: callers `append` and ask for the `next_batch`.
-    With `batching="arrival"` it holds one bucket, so batches take texts strictly in arrival order.
+    """Length-bucketed queue, fair between callers. It alone owns the waiting texts: callers `append` and ask for the
+    `next_batch`. With `batching="arrival"` it holds one bucket, so batches take texts strictly in arrival order.
+
+    Each caller's texts wait in buckets of their own; the next batch is seeded from the ready caller that the model
+    has served least (`fairness.VirtualTime`), and fills its room with the other callers' texts of similar length, so
+    a caller that floods the queue runs only in the capacity the others leave. With one caller it is one bucketed
+    queue, as before.
 
     It also keeps a smoothed gap between arrivals: a bucket stops waiting for partners once, at that rate, the
     next text is not expected before its window runs out. At light load a text then starts at once instead of
@@ -198,9 +216,9 @@ class BatchQueue:
 
     def __init__(self, policy: BatchingPolicy) -> None:
         self.policy = policy
-        bucket_count = len(policy.bucket_bounds) if policy.batching == "buckets" else 1
-        self._buckets: list[deque[QueuedText]] = [deque() for _ in range(bucket_count)]
-        self._bucket_tokens = [0] * bucket_count  # tokens waiting in each bucket
+        self._bucket_count = len(policy.bucket_bounds) if policy.batching == "buckets" else 1
+        self._callers: dict[str, _CallerTexts] = {}  # the callers with texts queued
+        self._virtual = VirtualTime()
         self._texts = 0
         self._tokens = 0
         self._last_arrival: float | None = None
@@ -221,36 +239,63 @@ class BatchQueue:
         """Tokens of all waiting texts."""
         return self._tokens
 
+    @property
+    def callers(self) -> int:
+        """Callers with texts queued."""
+        return len(self._callers)
+
+    def usage(self, caller: str) -> Usage:
+        """The queued tokens in all and `caller`'s, and the callers with texts queued, `caller` counted in."""
+        own = self._callers.get(caller)
+        return Usage(self._tokens, own.tokens if own else 0, len(self._callers) + (own is None))
+
     def bucket_of(self, tokens: int) -> int:
         """Index of the narrowest bucket whose bound holds `tokens` (longer texts go to the last bucket)."""
-        if len(self._buckets) == 1:
+        if self._bucket_count == 1:
             return 0
         return min(bisect.bisect_left(self.policy.bucket_bounds, tokens), len(self.policy.bucket_bounds) - 1)
 
-    def place(self, tokens: int) -> Place:
-        """Where a new text of `tokens` tokens would wait. Under a backlog each batch sweeps its bucket whole, oldest
-        first text first: a text joining a bucket leaves with it, after the buckets whose first text is older, while
-        the bucket and the new text fit one batch (counting every text at the bucket's bound); a text opening an
-        empty bucket, or one that would not fit, waits for every queued token."""
+    def place(self, tokens: int, caller: str = "") -> Place:
+        """Where `caller`'s new text of `tokens` tokens would wait. Under a backlog each batch sweeps its bucket whole,
+        oldest first text first: a text joining one of its caller's buckets leaves with it, after that caller's
+        buckets whose first text is older, while the bucket and the new text fit one batch (counting every text at
+        the bucket's bound); a text opening an empty bucket, or one that would not fit, waits for every token its
+        caller has queued. Other callers' texts run before it only as far as their fair share (`tokens_ahead_of`)."""
+        own = self._callers.get(caller)
+        if own is None:
+            return Place(None, self.tokens_ahead_of(caller, tokens))
         index = self.bucket_of(tokens)
-        bucket = self._buckets[index]
+        bucket = own.buckets[index]
         if not bucket:
-            return Place(None, self._tokens)
+            return Place(None, self.tokens_ahead_of(caller, tokens))
         # In arrival order the one bucket holds every length, up to the last bound.
-        bound = self.policy.bucket_bounds[index if len(self._buckets) > 1 else -1]
+        bound = self.policy.bucket_bounds[index if self._bucket_count > 1 else -1]
         texts = len(bucket) + 1
         if texts > self.policy.max_batch_size or texts * self.policy.padded_length(bound) > self.policy.max_batch_tokens:
-            return Place(None, self._tokens)
+            return Place(None, self.tokens_ahead_of(caller, tokens))
         first = bucket[0].arrived_at
-        ahead = sum(
-            queued for other, queued in zip(self._buckets, self._bucket_tokens) if other and other[0].arrived_at <= first
-        )
-        return Place(bucket[-1], ahead)
+        ahead = sum(queued for other, queued in zip(own.buckets, own.bucket_tokens) if other and other[0].arrived_at <= first)
+        return Place(bucket[-1], self._with_other_callers(caller, ahead, tokens))
+
+    def tokens_ahead_of(self, caller: str, tokens: int) -> int:
+        """The queued tokens that run before `tokens` more of `caller`'s opening a batch: all of its own, and of each
+        other caller's as many as it runs of its own by then (each caller gets its share in turn), at most all."""
+        own = self._callers.get(caller)
+        return self._with_other_callers(caller, own.tokens if own else 0, tokens)
+
+    def _with_other_callers(self, caller: str, own_ahead: int, tokens: int) -> int:
+        return own_ahead + sum(min(other.tokens, own_ahead + tokens) for name, other in self._callers.items() if name != caller)
 
     def append(self, item: QueuedText) -> None:
+        own = self._callers.get(item.caller)
+        if own is None:
+            own = self._callers[item.caller] = _CallerTexts(self._bucket_count)
+            self._virtual.activated(item.caller)
         index = self.bucket_of(item.tokens)
-        self._buckets[index].append(item)
-        self._bucket_tokens[index] += item.tokens
+        own.buckets[index].append(item)
+        own.bucket_tokens[index] += item.tokens
+        own.texts += 1
+        own.tokens += item.tokens
         self._texts += 1
         self._tokens += item.tokens
         self._earliest_deadline = min(self._earliest_deadline, item.deadline)
@@ -260,34 +305,51 @@ class BatchQueue:
         """Remove and return the texts whose deadline has passed at `now`: nobody would receive their answer."""
         if not deadline_passed(self._earliest_deadline, now):
             return []
-        missed = {id(item) for item in missed_deadlines([item for bucket in self._buckets for item in bucket], now)}
-        removed = self._remove_where(lambda item: id(item) in missed, range(len(self._buckets)))
+        queued = [item for own in self._callers.values() for bucket in own.buckets for item in bucket]
+        missed = {id(item) for item in missed_deadlines(queued, now)}
+        every_bucket = range(self._bucket_count)
+        removed = self._remove_where(lambda item: id(item) in missed, {caller: every_bucket for caller in self._callers})
         self._earliest_deadline = min(
-            (item.deadline for bucket in self._buckets for item in bucket), default=math.inf
+            (item.deadline for own in self._callers.values() for bucket in own.buckets for item in bucket),
+            default=math.inf,
         )
         return removed
 
     def remove(self, items: list[QueuedText]) -> list[QueuedText]:
         """Remove those of `items` still queued (their caller has gone) and return them; the others already left."""
         wanted = {id(item) for item in items}
-        buckets = sorted({self.bucket_of(item.tokens) for item in items})
+        buckets: dict[str, set[int]] = {}
+        for item in items:
+            buckets.setdefault(item.caller, set()).add(self.bucket_of(item.tokens))
         return self._remove_where(lambda item: id(item) in wanted, buckets)
 
-    def _remove_where(self, matches: Callable[[QueuedText], bool], bucket_indexes: Iterable[int]) -> list[QueuedText]:
+    def _remove_where(self, matches: Callable[[QueuedText], bool], bucket_indexes: Mapping[str, Iterable[int]]) -> list[QueuedText]:
         removed: list[QueuedText] = []
-        for index in bucket_indexes:
-            bucket = self._buckets[index]
-            if not any(matches(item) for item in bucket):
+        for caller, indexes in bucket_indexes.items():
+            own = self._callers.get(caller)
+            if own is None:
                 continue
-            kept: list[QueuedText] = []
-            for item in bucket:
-                (removed if matches(item) else kept).append(item)
-            bucket.clear()
-            bucket.extend(kept)
-            self._bucket_tokens[index] = sum(item.tokens for item in kept)
+            for index in sorted(indexes):
+                bucket = own.buckets[index]
+                if not any(matches(item) for item in bucket):
+                    continue
+                kept: list[QueuedText] = []
+                for item in bucket:
+                    (removed if matches(item) else kept).append(item)
+                bucket.clear()
+                bucket.extend(kept)
+                own.bucket_tokens[index] = sum(item.tokens for item in kept)
+            own.texts = sum(map(len, own.buckets))
+            own.tokens = sum(own.bucket_tokens)
         self._texts -= len(removed)
         self._tokens -= sum(item.tokens for item in removed)
+        self._forget_idle_callers()
         return removed
+
+    def _forget_idle_callers(self) -> None:
+        for caller in [caller for caller, own in self._callers.items() if not own.texts]:
+            del self._callers[caller]
+        self._virtual.forget_idle(set(self._callers))
 
     def _record_arrival(self, at: float) -> None:
         # Texts of one request arrive at the same instant: they are one arrival, not a zero gap.
@@ -304,30 +366,43 @@ class BatchQueue:
     def wake_at(self) -> float | None:
         """When the queue next needs attention: a bucket falls due, or a text's deadline may pass (None when the
         queue is empty)."""
-        due = [self._due_at(bucket) for bucket in self._buckets if bucket]
+        due = [self._due_at(bucket) for own in self._callers.values() for bucket in own.buckets if bucket]
         return min(min(due), self._earliest_deadline) if due else None
 
     def next_batch(self, now: float) -> Batch | None:
         """The batch to run now, removed from the queue; None when every batch should keep filling.
 
-        Buckets that are due (window run out, or no partner expected within it) go first, oldest first, so no
-        text starves behind a stream of full batches; otherwise the longest-waiting full bucket goes.
+        Of the callers with a bucket ready, the one the model has served least seeds it. Within a caller, buckets
+        that are due (window run out, or no partner expected within it) go first, oldest first, so no text starves
+        behind a stream of full batches; otherwise the longest-waiting full bucket goes.
         """
+        chosen: tuple[tuple[float, bool, float], str, int] | None = None
+        for caller, own in self._callers.items():
+            ready = self._ready_bucket(own, now)
+            if ready is None:
+                continue
+            due, index = ready
+            key = (self._virtual.tag(caller), not due, own.buckets[index][0].arrived_at)
+            if chosen is None or key < chosen[0]:
+                chosen = (key, caller, index)
+        if chosen is None:
+            return None
+        return self._take(chosen[1], chosen[2])
+
+    def _ready_bucket(self, own: _CallerTexts, now: float) -> tuple[bool, int] | None:
+        """The caller's bucket to seed a batch now, and whether it is due (else full); None when none is ready."""
         due, full = [], []
-        for index, bucket in enumerate(self._buckets):
+        for index, bucket in enumerate(own.buckets):
             if not bucket:
                 continue
             if now >= self._due_at(bucket):  # the same sum as wake_at, so waking on time finds it due
                 due.append(index)
             elif self._fills_a_batch(bucket):
                 full.append(index)
-        if due:
-            seed = min(due, key=lambda i: self._buckets[i][0].arrived_at)
-            return self._take(seed)
-        if full:
-            seed = min(full, key=lambda i: self._buckets[i][0].arrived_at)
-            return self._take(seed)
-        return None
+        ready = due or full
+        if not ready:
+            return None
+        return bool(due), min(ready, key=lambda i: own.buckets[i][0].arrived_at)
 
     def _fills_a_batch(self, bucket: deque[QueuedText]) -> bool:
         draft = _Draft(self.policy)
@@ -337,17 +412,30 @@ class BatchQueue:
             draft.add(item)
         return False
 
-    def _take(self, seed: int) -> Batch:
-        """Assemble a batch from bucket `seed` (oldest first), then from its neighbours, and dequeue it; flushed by
-        its window unless a limit filled it."""
+    def _take(self, caller: str, seed: int) -> Batch:
+        """Assemble a batch from `caller`'s bucket `seed` (oldest first), then from the other callers' same bucket
+        (least served first), then from the neighbouring buckets, and dequeue it; flushed by its window unless a limit
+        filled it. The seeding caller moves the virtual time up to its tag; each caller is charged its texts' tokens."""
+        others = sorted((name for name in self._callers if name != caller), key=self._virtual.tag)
+        callers = [self._callers[name] for name in (caller, *others)]
         draft = _Draft(self.policy)
-        reason = self._fill_from_seed(draft, self._buckets[seed])
+        reason: FlushReason | None = None
+        for own in callers:
+            reason = self._fill_from_seed(draft, own.buckets[seed])
+            if reason is not None:
+                break
         if reason is None:
-            reason = self._fill_from_neighbours(draft, seed)
+            reason = self._fill_from_neighbours(draft, seed, callers)
+        self._virtual.seeded(caller)
+        for item in draft.items:
+            own = self._callers[item.caller]
+            own.bucket_tokens[self.bucket_of(item.tokens)] -= item.tokens
+            own.texts -= 1
+            own.tokens -= item.tokens
+            self._virtual.served(item.caller, item.tokens)
         self._texts -= len(draft.items)
         self._tokens -= draft.real_tokens
-        for item in draft.items:
-            self._bucket_tokens[self.bucket_of(item.tokens)] -= item.tokens
+        self._forget_idle_callers()
         return Batch(draft.items, self.policy.padded_length(draft.longest), reason or "window")
 
     def _fill_from_seed(self, draft: _Draft, bucket: deque[QueuedText]) -> FlushReason | None:
@@ -358,26 +446,30 @@ class BatchQueue:
             draft.add(bucket.popleft())
         return None
 
-    def _fill_from_neighbours(self, draft: _Draft, seed: int) -> FlushReason | None:
-        """Take texts from adjacent buckets, nearest first, while padding efficiency stays above the floor.
+    def _fill_from_neighbours(self, draft: _Draft, seed: int, callers: list[_CallerTexts]) -> FlushReason | None:
+        """Take texts from adjacent buckets (each caller's, in `callers`' order), nearest first, while padding
+        efficiency stays above the floor.
 
         Returns the limit that stopped the batch, or None when the neighbours simply ran out.
         """
         below, above = seed - 1, seed + 1
-        while below >= 0 or above < len(self._buckets):
+        while below >= 0 or above < self._bucket_count:
             for index in (below, above):
-                if not 0 <= index < len(self._buckets):
+                if not 0 <= index < self._bucket_count:
                     continue
-                limit, merged_all = self._merge_bucket(draft, self._buckets[index])
-                if limit is not None:
-                    return limit
+                merged_all = True
+                for own in callers:
+                    limit, merged = self._merge_bucket(draft, own.buckets[index])
+                    merged_all = merged_all and merged
+                    if limit is not None:
+                        return limit
                 if not merged_all:  # texts further out would pad even worse
                     if index == below:
                         below = -1
                     else:
-                        above = len(self._buckets)
+                        above = self._bucket_count
             below = below - 1 if below >= 0 else below
-            above = above + 1 if above < len(self._buckets) else above
+            above = above + 1 if above < self._bucket_count else above
         return None
 
     def _merge_bucket(self, draft: _Draft, bucket: deque[QueuedText]) -> tuple[FlushReason | None, bool]:

@@ -154,9 +154,7 @@ class PredictRequest(BaseModel):
         "pairs. One text or pair answers one list of labels; a list answers a list of lists."
     )
     raw_scores: StrictBool = Field(False, description="Answer the model's logits instead of probabilities.")
-    truncate: StrictBool | None = Field(
-        False, description="Cut inputs longer than the model's maximum; false (TEI's default) answers 413 instead."
-    )
+    truncate: StrictBool | None = Field(False, description="Cut inputs longer than the model's maximum; false (TEI's default) answers 413 instead.")
     truncation_direction: TruncationSide | None = TRUNCATION_DIRECTION
     parameters: PipelineParameters | None = Field(
         None,
@@ -191,9 +189,7 @@ class PredictRequest(BaseModel):
 
 def _one_tei_input(inputs: object) -> bool:
     """TEI's reading: a string is one input, and so is a list of exactly two strings (a pair)."""
-    return isinstance(inputs, str) or (
-        isinstance(inputs, list) and len(inputs) == 2 and all(isinstance(part, str) for part in inputs)
-    )
+    return isinstance(inputs, str) or (isinstance(inputs, list) and len(inputs) == 2 and all(isinstance(part, str) for part in inputs))
 
 
 class LabelScoreOut(BaseModel):
@@ -207,9 +203,7 @@ class TextResult(BaseModel):
     """The answer for one text or pair: its best label, the ranked labels, and how it was read."""
 
     label: str = Field(description="The best-scoring label.")
-    score: float = Field(
-        description="Its probability (softmax or sigmoid), or the raw value for regression and with raw_scores."
-    )
+    score: float = Field(description="Its probability (softmax or sigmoid), or the raw value for regression and with raw_scores.")
     labels: list[LabelScoreOut] = Field(description="Labels by score, best first, cut to top_k.")
     tokens: int = Field(description="Tokens the model read, special tokens included.")
     truncated: bool = Field(description="Whether the text was cut to the model's maximum length.")

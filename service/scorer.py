@@ -134,13 +134,14 @@ class Scorer:
         max_queue_tokens: int,
         inference_thread: ThreadPoolExecutor,
         live: LiveTuning | None = None,
+        fair_share_headroom: float = 0.0,
     ) -> "Scorer":
         """Warm the model up on `inference_thread` (which loaded it), then start batching on it (tuning live when
-        `live` is given)."""
+        `live` is given; callers under their fair share may queue `fair_share_headroom` beyond `max_queue_tokens`)."""
         rates = DrainRate()
         tokens, seconds = await asyncio.get_running_loop().run_in_executor(inference_thread, model.warm_up, policy)
         rates.model_ran(tokens, seconds)
-        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens, rates, live=live)
+        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens, rates, live=live, fair_share_headroom=fair_share_headroom)
         batcher.start(inference_thread)
         return cls(batcher, inference_thread)
 
@@ -153,15 +154,16 @@ class Scorer:
     def policy(self) -> BatchingPolicy:
         return self.batcher.queue.policy
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
-        """Each text's logits, once all have run, by `deadline` (`time.monotonic()` seconds).
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
+        """Each text's logits, once all have run, by `deadline` (`time.monotonic()` seconds); `caller` (who sent them,
+        `service.callers`) gets its fair share of the queue.
 
         Raises Overloaded or NotAccepting (refused at admission), DeadlineExceeded (texts still queued at the
         deadline, now dropped), TextTooLargeForDevice or InferenceFailed (a text that failed alone). Cancelling the
         caller drops its texts still queued (reason client_gone).
         """
         outcome: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
-        call = self.begin(token_ids, deadline, functools.partial(_settle, outcome))
+        call = self.begin(token_ids, deadline, caller, functools.partial(_settle, outcome))
         try:
             return await outcome
         except asyncio.CancelledError:
@@ -169,11 +171,15 @@ class Scorer:
             raise
 
     def begin(
-        self, token_ids: list[list[int]], deadline: float, on_done: Callable[[list[list[float]] | Exception], None]
+        self,
+        token_ids: list[list[int]],
+        deadline: float,
+        caller: str,
+        on_done: Callable[[list[list[float]] | Exception], None],
     ) -> "ScoreCall":
         """As `score`, without a task: `on_done` gets the scores or the error later, from the event loop, unless the
         returned call is cancelled first. A refusal at admission is raised at once."""
-        return ScoreCall(self.batcher, self.batcher.submit(token_ids, deadline), deadline, on_done)
+        return ScoreCall(self.batcher, self.batcher.submit(token_ids, deadline, caller), deadline, on_done)
 
     def info(self) -> dict:
         """How batches are shaped, the budget now in force included, and live tuning's figures when it runs."""

@@ -189,9 +189,7 @@ def bounded_http_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             if request_began:
                 metrics.REQUESTS.labels(UNPARSED_ROUTE, str(status)).inc()
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-            log.info(
-                "refused a request from %s before parsing it: %d %s", client, status, message, extra={"request_id": request_id}
-            )
+            log.info("refused a request from %s before parsing it: %d %s", client, status, message, extra={"request_id": request_id})
 
     return BoundedHttpProtocol
 

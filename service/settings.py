@@ -30,12 +30,8 @@ class Settings(BaseSettings):
         description="auto = the fastest precision measured at start-up whose scores stay within precision_tolerance "
         "of fp32's (fp32 for regression heads; with tune off: fp16 on CUDA, fp32 elsewhere).",
     )
-    precision_tolerance: float = Field(
-        0.01, ge=0, le=1, description="Largest score difference from fp32 on the calibration set that auto accepts."
-    )
-    tune: bool = Field(
-        True, description="Measure precision and token budget at start-up; false = fixed per-device defaults."
-    )
+    precision_tolerance: float = Field(0.01, ge=0, le=1, description="Largest score difference from fp32 on the calibration set that auto accepts.")
+    tune: bool = Field(True, description="Measure precision and token budget at start-up; false = fixed per-device defaults.")
     tuning_time_limit: float = Field(
         20.0,
         gt=0,
@@ -47,14 +43,11 @@ class Settings(BaseSettings):
 
     max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="Token budget per batch (texts x padded length); auto = measured at start-up (a per-device "
-        "default with tune off).",
+        description="Token budget per batch (texts x padded length); auto = measured at start-up (a per-device default with tune off).",
     )
     max_batch_size: int = Field(128, ge=1, description="Most texts in one batch; 1 turns batching off.")
     batch_window_ms: float = Field(4.0, ge=0, description="Longest a text waits for its batch to fill.")
-    bucket_bounds: list[int] | None = Field(
-        None, description="Ascending upper token bounds of the length buckets; unset = derived from max length."
-    )
+    bucket_bounds: list[int] | None = Field(None, description="Ascending upper token bounds of the length buckets; unset = derived from max length.")
     merge_min_efficiency: float = Field(
         0.9, gt=0, le=1, description="A batch takes texts from neighbouring buckets while its padding efficiency stays this high."
     )
@@ -65,12 +58,9 @@ class Settings(BaseSettings):
     )
     batching: Batching = Field(
         "buckets",
-        description="buckets = texts of similar length batched together; arrival = batches in arrival order, no "
-        "buckets (kept for comparison).",
+        description="buckets = texts of similar length batched together; arrival = batches in arrival order, no buckets (kept for comparison).",
     )
-    max_queue_tokens: int = Field(
-        1_000_000, ge=1, description="Admission stops (429 with Retry-After) when the queued tokens would exceed this."
-    )
+    max_queue_tokens: int = Field(1_000_000, ge=1, description="Admission stops (429 with Retry-After) when the queued tokens would exceed this.")
     request_timeout_ms: float = Field(
         10_000,
         gt=0,
@@ -94,9 +84,7 @@ class Settings(BaseSettings):
         description="oneDNN primitives PyTorch keeps in its own cache in front of oneDNN's (ideep's LRU_CACHE_CAPACITY; "
         "its default of 1024 grew the heap ~100 MiB under varied batch shapes; 0 crashes PyTorch).",
     )
-    idle_heap_trim_seconds: float = Field(
-        1.0, ge=0, description="After this long without requests, free heap pages go back to the OS; 0 = never."
-    )
+    idle_heap_trim_seconds: float = Field(1.0, ge=0, description="After this long without requests, free heap pages go back to the OS; 0 = never.")
 
     workers: int | None = Field(
         None,
@@ -116,12 +104,8 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="Longest a client may take to send a request's body once its headers arrived (then 408)."
     )
-    max_concurrent_requests: int = Field(
-        512, ge=1, description="Requests handled at once; more are answered 429 with Retry-After (probes exempt)."
-    )
-    drain_delay_seconds: float = Field(
-        5.0, ge=0, description="After SIGTERM, /ready answers 503 this long while requests are still served."
-    )
+    max_concurrent_requests: int = Field(512, ge=1, description="Requests handled at once; more are answered 429 with Retry-After (probes exempt).")
+    drain_delay_seconds: float = Field(5.0, ge=0, description="After SIGTERM, /ready answers 503 this long while requests are still served.")
     shutdown_grace_seconds: float = Field(
         60.0, gt=0, description="SIGTERM to exit, at most: after it the process exits 1 even with texts unanswered."
     )
@@ -143,14 +127,12 @@ class Settings(BaseSettings):
     max_request_line_bytes: int = Field(
         8192,
         ge=256,
-        description="Longest request line (method, URL, version) in bytes; longer is answered 414 and closed as it "
-        "arrives, before it is parsed.",
+        description="Longest request line (method, URL, version) in bytes; longer is answered 414 and closed as it arrives, before it is parsed.",
     )
     max_header_bytes: int = Field(
         65536,
         ge=1024,
-        description="Most bytes of a request's line and headers together; more is answered 431 and closed as it "
-        "arrives, before it is parsed.",
+        description="Most bytes of a request's line and headers together; more is answered 431 and closed as it arrives, before it is parsed.",
     )
     max_header_count: int = Field(100, ge=8, description="Most header lines in one request; more is answered 431.")
     trusted_hosts: str = Field(
@@ -159,6 +141,22 @@ class Settings(BaseSettings):
         "for any; another is answered 400. /health, /ready and /metrics answer any Host (probes and scrapers use "
         "the pod's address); a request without Host is always 400.",
     )
+    # Fair share between callers (service/fairness.py): who a caller is, and how far past a limit those under their
+    # share may go once the callers over theirs are refused.
+    fair_share_headroom: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Once the queue (max_queue_tokens) or the request slots (max_concurrent_requests) are full, callers "
+        "over their fair share (the limit divided by the active callers) are refused (429) and callers under it may "
+        "still use this fraction of the limit beyond it; 0 = a full limit refuses everyone.",
+    )
+    client_id_header: str = Field(
+        "X-Client-Id",
+        min_length=1,
+        description="Header naming the caller when API keys are off (else its peer address names it).",
+    )
+    client_id_max_length: int = Field(64, ge=1, le=1024, description="Longest client id kept from that header (characters); longer ones are cut.")
 
     def api_key_list(self) -> list[bytes]:
         """The accepted keys (none when api_keys is unset): the file's lines, or the list's items."""

@@ -84,7 +84,10 @@ class SplittingRunner:
         if isinstance(error, OutOfMemory):
             log.warning(
                 "out of memory on %d texts x %d tokens (batch of %d); splitting it, token budget now %d",
-                group, padded_length, texts, self.memory_budget.current,
+                group,
+                padded_length,
+                texts,
+                self.memory_budget.current,
             )
         else:
             log.error("inference failed for a batch of %d texts; retrying it in halves", texts, exc_info=error)

@@ -88,9 +88,7 @@ class TextEncoder:
             encoded[index] = text
         return encoded  # type: ignore[return-value]
 
-    def _encode_texts(
-        self, texts: list[str], positions: list[int], truncate: bool, side: TruncationSide
-    ) -> list[EncodedText]:
+    def _encode_texts(self, texts: list[str], positions: list[int], truncate: bool, side: TruncationSide) -> list[EncodedText]:
         """Single texts; `positions` are their places in the request, which a refusal names."""
         # Refusals name a text's exact length unless it is huge; only then is it "more than" the maximum.
         shortest_cut = self.max_length * (self.PREFIX_CHARS_PER_TOKEN if truncate else self.EXACT_COUNT_CHARS_PER_TOKEN)
@@ -111,25 +109,18 @@ class TextEncoder:
         if too_long:
             # Re-encode only the long ones, so the tokenizer itself decides where special tokens go when cutting.
             self.tokenizer.truncation_side = side
-            cut = self.tokenizer(
-                [texts[i] for i in too_long], add_special_tokens=True, truncation=True, max_length=self.max_length
-            )["input_ids"]
+            cut = self.tokenizer([texts[i] for i in too_long], add_special_tokens=True, truncation=True, max_length=self.max_length)["input_ids"]
             for index, ids in zip(too_long, cut):
                 encoded[index] = EncodedText(ids, True)
         return encoded
 
-    def _encode_pairs(
-        self, pairs: list[tuple[str, str]], positions: list[int], truncate: bool, side: TruncationSide
-    ) -> list[EncodedText]:
+    def _encode_pairs(self, pairs: list[tuple[str, str]], positions: list[int], truncate: bool, side: TruncationSide) -> list[EncodedText]:
         """Text pairs as the tokenizer encodes them (its pair template, `longest_first` truncation), each a `PairIds`
         when the model reads token type ids."""
         shortest_cut = self.max_length * (self.PREFIX_CHARS_PER_TOKEN if truncate else self.EXACT_COUNT_CHARS_PER_TOKEN)
         read = []
         for position, pair in zip(positions, pairs):
-            parts = [
-                self._sufficient_part(text, side, self._pair_content_tokens) if len(text) > shortest_cut else None
-                for text in pair
-            ]
+            parts = [self._sufficient_part(text, side, self._pair_content_tokens) if len(text) > shortest_cut else None for text in pair]
             if not truncate and any(part is not None for part in parts):
                 raise TextTooLong(position, self.max_length + 1, self.max_length, exact=False)
             read.append(self._pair_read(pair, parts))

@@ -104,8 +104,7 @@ def choose_precision(trials: list[PrecisionTrial], tolerance: float) -> Choice:
     best = max(faithful, key=lambda trial: trial.tokens_per_second)
     rejected = [trial for trial in trials if trial not in faithful]
     why_not = "; ".join(
-        f"{trial.precision} rejected (deviation {trial.max_deviation:.4f}, {trial.label_changes} labels changed)"
-        for trial in rejected
+        f"{trial.precision} rejected (deviation {trial.max_deviation:.4f}, {trial.label_changes} labels changed)" for trial in rejected
     )
     if best is reference:
         reason = "fp32 is the fastest faithful precision" if len(trials) > 1 else "fp32 is the only candidate"
@@ -237,11 +236,7 @@ def live_precisions(trials: list[PrecisionTrial], chosen: str, tolerance: float,
     speeds = {trial.precision: trial.tokens_per_second for trial in trials if trial.faithful(tolerance)}
     if chosen not in speeds:
         return [chosen]
-    close = [
-        precision
-        for precision, speed in speeds.items()
-        if precision != chosen and (disturbed or speed * LIVE_CLOSE >= speeds[chosen])
-    ]
+    close = [precision for precision, speed in speeds.items() if precision != chosen and (disturbed or speed * LIVE_CLOSE >= speeds[chosen])]
     return [chosen, *close]
 
 
@@ -260,8 +255,7 @@ def live_budgets(trials: list[BudgetTrial], chosen: int, disturbed: bool, ladder
     close = [
         budget
         for budget in neighbours
-        if budget < out_of_memory
-        and (disturbed or (budget in speeds and chosen in speeds and speeds[budget] * LIVE_CLOSE >= speeds[chosen]))
+        if budget < out_of_memory and (disturbed or (budget in speeds and chosen in speeds and speeds[budget] * LIVE_CLOSE >= speeds[chosen]))
     ]
     return [chosen, *close]
 
@@ -319,9 +313,7 @@ def _speed(trial: BudgetTrial) -> float:
     return trial.tokens_per_second
 
 
-def choose_budget(
-    trials: list[BudgetTrial], floor: int, within: float = BUDGET_WITHIN, margin: float = OOM_SAFETY_MARGIN
-) -> Choice:
+def choose_budget(trials: list[BudgetTrial], floor: int, within: float = BUDGET_WITHIN, margin: float = OOM_SAFETY_MARGIN) -> Choice:
     """The smallest budget within `within` of the best throughput. When a rung ran out of memory, only budgets at
     least `margin` below the largest that fit are eligible (the floor always is: one text must fit)."""
     fitted = [trial for trial in trials if not trial.out_of_memory]
@@ -382,9 +374,7 @@ class MemoryBudget:
     in as arguments.
     """
 
-    def __init__(
-        self, tuned: int, floor: int, recovery_seconds: float = RECOVERY_SECONDS, growth: float = RECOVERY_GROWTH
-    ) -> None:
+    def __init__(self, tuned: int, floor: int, recovery_seconds: float = RECOVERY_SECONDS, growth: float = RECOVERY_GROWTH) -> None:
         self.tuned = tuned
         self.floor = min(floor, tuned)
         self.recovery_seconds = recovery_seconds

@@ -30,7 +30,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from multiprocessing.connection import wait as wait_for_exit
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -63,18 +63,24 @@ def worker_count(settings: Settings) -> int:
 
 # --- the API processes' side ---
 
+# One byte per API process in shared memory: 1 once it has loaded (a multiprocessing RawArray).
+LoadedFlags = MutableSequence[int]
 
-def _serve_api(settings: Settings, address: str, listener: socket.socket, index: int) -> None:
-    """An API process: the HTTP server on the shared socket, its engine in the engine process."""
+
+def _serve_api(settings: Settings, address: str, listener: socket.socket, index: int, loaded: LoadedFlags) -> None:
+    """An API process: the HTTP server on the shared socket, its engine in the engine process. `loaded`: a flag per
+    API process, set once it has loaded; /ready answers 200 once every flag is set."""
     from service.api import create_app
     from service.server import ClassifierServer
 
     _become(f"clf-api-{index}", settings)
 
     async def load(settings: Settings) -> Engine:
-        return await load_engine(settings, engine_address=address)
+        engine = await load_engine(settings, engine_address=address)
+        loaded[index] = 1
+        return engine
 
-    server = ClassifierServer(create_app(settings, load), settings)
+    server = ClassifierServer(create_app(settings, load, replica_loaded=lambda: all(loaded)), settings)
     server.run(sockets=[listener])
     raise SystemExit(1 if server.failure is not None else 0)
 
@@ -98,10 +104,10 @@ class _EngineProcess:
         self.backend: Scorer | None = None
         self.facts: EngineFacts | None = None
 
-    def begin(self, token_ids: list[list[int]], deadline: float, on_done: Callable[[Outcome], None]) -> Call:
+    def begin(self, token_ids: list[list[int]], deadline: float, caller: str, on_done: Callable[[Outcome], None]) -> Call:
         if self.backend is None:  # API processes ask only once it is ready; refused as in one process
             raise LoadFailed(self.failure) if self.failure is not None else NotReady()
-        return self.backend.begin(token_ids, deadline, on_done)
+        return self.backend.begin(token_ids, deadline, caller, on_done)
 
     def state(self) -> EngineState:
         """For the API processes: why it failed, or once loaded, its facts and how it batches now."""
@@ -179,8 +185,10 @@ class Supervisor:
         spawn = multiprocessing.get_context("spawn")
         self.engine = spawn.Process(target=_serve_engine, args=(settings, self.address), name="engine")
         self.engine.start()
+        # Any API process may accept a connection from the shared listener, so the replica is ready once all are.
+        loaded = spawn.RawArray("b", self.workers)
         self.apis = [
-            spawn.Process(target=_serve_api, args=(settings, self.address, listener, index), name=f"api-{index}")
+            spawn.Process(target=_serve_api, args=(settings, self.address, listener, index, loaded), name=f"api-{index}")
             for index in range(self.workers)
         ]
         for process in self.apis:

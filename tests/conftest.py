@@ -46,9 +46,7 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> PreTrainedTokeniz
     )
 
 
-def build_tiny_model(
-    directory: Path, labels: tuple[str, ...] = ("NEGATIVE", "POSITIVE"), problem_type: str | None = None, seed: int = 0
-) -> Path:
+def build_tiny_model(directory: Path, labels: tuple[str, ...] = ("NEGATIVE", "POSITIVE"), problem_type: str | None = None, seed: int = 0) -> Path:
     """Save a 2-layer random BERT classifier and its tokenizer to `directory`; same seed, same weights."""
     tokenizer = build_tiny_tokenizer()
     config = BertConfig(
@@ -77,9 +75,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def multi_label_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(
-        tmp_path_factory.mktemp("tiny-multi-label"), ("ACTION", "COMEDY", "DRAMA"), "multi_label_classification"
-    )
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-multi-label"), ("ACTION", "COMEDY", "DRAMA"), "multi_label_classification")
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +112,7 @@ def start_service(model_dir: Path, extra_env: dict[str, str] | None = None, time
 
 
 @contextlib.contextmanager
-def run_service(
-    model_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 90
-) -> Iterator[tuple[str, subprocess.Popen]]:
+def run_service(model_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 90) -> Iterator[tuple[str, subprocess.Popen]]:
     """Like start_service, but also yields the process, for tests that signal it."""
     _require_integration_marker()
     port = free_port()

@@ -92,8 +92,13 @@ class FakeRunner:
     job slows everything) and the next of `jitter`'s factors in turn (a busy machine's unevenness)."""
 
     def __init__(
-        self, clock: FakeClock, seconds_per_token: float, slowdown: float = 1.0, jitter: tuple[float, ...] = (1.0,),
-        overhead: float = 0.0, set_up: float = 0.0,
+        self,
+        clock: FakeClock,
+        seconds_per_token: float,
+        slowdown: float = 1.0,
+        jitter: tuple[float, ...] = (1.0,),
+        overhead: float = 0.0,
+        set_up: float = 0.0,
     ) -> None:
         self.clock, self.seconds_per_token, self.slowdown = clock, seconds_per_token, slowdown
         self.jitter, self.overhead, self.set_up = jitter, overhead, set_up
@@ -127,7 +132,8 @@ class FakeScorer:
     logits for each text are [len(ids), sum(ids)].
 
     A request with a text holding `hold_token` waits in `score` until `release` is set (`started` says it got
-    there); if its caller is cancelled meanwhile (its client left), its token ids go to `cancelled`. A request with a
+    there); if its caller is cancelled meanwhile (its client left), its token ids go to `cancelled`. Each request's
+    deadline and caller go to `deadlines` and `callers`. A request with a
     text holding `fail_token` raises `failure` (by default: the queue is full, retry in 3 s). `accepting` is what
     `ready` says; `stop` ends it.
     """
@@ -140,14 +146,16 @@ class FakeScorer:
         self.cancelled: list[list[list[int]]] = []
         self.some_cancelled = asyncio.Event()  # set once `cancelled` has one
         self.deadlines: list[float] = []
+        self.callers: list[str] = []  # who sent each request, in order
         self.accepting = True
 
     @property
     def ready(self) -> bool:
         return self.accepting
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         self.deadlines.append(deadline)
+        self.callers.append(caller)
         if any(self.fail_token in ids for ids in token_ids):
             raise self.failure
         if any(self.hold_token in ids for ids in token_ids):
@@ -160,9 +168,9 @@ class FakeScorer:
                 raise
         return [[float(len(ids)), float(sum(ids))] for ids in token_ids]
 
-    def begin(self, token_ids: list[list[int]], deadline: float, on_done: Callable[[Outcome], None]) -> asyncio.Task:
+    def begin(self, token_ids: list[list[int]], deadline: float, caller: str, on_done: Callable[[Outcome], None]) -> asyncio.Task:
         """`score` as an EngineServer serves it (`ipc.Begin`)."""
-        return begun_in_a_task(self.score(token_ids, deadline), on_done)
+        return begun_in_a_task(self.score(token_ids, deadline, caller), on_done)
 
     def info(self) -> dict:
         """The batching section of /info."""

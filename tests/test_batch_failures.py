@@ -43,7 +43,10 @@ def expected_scores(ids: list[int]) -> list[float]:
 
 def make_batcher(model: FakeClassifier, clock: FakeClock, max_batch_tokens: int = 1024) -> Batcher:
     policy = BatchingPolicy(
-        bucket_bounds=(8, 16, 32, 96), max_batch_tokens=max_batch_tokens, max_batch_size=64, window=0.0,
+        bucket_bounds=(8, 16, 32, 96),
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=64,
+        window=0.0,
         merge_min_efficiency=0.01,  # every text joins one batch, so the failure has innocent neighbours
     )
     runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=0)

@@ -243,9 +243,7 @@ def test_a_poisoned_text_fails_alone_the_batch_split_down_to_it_and_the_error_is
     with caplog.at_level(logging.ERROR, logger="service.splitting"):
         answers, budget = run(scenario, model, SHARED_BATCHES)
     assert isinstance(answers[3], InferenceFailed) and "ValueError: poisoned batch" in str(answers[3])
-    assert [answer for index, answer in enumerate(answers) if index != 3] == [
-        scores_of(ids) for index, ids in enumerate(texts) if index != 3
-    ]
+    assert [answer for index, answer in enumerate(answers) if index != 3] == [scores_of(ids) for index, ids in enumerate(texts) if index != 3]
     assert len(model.ran[0]) == 8 and [len(batch) for batch in model.ran].count(1) >= 1  # split down to one
     assert len([r for r in caplog.records if "inference failed" in r.getMessage()]) == 1
     splits = REGISTRY.get_sample_value("classifier_batch_splits_total", {"reason": "error"}) - splits_before
@@ -299,4 +297,3 @@ def test_a_mergeable_text_behind_a_non_mergeable_one_joins_the_batch():
 
     run(scenario, model, SHARED_BATCHES)
     assert [[ids[0] for ids in batch] for batch in model.ran] == [[1, 3], [2]]
-

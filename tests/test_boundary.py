@@ -87,9 +87,10 @@ def test_the_http_layer_answers_an_error_of_the_engine_process_as_one_raised_in_
             back.failure = error
             local_answer, remote_answer = answer(local), answer(remote)
             assert remote_answer == local_answer
-            assert local_answer[:2] == (status, {"error": getattr(error, "message", None) or
-                                                 "internal error (KeyError); the server log has the details",
-                                                 "request_id": REQUEST_ID})
+            assert local_answer[:2] == (
+                status,
+                {"error": getattr(error, "message", None) or "internal error (KeyError); the server log has the details", "request_id": REQUEST_ID},
+            )
             assert headers.items() <= {name.title(): value for name, value in local_answer[2].items()}.items()
         remote.portal.call(servers[0].close)  # the engine process dies
         status, body, response_headers = answer(remote)

@@ -248,7 +248,11 @@ def test_the_service_exits_1_with_one_line_naming_an_unusable_cache_directory(tm
     env.pop("MODEL", None)
     completed = subprocess.run(
         [sys.executable, "-m", "service", "--port", str(free_port())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=BOUND * 2,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BOUND * 2,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 1, output

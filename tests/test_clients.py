@@ -35,9 +35,7 @@ def fake_logits(ids: list[int]) -> list[float]:
 
 
 def ranked(scores: list[float]) -> list[dict]:
-    return sorted(
-        ({"label": label, "score": score} for label, score in zip(LABELS, scores)), key=lambda item: -item["score"]
-    )
+    return sorted(({"label": label, "score": score} for label, score in zip(LABELS, scores)), key=lambda item: -item["score"])
 
 
 def approx(labels: list[dict]) -> list[dict]:
@@ -64,9 +62,9 @@ class RecordingScorer(FakeScorer):
         super().__init__()
         self.seen: list[list[int]] = []
 
-    async def score(self, token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(self, token_ids: list[list[int]], deadline: float, caller: str = "") -> list[list[float]]:
         self.seen += token_ids
-        return await super().score(token_ids, deadline)
+        return await super().score(token_ids, deadline, caller)
 
 
 def test_pairs_are_encoded_with_the_pair_template_and_carry_their_second_texts_start():
@@ -102,13 +100,15 @@ def test_a_malformed_pair_is_a_422_naming_it():
     assert "texts[0][1] is empty or blank" in error_body(blank)["error"]
 
 
-def test_pair_ids_and_the_http_request_id_cross_to_the_engine_process(tmp_path, caplog):
-    """The engine process gets the pair's second-text start back on its ids, and its log lines about the request
-    carry the request's id (here: a failure it logs)."""
+def test_pair_ids_the_caller_and_the_http_request_id_cross_to_the_engine_process(tmp_path, caplog):
+    """The engine process gets the pair's second-text start back on its ids and the request's caller, and its log
+    lines about the request carry the request's id (here: a failure it logs)."""
     seen: list[list[int]] = []
+    callers: list[str] = []
 
-    async def score(token_ids: list[list[int]], deadline: float) -> list[list[float]]:
+    async def score(token_ids: list[list[int]], deadline: float, caller: str) -> list[list[float]]:
         seen.extend(token_ids)
+        callers.append(caller)
         if token_ids[0][0] == -1:
             raise KeyError("a bug")
         return [[1.0] for _ in token_ids]
@@ -116,13 +116,13 @@ def test_pair_ids_and_the_http_request_id_cross_to_the_engine_process(tmp_path, 
     async def main():
         address = f"ipc://{tmp_path}/engine.sock"
         server = ipc.EngineServer(
-            address, lambda ids, deadline, on_done: begun_in_a_task(score(ids, deadline), on_done), lambda: ipc.EngineState("ready")
+            address, lambda ids, deadline, caller, on_done: begun_in_a_task(score(ids, deadline, caller), on_done), lambda: ipc.EngineState("ready")
         )
         client = ipc.EngineClient(address)
         try:
             await client.wait_for_state()
             request_ids.current.set("req-42")
-            await client.score([[1, 2], PairIds([2, 5, 3, 7, 3], 3)], asyncio.get_running_loop().time() + 30)
+            await client.score([[1, 2], PairIds([2, 5, 3, 7, 3], 3)], asyncio.get_running_loop().time() + 30, "client_id:batch-7")
             with pytest.raises(Exception, match="internal error"):
                 await client.score([[-1]], asyncio.get_running_loop().time() + 30)
         finally:
@@ -134,6 +134,7 @@ def test_pair_ids_and_the_http_request_id_cross_to_the_engine_process(tmp_path, 
         asyncio.run(main())
     assert type(seen[0]) is list and isinstance(seen[1], PairIds) and seen[1].second_start == 3
     assert list(seen[1]) == [2, 5, 3, 7, 3]
+    assert callers == ["client_id:batch-7", ""]
     [failure] = [record for record in caplog.records if record.getMessage() == "scoring failed unexpectedly"]
     assert failure.request_id == "req-42"
 
@@ -370,4 +371,3 @@ def test_openapi_documents_the_new_routes_fields_and_errors():
     assert {"raw_scores", "threshold", "truncation_direction"} <= set(schemas["ClassifyRequest"]["properties"])
     assert "error_type" in schemas["TeiErrorResponse"]["properties"]
     assert "401" in openapi["paths"]["/classify"]["post"]["responses"]
-

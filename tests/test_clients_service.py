@@ -88,9 +88,7 @@ def test_pairs_raw_scores_and_left_truncation_match_the_model_run_alone(keyed_wo
     [kept_end] = direct_logits(tiny_model_dir, [TEXTS[2] + " and the end was good"], side="left")
     left = post("/classify", {"texts": [TEXTS[2] + " and the end was good"], "raw_scores": True, "truncation_direction": "left"})
     result = left.json()["results"][0]
-    assert result["truncated"] and by_label(result["labels"]) == pytest.approx(
-        {"NEGATIVE": kept_end[0], "POSITIVE": kept_end[1]}, abs=1e-4
-    )
+    assert result["truncated"] and by_label(result["labels"]) == pytest.approx({"NEGATIVE": kept_end[0], "POSITIVE": kept_end[1]}, abs=1e-4)
 
 
 def test_keys_close_classify_and_predict_and_the_request_id_comes_back(keyed_workers_url):

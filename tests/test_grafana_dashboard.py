@@ -21,12 +21,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*"}  # as Grafana would
 
 def exported_series() -> set[str]:
     """Every series name service/metrics.py exposes, e.g. classifier_batch_size_bucket."""
-    families = [
-        family
-        for metric in vars(metrics).values()
-        if isinstance(metric, MetricWrapperBase)
-        for family in metric.describe()
-    ]
+    families = [family for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase) for family in metric.describe()]
     return {family.name + suffix for family in families for suffix in SERIES_SUFFIXES[family.type]}
 
 
@@ -73,7 +68,7 @@ def test_metric_name_extraction():
     expr = 'histogram_quantile(0.99, sum by (le) (rate(classifier_x_bucket{job=~"$job", route="/a"}[5m]))) / on (job) y'
     assert metric_names(expr) == {"classifier_x_bucket", "y"}
     assert metric_names("sum(rate(classifier_reqeusts_total[1m])) > 1e3") == {"classifier_reqeusts_total"}
-    assert metric_names('max_over_time(x[5m:1m]) and on () vector(1) or y offset 5m') == {"x", "y"}
+    assert metric_names("max_over_time(x[5m:1m]) and on () vector(1) or y offset 5m") == {"x", "y"}
 
 
 def test_dashboard_is_valid_and_covers_what_operators_watch():

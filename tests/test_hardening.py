@@ -21,10 +21,7 @@ from tests.conftest import ROOT, free_port, run_service, start_service
 
 pytestmark = pytest.mark.integration  # service processes or external programs (see pyproject's markers)
 
-STALLED_UPLOAD = (
-    b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    b'{"texts": ["part of a body'
-)
+STALLED_UPLOAD = b'POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"texts": ["part of a body'
 
 
 def requests_counted(url: str, route: str, status: str) -> float:
@@ -93,10 +90,7 @@ def test_an_aborted_upload_is_counted_as_499_not_500(limited_url):
 def test_a_caller_that_leaves_after_its_text_is_queued_is_counted_as_499_not_200(tiny_model_dir):
     with start_service(tiny_model_dir, {"CLASSIFIER_BATCH_WINDOW_MS": "1500"}) as url:
         body = json.dumps({"texts": ["queued, then abandoned"]}).encode()
-        request = (
-            f"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+        request = (f"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         with raw_connection(url, request):
             wait_for(lambda: _gauge(url, "classifier_queue_texts") == 1, what="the text to be queued")
         wait_for(lambda: requests_counted(url, "/classify", "499") == 1, what="a 499")
@@ -180,8 +174,10 @@ def test_a_missing_model_directory_exits_1_saying_so(tmp_path):
     finished = run_until_exit(str(tmp_path / "missing"))
     assert finished.returncode == 1
     errors = [line for line in finished.stderr.splitlines() if " ERROR " in line]
-    assert errors == [f"{errors[0].split(' ERROR ')[0]} ERROR service.loading: the model could not be loaded: "
-                      f"FileNotFoundError: model directory {tmp_path / 'missing'} does not exist"]
+    assert errors == [
+        f"{errors[0].split(' ERROR ')[0]} ERROR service.loading: the model could not be loaded: "
+        f"FileNotFoundError: model directory {tmp_path / 'missing'} does not exist"
+    ]
     assert "Traceback" not in finished.stderr and "hub" not in finished.stderr
 
 

@@ -55,7 +55,9 @@ async def protocol_server(**overrides) -> AsyncIterator[int]:
     state = ServerState()
     protocol = config.http_protocol_class
     server = await asyncio.get_running_loop().create_server(
-        lambda: protocol(config=config, server_state=state, app_state={}), "127.0.0.1", 0  # type: ignore[call-arg]
+        lambda: protocol(config=config, server_state=state, app_state={}),
+        "127.0.0.1",
+        0,  # type: ignore[call-arg]
     )
     try:
         yield server.sockets[0].getsockname()[1]

@@ -32,9 +32,7 @@ from tests.fakes import WAIT, FakeScorer
 MODEL_ID = "fake-model"
 LABELS = ("NEGATIVE", "POSITIVE")
 SHOWN = {"problem_type": "single_label_classification", "max_length": TINY_MAX_LENGTH, "device": "cpu", "precision": "fp32"}
-FACTS = EngineFacts(
-    model_id=MODEL_ID, model_path=MODEL_ID, labels=LABELS, tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"}, **SHOWN
-)
+FACTS = EngineFacts(model_id=MODEL_ID, model_path=MODEL_ID, labels=LABELS, tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"}, **SHOWN)
 JSON = {"content-type": "application/json"}
 T = TypeVar("T")
 TOKENIZER = build_tiny_tokenizer()
@@ -122,10 +120,18 @@ class RawClient:
 
     def scope(self, headers: dict[str, str]) -> dict:
         return {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "",
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/classify",
+            "raw_path": b"/classify",
+            "query_string": b"",
+            "root_path": "",
             "headers": [(b"host", b"test"), *((name.encode(), value.encode()) for name, value in headers.items())],
-            "client": ("127.0.0.1", 50000), "server": ("test", 80),
+            "client": ("127.0.0.1", 50000),
+            "server": ("test", 80),
         }
 
     def call(self, app, headers: dict[str, str] = JSON) -> asyncio.Task:
@@ -347,9 +353,7 @@ def test_a_too_long_text_without_truncation_is_a_413_before_the_back_half():
 
     response = run(scenario, back)
     assert response.status_code == 413
-    assert error_body(response) == {
-        "error": "texts[1] has 202 tokens but the model takes at most 64; shorten it or send truncate=true"
-    }
+    assert error_body(response) == {"error": "texts[1] has 202 tokens but the model takes at most 64; shorten it or send truncate=true"}
     assert back.deadlines == []
 
 
@@ -478,7 +482,9 @@ def test_ready_and_classify_are_503_until_the_model_is_loaded():
     async def main():
         async with serving(create_app(settings(), load), ready=False) as client:
             health, ready, classify = (
-                await client.get("/health"), await client.get("/ready"), await client.post("/classify", json={"texts": ["hi"]})
+                await client.get("/health"),
+                await client.get("/ready"),
+                await client.post("/classify", json={"texts": ["hi"]}),
             )
             info = (await client.get("/info")).json()
             loaded.set()
@@ -494,6 +500,25 @@ def test_ready_and_classify_are_503_until_the_model_is_loaded():
     assert after.json() == {"status": "ready"}
 
 
+def test_ready_waits_for_every_api_process_of_the_replica_while_classify_is_served():
+    """With --workers the listener hands connections to any API process: /ready is 200 only once all have loaded,
+    though a loaded one already answers /classify (a client sent there by a 200 from another must be served)."""
+    others_loaded = False
+
+    async def main():
+        nonlocal others_loaded
+        app = create_app(settings(), fake_engine(FakeScorer()), replica_loaded=lambda: others_loaded)
+        async with serving(app, ready=False) as client:
+            await until(lambda: client.post("/classify", json={"texts": ["hi"]}), lambda response: response.status_code == 200)
+            waiting = await client.get("/ready")
+            others_loaded = True
+            return waiting, await client.get("/ready")
+
+    waiting, ready = asyncio.run(main())
+    assert waiting.status_code == 503 and error_body(waiting) == {"error": "the model is still loading; retry shortly"}
+    assert ready.status_code == 200
+
+
 def test_a_model_that_fails_to_load_reports_why(tmp_path):
     missing = tmp_path / "missing"
 
@@ -502,9 +527,7 @@ def test_a_model_that_fails_to_load_reports_why(tmp_path):
             health = await until(lambda: client.get("/health"), lambda response: response.status_code != 200)
             return health, await client.get("/ready"), await client.post("/classify", json={"texts": ["hi"]})
 
-    expected = {
-        "error": f"model failed to load: FileNotFoundError: model directory {missing} does not exist; retry on another replica"
-    }
+    expected = {"error": f"model failed to load: FileNotFoundError: model directory {missing} does not exist; retry on another replica"}
     for response in asyncio.run(main()):
         assert response.status_code == 503 and error_body(response) == expected
 
@@ -579,7 +602,7 @@ SAME_ANSWERS = [
     (b'{"texts": ["good music"], "top_k": 1}', {}, True),
     (b'{"texts": ["good music"], "top_k": 5}', {}, True),
     (b'{"texts": ["good music"], "top_k": null, "truncate": true}', {}, True),
-    (b'{"texts": ["A long story that goes on and on' + b' and on' * 40 + b'"]}', {}, True),
+    (b'{"texts": ["A long story that goes on and on' + b" and on" * 40 + b'"]}', {}, True),
     (b'{"texts": ["fine"], "truncate": false, "timeout_ms": 5000}', {}, True),
     (b'{"texts": ["fine", "film ' + b"film " * 200 + b'"], "truncate": false}', {}, True),  # 413
     (b'{"texts": ["fine"]}', {"x-request-timeout-ms": "3000"}, True),

@@ -81,9 +81,7 @@ def test_a_clearly_faster_alternative_is_put_in_force_once_and_never_flip_flops(
     assert switches[0].median_ratio > 1.5 and switches[0].pairs >= MIN_PAIRS
     assert tuner.in_force == BF16
     info = tuner.info(now=traffic.now, wall_now=1_000_000.0)
-    assert info["in_force"] == {
-        "precision": "bf16", "max_batch_tokens": 2048, "since": round(1_000_000.0 - (traffic.now - switches[0].at), 3)
-    }
+    assert info["in_force"] == {"precision": "bf16", "max_batch_tokens": 2048, "since": round(1_000_000.0 - (traffic.now - switches[0].at), 3)}
     assert info["switches"][0]["from"] == "fp32/2048" and info["switches"][0]["to"] == "bf16/2048"
     assert info["candidates"]["fp32/2048"]["retired"]  # the slower one, tried against bf16, is left alone a while
     # After the switch, fp32 is explored only until it is shown slower, then again after RETRY_SECONDS.
@@ -147,7 +145,11 @@ def test_the_batcher_switches_precision_when_the_neighbour_stops(caplog):
         model = FakeModel(clock, seconds_per_token=seconds_per_token)
         tuner = LiveTuner(Arm("fp32", 128), ["fp32", "bf16"], [128], now=clock())
         batcher = Batcher(
-            BatchQueue(policy), model, max_queue_tokens=10_000_000, rates=DrainRate(), clock=clock,
+            BatchQueue(policy),
+            model,
+            max_queue_tokens=10_000_000,
+            rates=DrainRate(),
+            clock=clock,
             live=LiveTuning(tuner, model.use_precision),
         )
         counted = switches_counted("precision")

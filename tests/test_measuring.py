@@ -23,8 +23,15 @@ BUSY = MachineLoad(wall_seconds=10, cpu_seconds=4, threads=2, others_share=0.5, 
 def tuner(clock: FakeClock, slowdown: float, jitter: tuple[float, ...], limit: float) -> Tuner:
     seconds = {"fp32": FP32_SECONDS, "bf16": BF16_SECONDS}
     return Tuner(
-        torch.nn.Identity(), torch.device("cpu"), 0, "single_label_classification", CALIBRATION, 128, floor=512,
-        clock=clock, deadline=clock() + 0.9 * limit,
+        torch.nn.Identity(),
+        torch.device("cpu"),
+        0,
+        "single_label_classification",
+        CALIBRATION,
+        128,
+        floor=512,
+        clock=clock,
+        deadline=clock() + 0.9 * limit,
         make_runner=lambda precision: FakeRunner(clock, seconds[precision], slowdown, jitter),
         load=lambda: QUIET if slowdown == 1.0 else BUSY,
     )
@@ -65,8 +72,15 @@ def test_a_slow_first_run_and_per_batch_overhead_do_not_stop_a_quiet_start_up():
     first run token by token predicted every trial far past the limit, and a quiet start measured nothing."""
     clock = FakeClock(0.0)
     measuring = Tuner(
-        torch.nn.Identity(), torch.device("cpu"), 0, "single_label_classification", CALIBRATION, 128, floor=512,
-        clock=clock, deadline=18.0,
+        torch.nn.Identity(),
+        torch.device("cpu"),
+        0,
+        "single_label_classification",
+        CALIBRATION,
+        128,
+        floor=512,
+        clock=clock,
+        deadline=18.0,
         make_runner=lambda precision: FakeRunner(clock, FP32_SECONDS, overhead=0.005, set_up=0.3),
         load=lambda: QUIET,
     )
@@ -86,11 +100,16 @@ def busy_start(candidates: list[str], overhead: float, seed: int) -> tuple:
     clock = FakeClock(0.0)
     seconds = {"fp32": FP32_SECONDS, "bf16": BF16_SECONDS}
     measuring = Tuner(
-        torch.nn.Identity(), torch.device("cpu"), 0, "single_label_classification", CALIBRATION, 128, floor=512,
-        clock=clock, deadline=18.0,
-        make_runner=lambda precision: FakeRunner(
-            clock, seconds[precision], 10.0, jitter, overhead=overhead, set_up=0.1
-        ),
+        torch.nn.Identity(),
+        torch.device("cpu"),
+        0,
+        "single_label_classification",
+        CALIBRATION,
+        128,
+        floor=512,
+        clock=clock,
+        deadline=18.0,
+        make_runner=lambda precision: FakeRunner(clock, seconds[precision], 10.0, jitter, overhead=overhead, set_up=0.1),
         load=lambda: BUSY,
     )
     precision, trials = measuring.precision(candidates, 0.01, 2048, until=12.0)
@@ -136,8 +155,15 @@ def test_a_disturbed_start_up_says_why_and_what_was_done():
 
     trials = [PrecisionTrial("fp32", 1800.0, 0.0, 0, pairs=11), PrecisionTrial("bf16", 4100.0, 0.004, 0, 2.3, 0.2, 11)]
     report = TuningReport(
-        Choice("bf16", "fastest"), Choice(2048, "default"), trials, [BudgetTrial(2048, 4000.0)], 160, 17.5,
-        disturbed=["other processes used 50% of the CPU time"], live_precisions=["bf16", "fp32"], live_budgets=[2048, 1024],
+        Choice("bf16", "fastest"),
+        Choice(2048, "default"),
+        trials,
+        [BudgetTrial(2048, 4000.0)],
+        160,
+        17.5,
+        disturbed=["other processes used 50% of the CPU time"],
+        live_precisions=["bf16", "fp32"],
+        live_budgets=[2048, 1024],
     )
     note = report.disturbance_note()
     assert note is not None
@@ -153,12 +179,14 @@ def test_the_load_meter_counts_others_cpu_time_not_this_process_s(monkeypatch):
     ticks, this process 19.2 CPU seconds of them: others used 2%; then a neighbour's: 50%, and 5% stolen."""
     from service import measuring
 
-    readings = iter([
-        measuring._CpuTicks(busy=10_000, steal=0, total=50_000),
-        measuring._CpuTicks(busy=11_960, steal=0, total=52_000),
-        measuring._CpuTicks(busy=11_960, steal=0, total=52_000),
-        measuring._CpuTicks(busy=13_850, steal=100, total=54_000),
-    ])
+    readings = iter(
+        [
+            measuring._CpuTicks(busy=10_000, steal=0, total=50_000),
+            measuring._CpuTicks(busy=11_960, steal=0, total=52_000),
+            measuring._CpuTicks(busy=11_960, steal=0, total=52_000),
+            measuring._CpuTicks(busy=13_850, steal=100, total=54_000),
+        ]
+    )
     clocks = iter([(0.0, 0.0), (10.0, 19.2), (10.0, 19.2), (20.0, 28.2)])  # (wall, this process's CPU) seconds
     now = [(0.0, 0.0)]
 

@@ -56,8 +56,7 @@ def test_the_primitive_cache_cap_reaches_onednn():
     def cache_events(capacity: str) -> list[str]:
         env = {**os.environ, "ONEDNN_VERBOSE": "all"}
         env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
-        out = subprocess.run([sys.executable, "-c", script, capacity], env=env, capture_output=True, text=True,
-                             check=True, timeout=120).stdout
+        out = subprocess.run([sys.executable, "-c", script, capacity], env=env, capture_output=True, text=True, check=True, timeout=120).stdout
         return [line.split(",")[3] for line in out.splitlines() if ",primitive,create:" in line]
 
     default = cache_events("default")
@@ -96,8 +95,9 @@ def test_the_torch_primitive_cache_cap_bounds_the_heap_under_varied_shapes():
 
     def growth_mib(capacity: int) -> float:
         env = {key: value for key, value in os.environ.items() if key not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
-        out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, str(capacity)], env=env, capture_output=True,
-                             text=True, check=True, timeout=300).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", GROWTH_SCRIPT, str(capacity)], env=env, capture_output=True, text=True, check=True, timeout=300
+        ).stdout
         return float(out.strip().splitlines()[-1])
 
     uncapped = growth_mib(1024)

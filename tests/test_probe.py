@@ -138,9 +138,7 @@ def test_wait_until_ready_waits_for_200_and_times_out_with_a_clear_error(readine
 
 def test_wait_until_ready_reports_a_process_that_exited_with_its_log(tmp_path):
     log = (tmp_path / "service.log").open("w+")
-    process = subprocess.Popen(
-        [sys.executable, "-c", "print('ValueError: no model here'); raise SystemExit(3)"], stdout=log
-    )
+    process = subprocess.Popen([sys.executable, "-c", "print('ValueError: no model here'); raise SystemExit(3)"], stdout=log)
     process.wait(timeout=30)
     with pytest.raises(ServiceNotReady, match=r"exited with status 3(.|\n)*ValueError: no model here"):
         wait_until_ready("http://127.0.0.1:9", timeout=30, process=process, log=log)

@@ -73,9 +73,7 @@ def prometheus(service_url, tmp_path_factory):
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(path) for path in RULE_FILES],
-        "scrape_configs": [
-            {"job_name": "classifier", "static_configs": [{"targets": [service_url.removeprefix("http://")]}]}
-        ],
+        "scrape_configs": [{"job_name": "classifier", "static_configs": [{"targets": [service_url.removeprefix("http://")]}]}],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{free_port()}"
@@ -154,9 +152,7 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(prometheus, serv
     assert recorded["job:classifier_request_duration_seconds:p99_5m"] > 0
 
     groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=5).json()["data"]["groups"]
-    unhealthy = [
-        (rule["name"], rule.get("lastError")) for group in groups for rule in group["rules"] if rule["health"] != "ok"
-    ]
+    unhealthy = [(rule["name"], rule.get("lastError")) for group in groups for rule in group["rules"] if rule["health"] != "ok"]
     assert not unhealthy
     assert {rule["name"] for group in groups for rule in group["rules"]} == {
         rule.get("record") or rule["alert"] for path in RULE_FILES for rule in rules(path)

@@ -39,11 +39,32 @@ def test_a_shortened_report_writes_every_file_and_every_plot_has_data(tiny_model
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(long_tailed_texts(300)))
     out = tmp_path / "report"
-    main([
-        "--out", str(out), "--model", str(tiny_model_dir), "--texts", str(texts), "--duration", "1", "--repeats", "2",
-        "--warmup", "1", "--rate-duration", "1", "--rate-fractions", "0.3,1.2", "--concurrency", "8",
-        "--threads", "1", "--service-env", "CLASSIFIER_TUNING_TIME_LIMIT=2",
-    ])
+    main(
+        [
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--texts",
+            str(texts),
+            "--duration",
+            "1",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--rate-duration",
+            "1",
+            "--rate-fractions",
+            "0.3,1.2",
+            "--concurrency",
+            "8",
+            "--threads",
+            "1",
+            "--service-env",
+            "CLASSIFIER_TUNING_TIME_LIMIT=2",
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"report written to {out}" in printed
 

@@ -75,10 +75,7 @@ def test_runtime_set_is_computed_from_metadata():
 
 
 def test_every_import_written_in_service_is_a_runtime_dependency():
-    missing = {
-        path.name: sorted(imported_top_level_names(path.read_text()) - modules_of_runtime())
-        for path in sorted(SERVICE.glob("*.py"))
-    }
+    missing = {path.name: sorted(imported_top_level_names(path.read_text()) - modules_of_runtime()) for path in sorted(SERVICE.glob("*.py"))}
     assert not {name: mods for name, mods in missing.items() if mods}
 
 

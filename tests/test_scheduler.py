@@ -1,6 +1,5 @@
 """The batching decisions, driven with a fake clock: no threads, no sleeping, no torch."""
 
-
 import itertools
 
 import pytest

@@ -1,6 +1,6 @@
 """Property-based tests of the pure scheduler (hypothesis): for any policy and any arrivals, nothing is lost or
 duplicated, batches stay within their token budget and size, merged texts respect the efficiency floor, and no text
-waits past its window when the worker is free."""
+waits past its window when the worker is free, however many callers share the queue."""
 
 import math
 
@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from service.scheduler import BatchingPolicy, BatchQueue, QueuedText
 
 SETTINGS = settings(max_examples=200, deadline=None)
+CALLERS = ("", "peer:10.0.0.1", "client_id:batch")  # the queue is shared fairly between callers: every property holds
 
 
 @st.composite
@@ -29,13 +30,15 @@ def policies(draw) -> BatchingPolicy:
 
 @st.composite
 def workloads(draw) -> tuple[BatchingPolicy, list[QueuedText]]:
-    """A policy and texts (within its longest bucket) arriving in order, some at the same instant."""
+    """A policy and texts (within its longest bucket) arriving in order, some at the same instant, from one to three
+    callers."""
     policy = draw(policies())
     gaps = draw(st.lists(st.sampled_from([0.0, 0.0001, 0.001, 0.003, 0.01, 0.1]), min_size=1, max_size=60))
     texts, now = [], 0.0
     for index, gap in enumerate(gaps):
         now += gap
-        texts.append(QueuedText(draw(st.integers(1, policy.bucket_bounds[-1])), now, handle=index))
+        tokens, caller = draw(st.integers(1, policy.bucket_bounds[-1])), draw(st.sampled_from(CALLERS))
+        texts.append(QueuedText(tokens, now, handle=index, caller=caller))
     return policy, texts
 
 

@@ -22,7 +22,14 @@ def samples(url: str) -> dict[tuple[str, tuple], float]:
 def test_length_classes_are_a_small_fixed_set():
     assert metrics.LENGTH_CLASSES == ("<=16", "<=32", "<=64", "<=128", "<=256", "<=512", ">512")
     assert [metrics.length_class(n) for n in (1, 16, 17, 64, 65, 512, 513, 100_000)] == [
-        "<=16", "<=16", "<=32", "<=64", "<=128", "<=512", ">512", ">512"
+        "<=16",
+        "<=16",
+        "<=32",
+        "<=64",
+        "<=128",
+        "<=512",
+        ">512",
+        ">512",
     ]
 
 
@@ -38,9 +45,7 @@ def test_settings_take_the_modes_from_the_environment_and_refuse_unknown_ones(mo
 
 @pytest.mark.integration
 def test_fixed_padding_and_arrival_batching_run_as_modes_of_the_service(tiny_model_dir):
-    with start_service(
-        tiny_model_dir, {"CLASSIFIER_PADDING": "fixed", "CLASSIFIER_BATCHING": "arrival", "CLASSIFIER_TUNE": "false"}
-    ) as url:
+    with start_service(tiny_model_dir, {"CLASSIFIER_PADDING": "fixed", "CLASSIFIER_BATCHING": "arrival", "CLASSIFIER_TUNE": "false"}) as url:
         info = httpx.get(f"{url}/info").json()
         assert (info["settings"]["padding"], info["settings"]["batching"]) == ("fixed", "arrival")
         assert (info["batching"]["padding"], info["batching"]["batching"]) == ("fixed", "arrival")

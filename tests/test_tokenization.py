@@ -20,9 +20,7 @@ def byte_level_bpe() -> PreTrainedTokenizerFast:
     corpus = ["the film was great, I loved it", "what a waste of two hours!!", "  spaced   out  text  ", "ééé 漢字 ok"]
     backend.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"]))
     backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=MAX_LENGTH
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=MAX_LENGTH)
 
 
 def random_texts(seed: int, count: int) -> list[str]:
@@ -116,9 +114,10 @@ def test_suffix_reading_gives_exactly_the_ids_of_tokenizing_the_whole_text_and_k
     # the suffix path was taken, or this test would prove nothing
     assert sum(encoder._sufficient_part(text, "left", encoder._content_tokens) is not None for text in texts) > 100
     # and the encoder's own truncation side is left as the request found it: the next request cuts on the right
-    assert encoder.encode(["film " * 40 + "the end"], truncate=True)[0].ids == tokenizer(
-        "film " * 40 + "the end", truncation=True, max_length=MAX_LENGTH
-    )["input_ids"]
+    assert (
+        encoder.encode(["film " * 40 + "the end"], truncate=True)[0].ids
+        == tokenizer("film " * 40 + "the end", truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    )
 
 
 def test_a_huge_text_is_tokenized_from_a_short_suffix():

@@ -124,9 +124,7 @@ def test_tuning_settings_default_to_measuring_and_numbers_force_a_budget(monkeyp
     from service.settings import Settings
 
     defaults = Settings()
-    assert (defaults.precision, defaults.max_batch_tokens, defaults.precision_tolerance, defaults.tune) == (
-        "auto", "auto", 0.01, True
-    )
+    assert (defaults.precision, defaults.max_batch_tokens, defaults.precision_tolerance, defaults.tune) == ("auto", "auto", 0.01, True)
     monkeypatch.setenv("CLASSIFIER_MAX_BATCH_TOKENS", "4096")
     monkeypatch.setenv("CLASSIFIER_TUNE", "false")
     assert (Settings().max_batch_tokens, Settings().tune) == (4096, False)
@@ -153,8 +151,10 @@ def test_paired_rounds_see_through_a_neighbour_that_slows_every_candidate_10x():
     pairs = rounds(quiet, slowdowns=[10, 8, 12, 9, 11, 10], jitter=[1.0, 0.8, 1.2, 0.9, 1.1, 0.85, 1.15])
     assert 1.8 < pairs["bf16"].median < 3.2
     speeds = paired_speeds(1_100.0, pairs)
-    trials = [PrecisionTrial(precision, speeds[precision], 0.0 if precision == "fp32" else 0.002, 0,
-                             ratio_to_fp32=pairs[precision].median) for precision in quiet]
+    trials = [
+        PrecisionTrial(precision, speeds[precision], 0.0 if precision == "fp32" else 0.002, 0, ratio_to_fp32=pairs[precision].median)
+        for precision in quiet
+    ]
     assert choose_precision(trials, tolerance=0.01).value == "bf16"  # what a quiet start chooses
 
 
@@ -191,9 +191,7 @@ def test_the_service_s_own_threads_are_not_others_load():
     # One neighbour thread against two of ours: this process still ran 75% of its threads' time (a thread waiting for
     # the other spins on its core), which alone would pass; others' share says it.
     one = others_share(busy_cpu_seconds=20.0, own_cpu_seconds=15.0, cpu_seconds=20.0)
-    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=15.0, threads=2, others_share=one)) == [
-        "other processes used 25% of the CPU time"
-    ]
+    assert disturbance(MachineLoad(wall_seconds=10, cpu_seconds=15.0, threads=2, others_share=one)) == ["other processes used 25% of the CPU time"]
     assert others_share(busy_cpu_seconds=18.0, own_cpu_seconds=18.3, cpu_seconds=20.0) == 0.0  # counted differently
     assert others_share(busy_cpu_seconds=1.0, own_cpu_seconds=0.0, cpu_seconds=0.0) is None
 

@@ -79,9 +79,7 @@ def serving_process(connection: http.client.HTTPConnection, candidates: list[int
     raise AssertionError("no API process holds the connection")
 
 
-def connections_to_each_process(
-    url: str, supervisor: int, workers: int = 2, per_process: int = 1
-) -> dict[int, list[http.client.HTTPConnection]]:
+def connections_to_each_process(url: str, supervisor: int, workers: int = 2, per_process: int = 1) -> dict[int, list[http.client.HTTPConnection]]:
     """Open keep-alive connections until each of the `workers` API processes, ready, holds `per_process` of them."""
     host, port = url.removeprefix("http://").split(":")
     wait_for(lambda: len(api_processes(supervisor)) == workers, f"{workers} API processes")
@@ -135,8 +133,7 @@ def test_texts_sent_to_different_workers_share_a_batch_and_get_their_alone_score
     before = samples(url)
     together: dict[int, tuple[int, dict]] = {}
     senders = [
-        threading.Thread(target=lambda i=i, c=c: together.__setitem__(i, post(c, {"texts": [texts[i]]})))
-        for i, c in enumerate((first, second))
+        threading.Thread(target=lambda i=i, c=c: together.__setitem__(i, post(c, {"texts": [texts[i]]}))) for i, c in enumerate((first, second))
     ]
     for sender in senders:
         sender.start()
@@ -163,9 +160,7 @@ def test_metrics_are_summed_across_workers(two_workers):
     for connection, *_ in held.values():  # every process tells the same, whole story
         connection.request("GET", "/metrics")
         families = text_string_to_metric_families(connection.getresponse().read().decode())
-        counted = {
-            f"{s.name}{s.labels}": s.value for family in families for s in family.samples
-        }
+        counted = {f"{s.name}{s.labels}": s.value for family in families for s in family.samples}
         key = "classifier_requests_total{'route': '/classify', 'status': '200'}"
         assert counted[key] - before["classifier_requests_total{route=/classify,status=200}"] == sum(sent.values())
         assert counted["classifier_classified_texts_total{}"] - before["classifier_classified_texts_total"] == 2 * sum(sent.values())
@@ -212,8 +207,7 @@ def test_sigterm_answers_every_text_accepted_by_every_worker_then_exits_0(tiny_m
 def test_engine_death_answers_503_and_the_service_exits_non_zero(tiny_model_dir):
     env = {"CLASSIFIER_WORKERS": "2"}
     with run_service(tiny_model_dir, env) as (url, process):
-        # run_service saw one API process ready; the other may still be connecting to the engine (and would answer
-        # "still loading"). The death under test is that of an engine serving every API process.
+        # The death under test is that of an engine serving every API process, each holding a connection.
         connections_to_each_process(url, process.pid)
         os.kill(engine_process(process.pid), signal.SIGKILL)
         statuses, refusals = [], []
@@ -246,7 +240,11 @@ def test_a_model_that_cannot_load_exits_1_with_workers(tmp_path):
     port = free_port()
     completed = subprocess.run(
         [sys.executable, "-m", "service", "--port", str(port), "--model", str(missing), "--workers", "2"],
-        cwd=ROOT, env={**os.environ, "CLASSIFIER_DRAIN_DELAY_SECONDS": "0"}, capture_output=True, text=True, timeout=BOUND * 2,
+        cwd=ROOT,
+        env={**os.environ, "CLASSIFIER_DRAIN_DELAY_SECONDS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=BOUND * 2,
     )
     assert completed.returncode == 1
     assert f"model directory {missing} does not exist" in completed.stderr + completed.stdout

@@ -1,0 +1,88 @@
+"""Fair share between callers: pure decisions, no clock, no I/O.
+
+Two resources are shared: the queue (its tokens, and which texts seed the next batch) and the HTTP slots
+(`max_concurrent_requests`, held from a request's headers to its response, so a stalled upload holds one too).
+
+Batches: start-time fair queueing across callers. Each caller has a virtual finish tag, the tokens the model has run
+for it; the next batch is seeded by the ready caller whose tag is smallest, and a caller that becomes active starts at
+the virtual time now (the smallest tag served last), so an idle caller banks no credit and a greedy one cannot run
+ahead of a newcomer for longer than one batch. The batch then fills its room with other callers' texts of similar
+length, so a greedy caller still gets every token of capacity the others leave.
+
+Limits: each caller's fair share of a limit is the limit divided by the active callers (it included). A caller over
+its share is held to the limit itself; a caller under it may still go `headroom` beyond, so a greedy caller that has
+filled the queue (or every slot) on its own is refused first, never the newcomer under its share. One caller alone is
+never over its share: alone, the limit is what it was.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+Exceeded = Literal["fair_share", "full"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """How much of a limited resource is in use: in all, by the caller asking for more, and by how many callers
+    (those holding any, the asking caller included)."""
+
+    total: int
+    caller: int
+    active_callers: int
+
+
+def fair_share(limit: int, active_callers: int) -> float:
+    """Each active caller's share of `limit`."""
+    return limit / max(1, active_callers)
+
+
+def exceeded(usage: Usage, adding: int, limit: int, headroom: float) -> Exceeded | None:
+    """Whether `adding` more for the asking caller breaks `limit`: "fair_share" when the caller would be over its
+    share and the total over the limit (for a caller alone, that is "full"), "full" when the total would pass even the
+    headroom callers under their share may use (`headroom`, a fraction of the limit), else None."""
+    total = usage.total + adding
+    if usage.caller + adding > fair_share(limit, usage.active_callers) and total > limit:
+        return "fair_share" if usage.active_callers > 1 else "full"
+    if total > limit * (1 + headroom):
+        return "full"
+    return None
+
+
+class VirtualTime:
+    """Start-time fair queueing's bookkeeping: each caller's virtual finish tag (the tokens run for it, counted from
+    when it last became active) and the virtual time now. Callers are plain strings; a caller's tag is forgotten once
+    it has nothing queued and the virtual time has passed it (or nothing at all is queued), so memory follows the active
+    callers."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._finish: dict[str, float] = {}
+
+    def tag(self, caller: str) -> float:
+        """The caller's virtual finish tag: the smaller, the sooner it seeds a batch."""
+        return self._finish.get(caller, self.now)
+
+    def activated(self, caller: str) -> None:
+        """`caller` has texts queued again: it starts from the virtual time now, unless it was served past it."""
+        self._finish[caller] = max(self._finish.get(caller, self.now), self.now)
+
+    def served(self, caller: str, tokens: int) -> None:
+        """The model is about to run `tokens` of `caller`'s texts."""
+        self._finish[caller] = self.tag(caller) + tokens
+
+    def seeded(self, caller: str) -> None:
+        """`caller`'s tag was the smallest of the ready callers: the virtual time moves up to it."""
+        self.now = max(self.now, self.tag(caller))
+
+    def forget_idle(self, active: set[str]) -> None:
+        """Drop the tags of callers outside `active` that the virtual time has passed: they restart at it anyway. Once
+        no caller is active the busy period is over and every tag goes: nobody is owed anything, and a stream of
+        callers each served alone (which never moves the virtual time) leaves nothing behind."""
+        if not active:
+            self._finish.clear()
+            return
+        for caller in [caller for caller, finish in self._finish.items() if caller not in active and finish <= self.now]:
+            del self._finish[caller]
+
+    def __len__(self) -> int:
+        return len(self._finish)
