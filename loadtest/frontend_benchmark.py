@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from loadtest.corpus import load_texts
-from loadtest.probe import ROOT, ServerProcess, machine, service_command, write_bodies, wrk, wrk_command
+from loadtest.probe import ROOT, Interval, ServerProcess, machine, scrape, service_command, write_bodies, wrk, wrk_command
 
 RESULTS = ROOT / "loadtest" / "results"
 ENGINE_PROCESS = "clf-engine"  # the engine process's name, and its event loop thread's (service/workers.py)
@@ -132,11 +132,15 @@ def saturate(server: ServerProcess, bodies: Path, per_request: int, connections:
     before = cpu_seconds(pids)
     engines = [pid for pid, (role, _) in before.items() if role == ENGINE_PROCESS]
     threads_before = {pid: thread_cpu_seconds(pid) for pid in engines}
+    metrics_before = scrape(server.url)
     started = time.perf_counter()
     run = wrk(server.url, bodies, connections, seconds, WRK_TIMEOUT)
     elapsed = time.perf_counter() - started
     after = cpu_seconds(pids)
     threads_after = {pid: thread_cpu_seconds(pid) for pid in engines}
+    # The engine's per-batch costs (the forward pass, collation) are shared by a batch's texts.
+    batches = Interval(metrics_before, scrape(server.url))
+    batch_count = batches.delta("classifier_batch_size_count")
     answered = run.answered
     per_process = [
         {"pid": pid, "role": role, "cpu_seconds": spent - before[pid][1], "cpu_utilisation": (spent - before[pid][1]) / elapsed}
@@ -157,6 +161,7 @@ def saturate(server: ServerProcess, bodies: Path, per_request: int, connections:
         "p99_ms": run.p99_ms,
         "cpu_ms_per_request": 1000 * cpu_total / max(1, answered),
         "cpu_utilisation": cpu_total / elapsed,
+        "texts_per_batch": batches.delta("classifier_batch_size_sum") / batch_count if batch_count else None,
         "processes": sorted(per_process, key=lambda p: -p["cpu_seconds"]),
     }
 
@@ -278,6 +283,8 @@ def summary_line(result: dict) -> str:
         f"p99 {result['p99_ms']:.1f} ms, failures {result['failures']}, CPU {result['cpu_ms_per_request']:.3f} ms/request "
         f"({processes}), {result['cpu_utilisation']:.2f} cores busy"
     )
+    if result.get("texts_per_batch") is not None:
+        line += f", {result['texts_per_batch']:.1f} texts/batch"
     if (split := engine_split(result)) is not None:
         threads = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(split["threads"].items(), key=lambda item: -item[1]))
         line += f"; engine threads ms/request: {threads}"

@@ -106,6 +106,11 @@ class InFlight:
     def ended(self) -> None:
         self._running, self._inference_idle = (0, 0.0), True
 
+    @property
+    def running(self) -> bool:
+        """Whether the inference thread is running a batch."""
+        return not self._inference_idle
+
     def backlog(self, queued_tokens: int, now: float) -> Backlog:
         """The work ahead of a new text: the queue's tokens, those waiting to run, and the batch running now."""
         running_tokens, running_since = self._running
@@ -134,11 +139,13 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         live: LiveTuning | None = None,
         fair_share_headroom: float = 0.0,
+        shared_batch_seconds: float = 0.0,
     ) -> None:
         self.queue = queue
         self.model = model
         self.max_queue_tokens = max_queue_tokens
         self.fair_share_headroom = fair_share_headroom  # beyond max_queue_tokens, for callers under their share
+        self.shared_batch_seconds = shared_batch_seconds  # how long a batch may run while callers share; 0 = any
         self.rates = rates
         self.clock = clock
         self.splitter = SplittingRunner(model, queue.policy, self.set_budget, clock)
@@ -257,6 +264,11 @@ class Batcher:
                     self._count_missed(missed, now)
                     self._publish_queue_state()
                     self._loop_answers().fail(missed, DeadlineExceeded())
+                if self._in_flight.running and self.shared_batch_seconds and self.queue.sharing(now):
+                    # While callers share the model, the next batch is chosen as the running one ends rather than
+                    # as it starts, so a text arriving meanwhile can join it instead of waiting one more batch.
+                    self._changed.wait(self.shared_batch_seconds)
+                    continue
                 batch, arm = self._next_batch(now)
                 if batch is not None:
                     self._in_flight.taken(batch)
@@ -317,10 +329,13 @@ class Batcher:
         real tokens, with live tuning's setting `arm`; the inference thread is idle."""
         with self._changed:
             self._in_flight.ended()
+            self._changed.notify_all()  # the collation thread may wait for this batch's end (`take_batch`)
             if batch is not None:
                 if arm is not None:
                     self._live_ran(arm, batch, ended - started, ended)
                 self.rates.batch_ended(batch.real_tokens, started, ended, answered_tokens)
+                if self.shared_batch_seconds and (rate := self.rates.tokens_per_second):
+                    self.queue.set_shared_batch_tokens(int(rate * self.shared_batch_seconds))
                 self._teach_calibration(batch.items, ended)
                 metrics.ADMISSION_WAIT_FACTOR.set(self.rates.calibration.update())
                 self._publish_queue_state()

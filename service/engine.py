@@ -82,10 +82,10 @@ class Front:
         self.problem_type = problem_type
         self.multi_label = problem_type == "multi_label_classification"
 
-    async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None) -> list[EncodedText]:
+    async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None, caller: str = "") -> list[EncodedText]:
         """Token ids for the texts and pairs (`EncoderPool.encode`: a big request off the event loop, by a free
-        tokenizer worker); raises TextTooLong."""
-        encoded = await self.encoders.encode(texts, truncate, side)
+        tokenizer worker, in `caller`'s turn); raises TextTooLong."""
+        encoded = await self.encoders.encode(texts, truncate, side, caller)
         for text in encoded:
             metrics.INPUT_TOKENS.observe(len(text.ids))
             if text.truncated:
@@ -156,7 +156,7 @@ class Engine:
         Raises a ClassifierError: TextTooLong, or any the back half raises. Cancelling the caller (its client left)
         drops its texts still queued.
         """
-        encoded = await self.front.encode(texts, truncate, side)
+        encoded = await self.front.encode(texts, truncate, side, caller)
         logits = await self.backend.score([text.ids for text in encoded], deadline, caller)
         metrics.CLASSIFIED_TEXTS.inc(len(encoded))
         return self.front.results(encoded, logits, top_k, activation, threshold)

@@ -105,7 +105,15 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
         live = None
         if prepared.live_tuner is not None:
             live = LiveTuning(prepared.live_tuner, scoring.use_precision)
-        scorer = await Scorer.start(scoring, prepared.policy, settings.max_queue_tokens, inference_thread, live, settings.fair_share_headroom)
+        scorer = await Scorer.start(
+            scoring,
+            prepared.policy,
+            settings.max_queue_tokens,
+            inference_thread,
+            live,
+            settings.fair_share_headroom,
+            settings.shared_batch_ms / 1000,
+        )
     except BaseException:
         inference_thread.shutdown(wait=False)
         raise

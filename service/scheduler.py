@@ -213,6 +213,7 @@ class BatchQueue:
     """
 
     GAP_SMOOTHING = 0.2  # weight of the newest gap between arrivals
+    SHARING_SECONDS = 5.0  # callers that queued texts this recently share the model (`sharing`)
 
     def __init__(self, policy: BatchingPolicy) -> None:
         self.policy = policy
@@ -223,6 +224,10 @@ class BatchQueue:
         self._tokens = 0
         self._last_arrival: float | None = None
         self._mean_gap = MovingAverage(self.GAP_SMOOTHING)
+        # Each caller's last arrival, oldest first, for the callers seen within SHARING_SECONDS.
+        self._recent_callers: dict[str, float] = {}
+        self._shared_batch_tokens: int | None = None
+        self._policy_while_sharing = policy
         # No queued text's deadline passes before this; it may lag behind removals (then it is early, never late),
         # and `remove_missed_deadlines` scans the queue only once it has passed.
         self._earliest_deadline = math.inf
@@ -233,6 +238,35 @@ class BatchQueue:
     def set_max_batch_tokens(self, tokens: int) -> None:
         """Batches from now on stay within `tokens` (the batcher lowers it after an out-of-memory, then restores it)."""
         self.policy = dataclasses.replace(self.policy, max_batch_tokens=tokens)
+        self.set_shared_batch_tokens(self._shared_batch_tokens)
+
+    def set_shared_batch_tokens(self, tokens: int | None) -> None:
+        """While callers share the model (`sharing`), batches stay within `tokens` (None: no other limit), so one
+        caller's full batches hold up another's text only as long as a batch of that size runs. At least one text of
+        the maximum length fits whatever `tokens` says."""
+        self._shared_batch_tokens = tokens
+        policy = self.policy
+        if tokens is not None and tokens < policy.max_batch_tokens:
+            longest = policy.padded_length(policy.bucket_bounds[-1])
+            policy = dataclasses.replace(policy, max_batch_tokens=max(tokens, longest))
+        self._policy_while_sharing = policy
+
+    def sharing(self, now: float) -> bool:
+        """Whether more than one caller has texts queued, or queued texts within the last SHARING_SECONDS (an
+        interactive caller's text leaves with the next batch, but its next one is on its way)."""
+        if len(self._callers) > 1:
+            return True
+        self._forget_callers_before(now - self.SHARING_SECONDS)
+        recent = self._recent_callers
+        return len(recent) + sum(1 for caller in self._callers if caller not in recent) > 1
+
+    def _forget_callers_before(self, moment: float) -> None:
+        recent = self._recent_callers
+        while recent:
+            caller, arrived_at = next(iter(recent.items()))
+            if arrived_at >= moment:
+                return
+            del recent[caller]
 
     @property
     def tokens(self) -> int:
@@ -300,6 +334,9 @@ class BatchQueue:
         self._tokens += item.tokens
         self._earliest_deadline = min(self._earliest_deadline, item.deadline)
         self._record_arrival(item.arrived_at)
+        self._recent_callers.pop(item.caller, None)  # to the end: the dict stays in order of last arrival
+        self._recent_callers[item.caller] = item.arrived_at
+        self._forget_callers_before(item.arrived_at - self.SHARING_SECONDS)
 
     def remove_missed_deadlines(self, now: float) -> list[QueuedText]:
         """Remove and return the texts whose deadline has passed at `now`: nobody would receive their answer."""
@@ -374,11 +411,13 @@ class BatchQueue:
 
         Of the callers with a bucket ready, the one the model has served least seeds it. Within a caller, buckets
         that are due (window run out, or no partner expected within it) go first, oldest first, so no text starves
-        behind a stream of full batches; otherwise the longest-waiting full bucket goes.
+        behind a stream of full batches; otherwise the longest-waiting full bucket goes. While callers share the
+        model (`sharing`), batches stay within the shared budget (`set_shared_batch_tokens`).
         """
+        policy = self._policy_while_sharing if self._policy_while_sharing is not self.policy and self.sharing(now) else self.policy
         chosen: tuple[tuple[float, bool, float], str, int] | None = None
         for caller, own in self._callers.items():
-            ready = self._ready_bucket(own, now)
+            ready = self._ready_bucket(own, now, policy)
             if ready is None:
                 continue
             due, index = ready
@@ -387,9 +426,9 @@ class BatchQueue:
                 chosen = (key, caller, index)
         if chosen is None:
             return None
-        return self._take(chosen[1], chosen[2])
+        return self._take(chosen[1], chosen[2], policy)
 
-    def _ready_bucket(self, own: _CallerTexts, now: float) -> tuple[bool, int] | None:
+    def _ready_bucket(self, own: _CallerTexts, now: float, policy: BatchingPolicy) -> tuple[bool, int] | None:
         """The caller's bucket to seed a batch now, and whether it is due (else full); None when none is ready."""
         due, full = [], []
         for index, bucket in enumerate(own.buckets):
@@ -397,28 +436,28 @@ class BatchQueue:
                 continue
             if now >= self._due_at(bucket):  # the same sum as wake_at, so waking on time finds it due
                 due.append(index)
-            elif self._fills_a_batch(bucket):
+            elif self._fills_a_batch(bucket, policy):
                 full.append(index)
         ready = due or full
         if not ready:
             return None
         return bool(due), min(ready, key=lambda i: own.buckets[i][0].arrived_at)
 
-    def _fills_a_batch(self, bucket: deque[QueuedText]) -> bool:
-        draft = _Draft(self.policy)
+    def _fills_a_batch(self, bucket: deque[QueuedText], policy: BatchingPolicy) -> bool:
+        draft = _Draft(policy)
         for item in bucket:
             if draft.room_for(item) is not None:
                 return True
             draft.add(item)
         return False
 
-    def _take(self, caller: str, seed: int) -> Batch:
+    def _take(self, caller: str, seed: int, policy: BatchingPolicy) -> Batch:
         """Assemble a batch from `caller`'s bucket `seed` (oldest first), then from the other callers' same bucket
         (least served first), then from the neighbouring buckets, and dequeue it; flushed by its window unless a limit
         filled it. The seeding caller moves the virtual time up to its tag; each caller is charged its texts' tokens."""
         others = sorted((name for name in self._callers if name != caller), key=self._virtual.tag)
         callers = [self._callers[name] for name in (caller, *others)]
-        draft = _Draft(self.policy)
+        draft = _Draft(policy)
         reason: FlushReason | None = None
         for own in callers:
             reason = self._fill_from_seed(draft, own.buckets[seed])

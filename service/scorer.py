@@ -135,13 +135,23 @@ class Scorer:
         inference_thread: ThreadPoolExecutor,
         live: LiveTuning | None = None,
         fair_share_headroom: float = 0.0,
+        shared_batch_seconds: float = 0.0,
     ) -> "Scorer":
         """Warm the model up on `inference_thread` (which loaded it), then start batching on it (tuning live when
-        `live` is given; callers under their fair share may queue `fair_share_headroom` beyond `max_queue_tokens`)."""
+        `live` is given; callers under their fair share may queue `fair_share_headroom` beyond `max_queue_tokens`;
+        while callers share the model a batch runs about `shared_batch_seconds` at most, 0 = no such limit)."""
         rates = DrainRate()
         tokens, seconds = await asyncio.get_running_loop().run_in_executor(inference_thread, model.warm_up, policy)
         rates.model_ran(tokens, seconds)
-        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens, rates, live=live, fair_share_headroom=fair_share_headroom)
+        batcher = Batcher(
+            BatchQueue(policy),
+            model,
+            max_queue_tokens,
+            rates,
+            live=live,
+            fair_share_headroom=fair_share_headroom,
+            shared_batch_seconds=shared_batch_seconds,
+        )
         batcher.start(inference_thread)
         return cls(batcher, inference_thread)
 

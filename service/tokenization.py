@@ -2,10 +2,11 @@
 
 import asyncio
 import copy
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from queue import SimpleQueue
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -207,41 +208,90 @@ def _tokens_after_first_words(words: list[int | None], first: int) -> int:
     return sum(1 for word in words if word is not None and word > leading_words[-1])
 
 
+class _FairJobs:
+    """The tokenizer threads' jobs, queued by caller (`service.callers`) and handed out to the caller served least
+    recently first: a caller with hundreds of big requests waiting holds up another's next request by at most one job
+    per thread, as the batch queue shares the model between callers (`fairness`)."""
+
+    def __init__(self) -> None:
+        self._queued: dict[str, deque[Callable[[TextEncoder], None]]] = {}
+        self._last_served: dict[str, int] = {}  # the turn each caller with jobs queued was last served in
+        self._turn = 0
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def put(self, caller: str, job: Callable[[TextEncoder], None]) -> None:
+        with self._changed:
+            self._queued.setdefault(caller, deque()).append(job)
+            self._last_served.setdefault(caller, -1)  # a caller with nothing queued comes first
+            self._changed.notify()
+
+    def get(self) -> Callable[[TextEncoder], None] | None:
+        """The next job, waiting for one; None once closed and empty."""
+        with self._changed:
+            while not self._queued:
+                if self._closed:
+                    return None
+                self._changed.wait()
+            caller = min(self._queued, key=self._last_served.__getitem__)
+            jobs = self._queued[caller]
+            job = jobs.popleft()
+            self._turn += 1
+            self._last_served[caller] = self._turn
+            if not jobs:
+                del self._queued[caller], self._last_served[caller]
+            return job
+
+    def close(self) -> None:
+        """The threads finish the jobs queued, then stop."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
 class EncoderPool:
     """Encodes requests on several threads, each with its own tokenizer copy, so one big request does not hold up
-    the others (the Rust tokenizer releases the GIL while it works); `encode` encodes a small request on the event
-    loop's own thread instead (with a copy of its own), where handing it to a thread and back costs more than
-    tokenizing it."""
+    the others (the Rust tokenizer releases the GIL while it works), taking callers' requests in turn (`_FairJobs`);
+    `encode` encodes a small request on the event loop's own thread instead (with a copy of its own), where handing
+    it to a thread and back costs more than tokenizing it."""
 
     INLINE_CHARS = 1000  # requests of at most this many characters are encoded on the event loop
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, workers: int) -> None:
         self.max_length = max_length
-        self._idle: SimpleQueue[TextEncoder] = SimpleQueue()
+        self._jobs = _FairJobs()
         for worker in range(workers):
-            self._idle.put(TextEncoder(tokenizer if worker == 0 else copy.deepcopy(tokenizer), max_length))
-        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+            encoder = TextEncoder(tokenizer if worker == 0 else copy.deepcopy(tokenizer), max_length)
+            threading.Thread(target=self._work, args=(encoder,), name=f"tokenize_{worker}", daemon=True).start()
         self._inline = TextEncoder(copy.deepcopy(tokenizer), max_length)  # the event loop's
 
-    async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None) -> list[EncodedText]:
+    async def encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None, caller: str = "") -> list[EncodedText]:
         """The EncodedTexts, or TextTooLong: from the event loop, which it holds up only for a small request."""
         if sum(len(text) if isinstance(text, str) else len(text[0]) + len(text[1]) for text in texts) <= self.INLINE_CHARS:
             return self._inline.encode(texts, truncate, side)
-        return await asyncio.wrap_future(self.submit(texts, truncate, side))
+        return await asyncio.wrap_future(self.submit(texts, truncate, side, caller))
 
-    def submit(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None) -> Future:
-        """Encode on a free worker; the future holds the EncodedTexts or TextTooLong."""
-        return self._threads.submit(self._encode, texts, truncate, side)
+    def submit(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None = None, caller: str = "") -> Future:
+        """Encode on a tokenizer thread, in `caller`'s turn; the future holds the EncodedTexts or TextTooLong."""
+        future: Future[list[EncodedText]] = Future()
 
-    def _encode(self, texts: Sequence[TextInput], truncate: bool, side: TruncationSide | None) -> list[EncodedText]:
-        encoder = self._idle.get()  # as many encoders as threads: one is always free here
-        try:
-            return encoder.encode(texts, truncate, side)
-        finally:
-            self._idle.put(encoder)
+        def job(encoder: TextEncoder) -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(encoder.encode(texts, truncate, side))
+            except BaseException as error:
+                future.set_exception(error)
+
+        self._jobs.put(caller, job)
+        return future
+
+    def _work(self, encoder: TextEncoder) -> None:
+        while (job := self._jobs.get()) is not None:
+            job(encoder)
 
     def shutdown(self) -> None:
-        self._threads.shutdown(wait=False)
+        self._jobs.close()
 
 
 def model_max_length(tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int | None) -> int:

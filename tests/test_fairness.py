@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -102,6 +103,27 @@ def test_an_interactive_text_seeds_the_next_batch_and_the_greedy_caller_fills_th
     assert [item.caller for item in second.items] == ["interactive", "greedy", "greedy", "greedy"]  # 4 x 120 padded
     assert second.reason == "budget"  # the room the interactive text left went to the greedy caller
     assert len(queue) == 400 - 5 - 3 and queue.callers == 1
+
+
+def test_while_callers_share_the_model_batches_stay_within_the_shared_budget():
+    """One caller alone fills its batches to the budget (512: 5 texts of 100); once another has queued texts within
+    SHARING_SECONDS, batches hold at most the shared budget (here 256: 2 of them), and once that caller has been
+    quiet that long, the full budget is back. The shared budget never goes below one text of the maximum length."""
+    queue = BatchQueue(policy(max_batch_size=8))
+    queue.set_shared_batch_tokens(256)
+    for i in range(100):
+        queue.append(text(100, "greedy", at=0.0, name=i))
+    assert len(queue.next_batch(1.0).items) == 5 and not queue.sharing(1.0)
+    queue.append(text(10, "interactive", at=1.0, name="mine"))
+    assert queue.sharing(1.0)
+    assert [item.handle for item in queue.next_batch(1.01).items] == ["mine"]  # its own bucket; then greedy's:
+    assert len(queue.next_batch(1.02).items) == 2
+    later = 1.0 + BatchQueue.SHARING_SECONDS + 0.01
+    assert not queue.sharing(later) and len(queue.next_batch(later).items) == 5
+    queue.append(text(10, "interactive", at=later, name="again"))
+    queue.set_shared_batch_tokens(10)  # below the longest text (128): one such text still fits
+    assert [item.handle for item in queue.next_batch(later + 0.01).items] == ["again"]
+    assert len(queue.next_batch(later + 0.02).items) == 1
 
 
 def test_two_greedy_callers_share_the_batches_in_turn():
@@ -225,6 +247,52 @@ def test_an_interactive_caller_is_admitted_and_answered_while_a_greedy_one_holds
                 assert ran_in <= 2
             finally:
                 model.release()
+                clock.now += 3600
+                batcher.drain()
+                await batcher.drained()
+
+    asyncio.run(main())
+
+
+class OneBatchAtATime(FakeModel):
+    """FakeModel whose batches each wait, once started, for a step the test grants."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, batch_seconds=0.1)
+        self.steps = threading.Semaphore(0)
+
+    def run(self, sequences: list[list[int]]) -> list[list[float]]:
+        scores = super().run(sequences)  # recorded as started
+        assert self.steps.acquire(timeout=30)
+        return scores
+
+
+def test_while_callers_share_the_model_the_next_batch_is_chosen_as_the_running_one_ends():
+    """A greedy caller's batches run back to back, one taken while the other runs; once an interactive caller has
+    come, the next batch is chosen only when the running one ends, so a text that came while it ran joins it rather
+    than waiting one batch more."""
+    clock = FakeClock()
+    model = OneBatchAtATime(clock)
+    rates = DrainRate()
+    rates.model_ran(1000, 1.0)
+    batcher = Batcher(BatchQueue(policy(window=0.0)), model, 100_000, rates, clock, shared_batch_seconds=0.05)
+
+    async def main():
+        with ThreadPoolExecutor(1) as thread:
+            batcher.start(thread)
+            try:
+                for i in range(9):
+                    batcher.submit([ids(100, 1000 + i)] * 8, math.inf, "peer:greedy")
+                await model.running(1)  # and the next greedy batch is taken while it runs
+                first = batcher.submit([ids(10, 7)], math.inf, "client_id:interactive")
+                model.steps.release()
+                await model.running(2)  # the greedy batch taken ahead; nothing is taken while it runs now
+                second = batcher.submit([ids(10, 8)], math.inf, "client_id:interactive")
+                model.steps.release(1000)
+                assert await asyncio.gather(*first.futures, *second.futures) == [[10.0, 7.0], [10.0, 8.0]]
+                assert sorted(sequence[0] for sequence in model.ran[2]) == [7, 8]
+            finally:
+                model.steps.release(1000)
                 clock.now += 3600
                 batcher.drain()
                 await batcher.drained()

@@ -20,8 +20,8 @@ QUIET = MachineLoad(wall_seconds=10, cpu_seconds=20, threads=2, others_share=0.0
 BUSY = MachineLoad(wall_seconds=10, cpu_seconds=4, threads=2, others_share=0.5, steal=0.0)
 
 
-def tuner(clock: FakeClock, slowdown: float, jitter: tuple[float, ...], limit: float) -> Tuner:
-    seconds = {"fp32": FP32_SECONDS, "bf16": BF16_SECONDS}
+def tuner_over(clock: FakeClock, deadline: float, make_runner, load: MachineLoad) -> Tuner:
+    """A Tuner of the calibration texts on the fake clock, its runners from `make_runner`, the machine's `load`."""
     return Tuner(
         torch.nn.Identity(),
         torch.device("cpu"),
@@ -31,10 +31,19 @@ def tuner(clock: FakeClock, slowdown: float, jitter: tuple[float, ...], limit: f
         128,
         floor=512,
         clock=clock,
-        deadline=clock() + 0.9 * limit,
-        make_runner=lambda precision: FakeRunner(clock, seconds[precision], slowdown, jitter),
-        load=lambda: QUIET if slowdown == 1.0 else BUSY,
+        deadline=deadline,
+        make_runner=make_runner,
+        load=lambda: load,
     )
+
+
+def tuner(clock: FakeClock, slowdown: float, jitter: tuple[float, ...], limit: float) -> Tuner:
+    seconds = {"fp32": FP32_SECONDS, "bf16": BF16_SECONDS}
+
+    def make_runner(precision: str) -> FakeRunner:
+        return FakeRunner(clock, seconds[precision], slowdown, jitter)
+
+    return tuner_over(clock, clock() + 0.9 * limit, make_runner, QUIET if slowdown == 1.0 else BUSY)
 
 
 def tune(slowdown: float, jitter: tuple[float, ...] = (1.0,), limit: float = 20.0):
@@ -71,19 +80,7 @@ def test_a_slow_first_run_and_per_batch_overhead_do_not_stop_a_quiet_start_up():
     """As a real runner on the CPU: 0.3 s of set-up on its first batch and 5 ms per batch. Extrapolating a short text's
     first run token by token predicted every trial far past the limit, and a quiet start measured nothing."""
     clock = FakeClock(0.0)
-    measuring = Tuner(
-        torch.nn.Identity(),
-        torch.device("cpu"),
-        0,
-        "single_label_classification",
-        CALIBRATION,
-        128,
-        floor=512,
-        clock=clock,
-        deadline=18.0,
-        make_runner=lambda precision: FakeRunner(clock, FP32_SECONDS, overhead=0.005, set_up=0.3),
-        load=lambda: QUIET,
-    )
+    measuring = tuner_over(clock, 18.0, lambda precision: FakeRunner(clock, FP32_SECONDS, overhead=0.005, set_up=0.3), QUIET)
     precision, trials = measuring.precision(["fp32"], 0.01, 2048, until=12.0)
     budget, rungs = measuring.budget(str(precision.value), climb_until=15.0, until=18.0, fallback=2048)
     assert trials[0].tokens_per_second > 0 and len(rungs) >= 3 and budget.value in {rung.budget for rung in rungs}
@@ -99,18 +96,11 @@ def busy_start(candidates: list[str], overhead: float, seed: int) -> tuple:
     jitter = tuple(rng.uniform(0.8, 1.25) for _ in range(97))
     clock = FakeClock(0.0)
     seconds = {"fp32": FP32_SECONDS, "bf16": BF16_SECONDS}
-    measuring = Tuner(
-        torch.nn.Identity(),
-        torch.device("cpu"),
-        0,
-        "single_label_classification",
-        CALIBRATION,
-        128,
-        floor=512,
-        clock=clock,
-        deadline=18.0,
-        make_runner=lambda precision: FakeRunner(clock, seconds[precision], 10.0, jitter, overhead=overhead, set_up=0.1),
-        load=lambda: BUSY,
+    measuring = tuner_over(
+        clock,
+        18.0,
+        lambda precision: FakeRunner(clock, seconds[precision], 10.0, jitter, overhead=overhead, set_up=0.1),
+        BUSY,
     )
     precision, trials = measuring.precision(candidates, 0.01, 2048, until=12.0)
     budget, rungs = measuring.budget(str(precision.value), climb_until=15.0, until=18.0, fallback=2048)

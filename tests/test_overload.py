@@ -142,6 +142,7 @@ class GatedBackend:
 def test_a_slow_request_in_the_tokenizer_does_not_hold_up_the_next_one():
     tokenizer = build_tiny_tokenizer()
     tokenizer.__class__ = GatedTokenizer
+    GatedTokenizer.gate.clear()
     pool = EncoderPool(tokenizer, TINY_MAX_LENGTH, workers=2)
     try:
         slow = pool.submit(["block"], truncate=True)
@@ -152,6 +153,29 @@ def test_a_slow_request_in_the_tokenizer_does_not_hold_up_the_next_one():
         GatedTokenizer.gate.set()
         pool.shutdown()
     assert slow.result(timeout=30)[0].ids
+
+
+def test_the_tokenizer_threads_take_callers_in_turn_so_a_flood_holds_up_no_other_caller():
+    """One thread, held by a greedy caller's first request while it queues three more: another caller's request
+    queued after them is the next one encoded, not the last."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.__class__ = GatedTokenizer
+    GatedTokenizer.gate.clear()
+    pool = EncoderPool(tokenizer, TINY_MAX_LENGTH, workers=1)
+    finished: list[str] = []
+    try:
+        futures = {
+            name: pool.submit([text], truncate=True, caller=name.split("-")[0])
+            for name, text in [("greedy-1", "block"), ("greedy-2", "two"), ("greedy-3", "three"), ("greedy-4", "four"), ("interactive-1", "hi")]
+        }
+        for name, future in futures.items():
+            future.add_done_callback(lambda _, name=name: finished.append(name))
+        GatedTokenizer.gate.set()
+        for future in futures.values():
+            assert future.result(timeout=30)[0].ids
+    finally:
+        pool.shutdown()
+    assert finished == ["greedy-1", "interactive-1", "greedy-2", "greedy-3", "greedy-4"]
 
 
 @pytest.mark.integration
