@@ -209,22 +209,32 @@ def ids(length: int, first: int) -> list[int]:
     return [first] + [0] * (length - 1)
 
 
+def batcher_over(model: FakeModel, clock: FakeClock, max_queue_tokens: int, **options) -> Batcher:
+    """A batcher over `model` on the fake clock: batches flushed at once, the model measured at 1,000 tokens/s."""
+    rates = DrainRate()
+    rates.model_ran(1000, 1.0)
+    return Batcher(BatchQueue(policy(window=0.0)), model, max_queue_tokens, rates, clock, **options)
+
+
+def flood(batcher: Batcher) -> None:
+    """The greedy caller's 9 requests of 8 texts of 100 tokens (7,200 tokens), with no deadline."""
+    for i in range(9):
+        batcher.submit([ids(100, 1000 + i)] * 8, math.inf, "peer:greedy")
+
+
 def test_an_interactive_caller_is_admitted_and_answered_while_a_greedy_one_holds_the_queue():
     """A greedy caller queues 7,200 tokens (7.2 s at 1000 tokens/s) with no deadline, and more until the queue is
     full; an interactive caller's text with a 2 s deadline is admitted anyway (first come, first served would predict
     over 10 s), runs right after the batches already taken, and the greedy caller's next request is the one refused."""
     clock = FakeClock()
     model = FakeModel(clock, batch_seconds=0.1, held=True)
-    rates = DrainRate()
-    rates.model_ran(1000, 1.0)
-    batcher = Batcher(BatchQueue(policy(window=0.0)), model, 10_000, rates, clock, fair_share_headroom=0.1)
+    batcher = batcher_over(model, clock, 10_000, fair_share_headroom=0.1)
 
     async def main():
         with ThreadPoolExecutor(1) as thread:
             batcher.start(thread)
             try:
-                for i in range(9):
-                    batcher.submit([ids(100, 1000 + i)] * 8, math.inf, "peer:greedy")
+                flood(batcher)
                 await model.running(1)
                 refused_before = counter("classifier_fair_share_refusals_total", resource="queue", caller="peer")
                 with pytest.raises(Overloaded) as refused:
@@ -273,16 +283,13 @@ def test_while_callers_share_the_model_the_next_batch_is_chosen_as_the_running_o
     than waiting one batch more."""
     clock = FakeClock()
     model = OneBatchAtATime(clock)
-    rates = DrainRate()
-    rates.model_ran(1000, 1.0)
-    batcher = Batcher(BatchQueue(policy(window=0.0)), model, 100_000, rates, clock, shared_batch_seconds=0.05)
+    batcher = batcher_over(model, clock, 100_000, shared_batch_seconds=0.05)
 
     async def main():
         with ThreadPoolExecutor(1) as thread:
             batcher.start(thread)
             try:
-                for i in range(9):
-                    batcher.submit([ids(100, 1000 + i)] * 8, math.inf, "peer:greedy")
+                flood(batcher)
                 await model.running(1)  # and the next greedy batch is taken while it runs
                 first = batcher.submit([ids(10, 7)], math.inf, "client_id:interactive")
                 model.steps.release()
