@@ -28,8 +28,8 @@ class FakeModel:
     names its text. It records each batch before running it (`ran`, the texts' lengths in `lengths`, and the
     precision it ran in, set by live tuning's `use_precision`, in `precisions`). With a clock, each batch advances it
     by `batch_seconds`, and with `seconds_per_token` (by precision, which a test may change: a neighbour coming and
-    going) by its real tokens' time too. While `held`, a batch that starts running waits for `release()`; a batch
-    holding the token `poison` raises ValueError."""
+    going) by its real tokens' time too. It counts the batches collated (`collated`). While `held`, a batch that
+    starts running waits for `release()`; a batch holding the token `poison` raises ValueError."""
 
     def __init__(
         self,
@@ -44,6 +44,7 @@ class FakeModel:
         self.precision = "fp32"
         self.precisions: list[str] = []
         self.ran: list[list[list[int]]] = []  # the batches, in the order they ran
+        self.collated_batches = 0
         self.lengths: list[int] = []  # the lengths of the texts they held, in the same order
         self.poison = poison
         self._started = threading.Condition()
@@ -53,6 +54,9 @@ class FakeModel:
 
     def collate(self, sequences: list[list[int]], padded_length: int) -> list[list[int]]:
         assert all(len(ids) <= padded_length for ids in sequences)
+        with self._started:
+            self.collated_batches += 1
+            self._started.notify_all()
         return [list(ids) for ids in sequences]
 
     def run(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -77,12 +81,18 @@ class FakeModel:
 
     async def running(self, batches: int) -> None:
         """Returns once `batches` batches have started."""
+        await self._until(lambda: len(self.ran) >= batches, f"{batches} batches did not start")
 
+    async def collated(self, batches: int) -> None:
+        """Returns once `batches` batches have been taken from the queue and collated."""
+        await self._until(lambda: self.collated_batches >= batches, f"{batches} batches were not collated")
+
+    async def _until(self, condition: Callable[[], bool], failure: str) -> None:
         def wait() -> bool:
             with self._started:
-                return self._started.wait_for(lambda: len(self.ran) >= batches, WAIT)
+                return self._started.wait_for(condition, WAIT)
 
-        assert await asyncio.to_thread(wait), f"{batches} batches did not start"
+        assert await asyncio.to_thread(wait), failure
 
 
 class FakeRunner:

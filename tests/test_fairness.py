@@ -290,7 +290,8 @@ def test_while_callers_share_the_model_the_next_batch_is_chosen_as_the_running_o
             batcher.start(thread)
             try:
                 flood(batcher)
-                await model.running(1)  # and the next greedy batch is taken while it runs
+                await model.running(1)
+                await model.collated(2)  # the next greedy batch is taken while the first runs
                 first = batcher.submit([ids(10, 7)], math.inf, "client_id:interactive")
                 model.steps.release()
                 await model.running(2)  # the greedy batch taken ahead; nothing is taken while it runs now
