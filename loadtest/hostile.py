@@ -60,6 +60,7 @@ FLOOD_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Flood: "
 FLOOD_CHUNK = b"a" * 65536
 TRICKLE_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Trickle: " + b"a" * 10_000
 GREEDY_TIMEOUT_MS = 600_000
+FLOOD_START_SECONDS = 10  # the interactive caller's latency is reported for these first seconds of the flood apart
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -234,21 +235,24 @@ def _latency(answers: list[Answer]) -> dict[str, float | None]:
     return {"p50_ms": _ms(percentile(answered, 50)), "p99_ms": _ms(percentile(answered, 99))}
 
 
-async def _interactive(url: str, texts: list[str], rate: float, duration: float, rng: random.Random) -> list[Answer]:
-    """Single texts at Poisson arrivals of `rate` per second for `duration` seconds, as the caller `interactive`."""
+async def _interactive(url: str, texts: list[str], rate: float, duration: float, rng: random.Random) -> list[tuple[float, Answer]]:
+    """Single texts at Poisson arrivals of `rate` per second for `duration` seconds, as the caller `interactive`: each
+    answer with when its request was sent (seconds from the first)."""
     client = Client.of(url, {"X-Client-Id": "interactive"})
-    answers: list[Answer] = []
+    answers: list[tuple[float, Answer]] = []
+    started = time.perf_counter()
 
     async def send(index: int) -> None:
         body = json.dumps({"texts": [texts[index % len(texts)]]}).encode()
-        answers.append(await client.request("/classify", body, give_up_after=120))
+        sent = time.perf_counter() - started
+        answers.append((sent, await client.request("/classify", body, give_up_after=120)))
 
     await open_loop(rate, duration, send, rng)
     client.close()
     return answers
 
 
-def _interactive_in_a_process(url: str, seed: int, rate: float, duration: float) -> list[Answer]:
+def _interactive_in_a_process(url: str, seed: int, rate: float, duration: float) -> list[tuple[float, Answer]]:
     """`_interactive` run in a process of its own: beside the greedy caller's hundreds of requests in one event loop,
     its timings would count that loop's delays too."""
     return asyncio.run(_interactive(url, load_texts(seed=seed), rate, duration, random.Random(seed)))
@@ -289,9 +293,16 @@ async def _greedy(url: str, args: argparse.Namespace) -> dict:
     greedy_seconds = time.perf_counter() - started
     change = Interval(before, scrape(url))
     greedy_client.close()
+    beside_answers = [answer for _, answer in beside]
     return {
-        "interactive_idle": {"statuses": _statuses(idle), **_latency(idle)},
-        "interactive_beside_greedy": {"statuses": _statuses(beside), **_latency(beside)},
+        "interactive_idle": {"statuses": _statuses([answer for _, answer in idle]), **_latency([answer for _, answer in idle])},
+        "interactive_beside_greedy": {
+            "statuses": _statuses(beside_answers),
+            **_latency(beside_answers),
+            # The flood's first seconds (its 200 requests read and parsed, the first ones tokenized) apart from the rest.
+            f"first_{FLOOD_START_SECONDS}_s": _latency([answer for sent, answer in beside if sent < FLOOD_START_SECONDS]),
+            "after": _latency([answer for sent, answer in beside if sent >= FLOOD_START_SECONDS]),
+        },
         "greedy": {
             "statuses": _statuses(greedy_answers),
             "texts_answered": answered_texts,

@@ -5,6 +5,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -25,8 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import loading, metrics, request_ids
 from service.callers import CallerIdentity, class_of
-from service.errors import ClassifierError, LoadFailed, NotReady, internal_error_message
-from service.fairness import Usage, exceeded, fair_share
+from service.errors import ClassifierError, LoadFailed, NotReady, Overloaded, internal_error_message
+from service.fairness import RetryAfterBook, Usage, exceeded, fair_share
 from service.postprocess import Activation
 from service.schemas import (
     ClassifyRequest,
@@ -115,11 +116,13 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
         protected = KEYED_PATHS | ({"/metrics"} if settings.metrics_require_key else set())
         app.add_middleware(ApiKeyMiddleware, keys=keys, protected=frozenset(protected))
     identify = CallerIdentity(bool(keys), settings.client_id_header, settings.client_id_max_length)
+    retry_after = RetryAfterBook()
     app.add_middleware(
         ConcurrencyLimitMiddleware,
         max_requests=settings.max_concurrent_requests,
         identify=identify,
         headroom=settings.fair_share_headroom,
+        retry_after=retry_after,
     )
     if origins := settings.cors_origin_list():  # outside the key check: a browser's preflight carries no key
         app.add_middleware(
@@ -132,11 +135,18 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     app.add_middleware(HostCheckMiddleware, trusted=settings.trusted_host_list())
     app.add_middleware(RequestMetricsMiddleware)
     _add_error_handlers(app)
-    _add_routes(app, settings, slot, app.state.draining, replica_loaded)
+    _add_routes(app, settings, slot, app.state.draining, replica_loaded, retry_after)
     return app
 
 
-def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: threading.Event, replica_loaded: Callable[[], bool]) -> None:
+def _add_routes(
+    app: FastAPI,
+    settings: Settings,
+    slot: EngineSlot,
+    draining: threading.Event,
+    replica_loaded: Callable[[], bool],
+    retry_after: RetryAfterBook,
+) -> None:
     async def classified(
         inputs: list[TextInput],
         request: Request,
@@ -160,6 +170,7 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
         # The deadline counts from the request's first bytes (set by service.server's protocol), not from now.
         arrived_at = getattr(request.state, "arrived_at", None) or time.monotonic()
         deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
+        caller = request.scope["state"][CALLER]
         work = engine.classify(
             inputs,
             top_k=top_k,
@@ -168,9 +179,16 @@ def _add_routes(app: FastAPI, settings: Settings, slot: EngineSlot, draining: th
             side=side,
             activation=activation,
             threshold=threshold,
-            caller=request.scope["state"][CALLER],
+            caller=caller,
         )
-        results = await _unless_client_leaves(work, request.receive)  # raises its ClassifierError, if any
+        try:
+            results = await _unless_client_leaves(work, request.receive)  # raises its ClassifierError, if any
+        except Overloaded as refused:  # held to its Retry-After (the header: the reason did not cross from the engine)
+            now = time.monotonic()
+            retry_after.told(caller, float(refused.headers["Retry-After"]), now)
+            if seconds_left := retry_after.seconds_left(caller, now):  # and so are its requests not tokenized yet
+                engine.refuse_waiting(caller, lambda: held_back(caller, seconds_left))
+            raise
         return None if results is None else (engine.model_id, results)
 
     async def answer(body: ClassifyRequest, request: Request, header_timeout_ms: int | None) -> Response:
@@ -637,7 +655,9 @@ class ConcurrencyLimitMiddleware:
     """Answers 429 with Retry-After while `max_requests` requests are in flight (TEI's max_concurrent_requests),
     shared fairly between callers (`identify` names each request's caller, left in its scope's state for the routes):
     once the limit is reached, a caller holding more than its fair share of the slots is refused, while callers under
-    theirs may still take `headroom` (a fraction of the limit) more (`fairness.exceeded`).
+    theirs may still take `headroom` (a fraction of the limit) more (`fairness.exceeded`). A caller that sends texts
+    again before the Retry-After the queue told it, while others are calling too (`retry_after`: the routes tell it
+    what the queue said), is refused at once, unread.
 
     A request counts from its headers to its response, so stalled uploads count too, against their caller's share.
     Probes and /metrics are exempt: an overloaded replica must still say how it is.
@@ -645,11 +665,12 @@ class ConcurrencyLimitMiddleware:
 
     EXEMPT_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
-    def __init__(self, app: ASGIApp, max_requests: int, identify: Callable[[Scope], str], headroom: float) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int, identify: Callable[[Scope], str], headroom: float, retry_after: RetryAfterBook) -> None:
         self.app = app
         self.max_requests = max_requests
         self.identify = identify
         self.headroom = headroom
+        self.retry_after = retry_after
         self.in_flight = 0
         self.held: dict[str, int] = {}  # requests in flight by caller, for the callers holding any
 
@@ -658,6 +679,12 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         caller = scope.setdefault("state", {})[CALLER] = self.identify(scope)
+        now = time.monotonic()
+        self.retry_after.arrived(caller, now)
+        if scope["method"] == "POST" and (seconds_left := self.retry_after.seconds_left(caller, now)):
+            refused = held_back(caller, seconds_left)
+            await _error_response(scope, send, refused.status, refused.message, refused.headers)
+            return
         held = self.held.get(caller, 0)
         usage = Usage(self.in_flight, held, len(self.held) + (held == 0))
         limit = exceeded(usage, 1, self.max_requests, self.headroom)
@@ -685,6 +712,19 @@ class ConcurrencyLimitMiddleware:
             else:
                 self.held[caller] -= 1
             metrics.REQUESTS_IN_FLIGHT.dec()
+
+
+def held_back(caller: str, seconds_left: float) -> ApiError:
+    """The 429 for a request of `caller`'s refused before its texts are tokenized: the queue told it to retry after a
+    time of which `seconds_left` remain (`fairness.RetryAfterBook`)."""
+    metrics.EARLY_RETRY_REFUSALS.labels(class_of(caller)).inc()
+    retry_in = math.ceil(seconds_left)
+    return ApiError(
+        429,
+        f"this caller was told to retry after a while, and {retry_in} s of it are left: until then its requests are "
+        "refused unread (its texts already queued are still answered)",
+        {"Retry-After": str(retry_in)},
+    )
 
 
 async def _error_response(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ or in the engine process (`service.ipc.RemoteBackend`); `service.loading.make_ba
 what building the back half decided, which the front is built from and /info shows.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -160,6 +160,10 @@ class Engine:
         logits = await self.backend.score([text.ids for text in encoded], deadline, caller)
         metrics.CLASSIFIED_TEXTS.inc(len(encoded))
         return self.front.results(encoded, logits, top_k, activation, threshold)
+
+    def refuse_waiting(self, caller: str, refusal: Callable[[], Exception]) -> None:
+        """Fail `caller`'s requests still waiting to be tokenized with a `refusal()` each."""
+        self.front.encoders.refuse_waiting(caller, refusal)
 
     def info(self) -> dict[str, Any]:
         """What /info shows of the loaded model: labels, how and where it runs, and how it batches."""

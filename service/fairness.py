@@ -13,8 +13,15 @@ Limits: each caller's fair share of a limit is the limit divided by the active c
 its share is held to the limit itself; a caller under it may still go `headroom` beyond, so a greedy caller that has
 filled the queue (or every slot) on its own is refused first, never the newcomer under its share. One caller alone is
 never over its share: alone, the limit is what it was.
+
+Retry-After: a caller the queue refused and told to retry after some seconds is refused again at once, unread, if it
+comes back sooner (`RetryAfterBook`). Its refusals otherwise cost what admission costs: the body read and parsed,
+every text tokenized. A greedy caller retrying its 256-text requests every second while its own backlog held it back
+for minutes spent one core tokenizing texts that were refused, and kept the event loop busy, and the interactive
+caller beside it waited seconds for both.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,3 +93,57 @@ class VirtualTime:
 
     def __len__(self) -> int:
         return len(self._finish)
+
+
+class RetryAfterBook:
+    """The callers told to retry after `HELD_FROM_SECONDS` or more, and until when, held to it while another caller
+    has arrived within `OTHERS_WITHIN_SECONDS`: the hold protects the others from a caller whose refused requests cost
+    them. A caller alone (one upstream service behind one address, a benchmark) is refused request by request, as
+    each request fits or not; a Retry-After of a second says room comes any moment, and holds nobody.
+
+    Times are the caller's clock's, passed in. At most `capacity` callers are kept in each record (the earliest go
+    first), and a held caller's entry goes once its time has passed."""
+
+    HELD_FROM_SECONDS = 2.0
+    OTHERS_WITHIN_SECONDS = 5.0
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self._arrived: OrderedDict[str, float] = OrderedDict()  # each caller's last arrival, the latest last
+
+    def arrived(self, caller: str, now: float) -> None:
+        """A request of `caller`'s came at `now`."""
+        _record(self._arrived, caller, now, self.capacity)
+
+    def told(self, caller: str, retry_after: float, now: float) -> None:
+        """`caller` was refused at `now` and told to retry after `retry_after` seconds."""
+        if retry_after >= self.HELD_FROM_SECONDS:
+            _record(self._until, caller, now + retry_after, self.capacity)
+
+    def seconds_left(self, caller: str, now: float) -> float:
+        """How long `caller` is still held back (0: not held)."""
+        until = self._until.get(caller)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self._until[caller]
+            return 0.0
+        return until - now if self._others_arrived(caller, now) else 0.0
+
+    def _others_arrived(self, caller: str, now: float) -> bool:
+        """Whether a caller other than `caller` arrived within OTHERS_WITHIN_SECONDS of `now`."""
+        for other, at in reversed(self._arrived.items()):
+            if at < now - self.OTHERS_WITHIN_SECONDS:
+                return False
+            if other != caller:
+                return True
+        return False
+
+
+def _record(record: OrderedDict[str, float], caller: str, moment: float, capacity: int) -> None:
+    """Set `caller`'s moment in `record`, moved to the end; the earliest recorded go beyond `capacity`."""
+    record.pop(caller, None)
+    record[caller] = moment
+    while len(record) > capacity:
+        record.popitem(last=False)

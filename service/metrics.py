@@ -115,6 +115,12 @@ FAIR_SHARE_REFUSALS = Counter(
     "tokens; slots: requests in flight) and caller class.",
     ["resource", "caller"],
 )
+EARLY_RETRY_REFUSALS = Counter(
+    "classifier_early_retry_refusals_total",
+    "Requests refused before their texts were tokenized because their caller came back before the Retry-After (2 s or "
+    "more) the queue had told it, or had more waiting to be tokenized when told, by caller class.",
+    ["caller"],
+)
 ADMITTED_TEXTS = Counter("classifier_admitted_texts_total", "Texts admitted to the queue, by caller class.", ["caller"])
 ACTIVE_CALLERS = Gauge("classifier_active_callers", "Callers with texts in the queue now, sharing it fairly.", multiprocess_mode="livemax")
 MODEL_INFO = Info("classifier_model", "The served model, its device and precision.")

@@ -162,19 +162,23 @@ class Place:
 
 @dataclass
 class _Draft:
-    """A batch being assembled: its texts and its longest text."""
+    """A batch being assembled within `budget` tokens (padding included): its texts and its longest text. Its first
+    text always fits (the policy's own budget holds one text of any length; a shared budget may be smaller)."""
 
     policy: BatchingPolicy
+    budget: int
     items: list[QueuedText] = field(default_factory=list)
     longest: int = 0
     real_tokens: int = 0
 
     def room_for(self, item: QueuedText) -> FlushReason | None:
         """None when `item` fits; otherwise the limit it would break."""
+        if not self.items:
+            return None
         if len(self.items) >= self.policy.max_batch_size:
             return "size"
         padded = self.policy.padded_length(max(self.longest, item.tokens))
-        if (len(self.items) + 1) * padded > self.policy.max_batch_tokens:
+        if (len(self.items) + 1) * padded > self.budget:
             return "budget"
         return None
 
@@ -227,7 +231,6 @@ class BatchQueue:
         # Each caller's last arrival, oldest first, for the callers seen within SHARING_SECONDS.
         self._recent_callers: dict[str, float] = {}
         self._shared_batch_tokens: int | None = None
-        self._policy_while_sharing = policy
         # No queued text's deadline passes before this; it may lag behind removals (then it is early, never late),
         # and `remove_missed_deadlines` scans the queue only once it has passed.
         self._earliest_deadline = math.inf
@@ -238,18 +241,19 @@ class BatchQueue:
     def set_max_batch_tokens(self, tokens: int) -> None:
         """Batches from now on stay within `tokens` (the batcher lowers it after an out-of-memory, then restores it)."""
         self.policy = dataclasses.replace(self.policy, max_batch_tokens=tokens)
-        self.set_shared_batch_tokens(self._shared_batch_tokens)
 
     def set_shared_batch_tokens(self, tokens: int | None) -> None:
         """While callers share the model (`sharing`), batches stay within `tokens` (None: no other limit), so one
-        caller's full batches hold up another's text only as long as a batch of that size runs. At least one text of
-        the maximum length fits whatever `tokens` says."""
+        caller's full batches hold up another's text only as long as a batch of that size runs. A batch still holds
+        at least one text, however long."""
         self._shared_batch_tokens = tokens
-        policy = self.policy
-        if tokens is not None and tokens < policy.max_batch_tokens:
-            longest = policy.padded_length(policy.bucket_bounds[-1])
-            policy = dataclasses.replace(policy, max_batch_tokens=max(tokens, longest))
-        self._policy_while_sharing = policy
+
+    def _budget(self, now: float) -> int:
+        """The tokens a batch taken at `now` may hold: the policy's, or less while callers share the model."""
+        shared = self._shared_batch_tokens
+        if shared is not None and shared < self.policy.max_batch_tokens and self.sharing(now):
+            return shared
+        return self.policy.max_batch_tokens
 
     def sharing(self, now: float) -> bool:
         """Whether more than one caller has texts queued, or queued texts within the last SHARING_SECONDS (an
@@ -414,10 +418,10 @@ class BatchQueue:
         behind a stream of full batches; otherwise the longest-waiting full bucket goes. While callers share the
         model (`sharing`), batches stay within the shared budget (`set_shared_batch_tokens`).
         """
-        policy = self._policy_while_sharing if self._policy_while_sharing is not self.policy and self.sharing(now) else self.policy
+        budget = self._budget(now)
         chosen: tuple[tuple[float, bool, float], str, int] | None = None
         for caller, own in self._callers.items():
-            ready = self._ready_bucket(own, now, policy)
+            ready = self._ready_bucket(own, now, budget)
             if ready is None:
                 continue
             due, index = ready
@@ -426,9 +430,9 @@ class BatchQueue:
                 chosen = (key, caller, index)
         if chosen is None:
             return None
-        return self._take(chosen[1], chosen[2], policy)
+        return self._take(chosen[1], chosen[2], budget)
 
-    def _ready_bucket(self, own: _CallerTexts, now: float, policy: BatchingPolicy) -> tuple[bool, int] | None:
+    def _ready_bucket(self, own: _CallerTexts, now: float, budget: int) -> tuple[bool, int] | None:
         """The caller's bucket to seed a batch now, and whether it is due (else full); None when none is ready."""
         due, full = [], []
         for index, bucket in enumerate(own.buckets):
@@ -436,28 +440,28 @@ class BatchQueue:
                 continue
             if now >= self._due_at(bucket):  # the same sum as wake_at, so waking on time finds it due
                 due.append(index)
-            elif self._fills_a_batch(bucket, policy):
+            elif self._fills_a_batch(bucket, budget):
                 full.append(index)
         ready = due or full
         if not ready:
             return None
         return bool(due), min(ready, key=lambda i: own.buckets[i][0].arrived_at)
 
-    def _fills_a_batch(self, bucket: deque[QueuedText], policy: BatchingPolicy) -> bool:
-        draft = _Draft(policy)
+    def _fills_a_batch(self, bucket: deque[QueuedText], budget: int) -> bool:
+        draft = _Draft(self.policy, budget)
         for item in bucket:
             if draft.room_for(item) is not None:
                 return True
             draft.add(item)
         return False
 
-    def _take(self, caller: str, seed: int, policy: BatchingPolicy) -> Batch:
+    def _take(self, caller: str, seed: int, budget: int) -> Batch:
         """Assemble a batch from `caller`'s bucket `seed` (oldest first), then from the other callers' same bucket
         (least served first), then from the neighbouring buckets, and dequeue it; flushed by its window unless a limit
         filled it. The seeding caller moves the virtual time up to its tag; each caller is charged its texts' tokens."""
         others = sorted((name for name in self._callers if name != caller), key=self._virtual.tag)
         callers = [self._callers[name] for name in (caller, *others)]
-        draft = _Draft(policy)
+        draft = _Draft(self.policy, budget)
         reason: FlushReason | None = None
         for own in callers:
             reason = self._fill_from_seed(draft, own.buckets[seed])

@@ -152,10 +152,10 @@ class Settings(BaseSettings):
         "still use this fraction of the limit beyond it; 0 = a full limit refuses everyone.",
     )
     shared_batch_ms: float = Field(
-        100.0,
+        50.0,
         ge=0,
         description="While more than one caller has texts queued or sent some in the last 5 s, a batch holds at most the tokens the "
-        "model runs in this long (at its measured rate; at least one text of the maximum length), so a caller's text "
+        "model runs in this long (at its measured rate; always at least one text), so a caller's text "
         "waits behind another's full batches only briefly; 0 = batches as large as with one caller.",
     )
     client_id_header: str = Field(

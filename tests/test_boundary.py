@@ -56,8 +56,9 @@ async def _make_backend(settings: Settings, address: str) -> None:
 REQUEST_ID = "the-same-request"
 
 
-def answer(client: TestClient) -> tuple[int, dict, dict]:
-    response = client.post("/classify", json={"texts": ["a good film"]}, headers={"X-Request-Id": REQUEST_ID})
+def answer(client: TestClient, caller: str) -> tuple[int, dict, dict]:
+    """`caller`: a 429 holds its caller back until its Retry-After (`fairness.RetryAfterBook`); each error needs its own."""
+    response = client.post("/classify", json={"texts": ["a good film"]}, headers={"X-Request-Id": REQUEST_ID, "X-Client-Id": caller})
     return response.status_code, response.json(), dict(response.headers)
 
 
@@ -83,9 +84,9 @@ def test_the_http_layer_answers_an_error_of_the_engine_process_as_one_raised_in_
                 assert time.monotonic() < deadline, "the engine never became ready"
                 time.sleep(0.02)
         assert local.get("/info").json() | {"settings": None} == remote.get("/info").json() | {"settings": None}
-        for error, status, headers in [*ERRORS, (KeyError("a bug"), 500, {})]:
+        for caller, (error, status, headers) in enumerate([*ERRORS, (KeyError("a bug"), 500, {})]):
             back.failure = error
-            local_answer, remote_answer = answer(local), answer(remote)
+            local_answer, remote_answer = answer(local, str(caller)), answer(remote, str(caller))
             assert remote_answer == local_answer
             assert local_answer[:2] == (
                 status,
@@ -93,6 +94,6 @@ def test_the_http_layer_answers_an_error_of_the_engine_process_as_one_raised_in_
             )
             assert headers.items() <= {name.title(): value for name, value in local_answer[2].items()}.items()
         remote.portal.call(servers[0].close)  # the engine process dies
-        status, body, response_headers = answer(remote)
+        status, body, response_headers = answer(remote, "after-the-engine-died")
         assert status == 503 and "retry on another replica" in body["error"]
         assert response_headers["retry-after"] == "1"

@@ -3,6 +3,7 @@ prediction of a caller's wait), the batcher with a greedy and an interactive cal
 identification, and the HTTP slots a stalled upload holds. No torch, no server process."""
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -19,11 +20,13 @@ from service.batcher import Batcher
 from service.callers import CallerIdentity, class_of
 from service.drain_rate import DrainRate
 from service.errors import Overloaded
-from service.fairness import Usage, VirtualTime, exceeded, fair_share
+from service.fairness import RetryAfterBook, Usage, VirtualTime, exceeded, fair_share
 from service.scheduler import BatchingPolicy, BatchQueue, Place, QueuedText
 from service.settings import Settings
+from tests.conftest import build_tiny_tokenizer
 from tests.fakes import FakeClock, FakeModel, FakeScorer
 from tests.test_http import JSON, RawClient, fake_engine, in_flight, serving, settings, until
+from tests.test_overload import GatedTokenizer
 
 # Limits
 
@@ -108,7 +111,7 @@ def test_an_interactive_text_seeds_the_next_batch_and_the_greedy_caller_fills_th
 def test_while_callers_share_the_model_batches_stay_within_the_shared_budget():
     """One caller alone fills its batches to the budget (512: 5 texts of 100); once another has queued texts within
     SHARING_SECONDS, batches hold at most the shared budget (here 256: 2 of them), and once that caller has been
-    quiet that long, the full budget is back. The shared budget never goes below one text of the maximum length."""
+    quiet that long, the full budget is back. Under a shared budget smaller than a text, a batch holds that one text."""
     queue = BatchQueue(policy(max_batch_size=8))
     queue.set_shared_batch_tokens(256)
     for i in range(100):
@@ -121,9 +124,9 @@ def test_while_callers_share_the_model_batches_stay_within_the_shared_budget():
     later = 1.0 + BatchQueue.SHARING_SECONDS + 0.01
     assert not queue.sharing(later) and len(queue.next_batch(later).items) == 5
     queue.append(text(10, "interactive", at=later, name="again"))
-    queue.set_shared_batch_tokens(10)  # below the longest text (128): one such text still fits
+    queue.set_shared_batch_tokens(10)  # below the greedy caller's texts: each batch holds one of them
     assert [item.handle for item in queue.next_batch(later + 0.01).items] == ["again"]
-    assert len(queue.next_batch(later + 0.02).items) == 1
+    assert [len(queue.next_batch(later + 0.02 + i / 100).items) for i in range(3)] == [1, 1, 1]
 
 
 def test_two_greedy_callers_share_the_batches_in_turn():
@@ -359,6 +362,99 @@ def test_the_caller_reaches_the_back_half():
     asyncio.run(main())
     assert keyed.callers == ["key:" + hashlib.sha256(b"k2").hexdigest()[:16]]
     assert open_.callers == ["client_id:nightly-batch", "peer:127.0.0.1"]
+
+
+# Retry-After: a caller back too soon is refused unread
+
+
+def test_a_caller_told_to_retry_later_is_held_until_then_while_others_call_and_one_told_a_second_is_not():
+    book = RetryAfterBook(capacity=2)
+    book.arrived("peer:greedy", 100.0)
+    book.told("peer:greedy", 30.0, now=100.0)
+    assert book.seconds_left("peer:greedy", 101.0) == 0.0  # alone: refused request by request, never held
+    book.arrived("client_id:interactive", 108.0)
+    book.told("client_id:interactive", 1.0, now=108.0)  # room any moment: not held
+    assert book.seconds_left("peer:greedy", 110.0) == 20.0
+    assert book.seconds_left("client_id:interactive", 108.5) == 0.0
+    assert book.seconds_left("peer:greedy", 113.5) == 0.0  # the other caller came 5.5 s ago: nobody to protect
+    book.arrived("client_id:interactive", 125.0)
+    assert book.seconds_left("peer:greedy", 126.0) == 4.0
+    assert book.seconds_left("peer:greedy", 130.0) == 0.0  # its time passed
+    for i in range(3):  # a third caller held pushes out the earliest told
+        book.told(f"peer:{i}", 5.0, now=200.0 + i)
+    book.arrived("client_id:interactive", 203.0)
+    assert [book.seconds_left(f"peer:{i}", 203.0) for i in range(3)] == [0.0, 3.0, 4.0]
+
+
+def test_a_caller_back_before_its_retry_after_is_refused_unread_and_others_are_served():
+    """Beside another caller, the queue refuses a caller's texts with Retry-After 30 s; its next request is refused at
+    once, without reaching the back half, while the other caller is answered and the held one may still read /info.
+    A caller alone is not held: its next request reaches the back half."""
+    back = FakeScorer(Overloaded("predicted_wait", "the queue would not reach these texts in time", 30.0), fail_token=12)  # "hi"
+    interactive = {"X-Client-Id": "interactive"}
+
+    async def main():
+        async with serving(create_app(settings(), fake_engine(back))) as client:
+            greedy = {"X-Client-Id": "greedy"}
+            assert (await client.post("/classify", json={"texts": ["a"]}, headers=interactive)).status_code == 200
+            refused = await client.post("/classify", json={"texts": ["hi"]}, headers=greedy)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "30"
+            before = counter("classifier_early_retry_refusals_total", caller="client_id")
+            back.fail_token = -1  # the queue would take them now: the caller is still held to what it was told
+            again = await client.post("/classify", json={"texts": ["hi"]}, headers=greedy)
+            assert again.status_code == 429 and 29 <= int(again.headers["retry-after"]) <= 30
+            assert "refused unread" in again.json()["error"]
+            assert counter("classifier_early_retry_refusals_total", caller="client_id") == before + 1
+            assert (await client.get("/info", headers=greedy)).status_code == 200
+            assert (await client.post("/classify", json={"texts": ["hi"]}, headers=interactive)).status_code == 200
+        async with serving(create_app(settings(), fake_engine(alone))) as client:
+            assert (await client.post("/classify", json={"texts": ["hi"]}, headers=interactive)).status_code == 429
+            alone.fail_token = -1
+            assert (await client.post("/classify", json={"texts": ["hi"]}, headers=interactive)).status_code == 200
+
+    alone = FakeScorer(back.failure, fail_token=12)  # a back half stops with its app
+    asyncio.run(main())
+    assert back.callers == ["client_id:interactive", "client_id:greedy", "client_id:interactive"]
+    assert alone.callers == ["client_id:interactive", "client_id:interactive"]
+
+
+def test_a_caller_told_to_retry_later_has_its_requests_waiting_for_a_tokenizer_refused_unencoded():
+    """One tokenizer thread, held by the greedy caller's first big request, two more of its big requests queued for
+    it; its short request (encoded inline) is refused by the queue with Retry-After 30 s: the two waiting are refused
+    at once, the one being encoded is answered, and so is another caller."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.__class__ = GatedTokenizer
+    GatedTokenizer.gate.clear()
+    back = FakeScorer(Overloaded("predicted_wait", "the queue would not reach these texts in time", 30.0), fail_token=56)  # "zz"
+    app = create_app(settings(), fake_engine(back, tokenizer=tokenizer))  # one tokenizer thread
+    greedy = {"X-Client-Id": "greedy"}
+    big = "x" * 1000  # beyond what is encoded inline
+
+    async def main():
+        async with serving(app) as client:
+
+            async def waiting_for_the_tokenizer() -> int:
+                return len(app.state.slot.engine().front.encoders._jobs._queued.get("client_id:greedy", ()))
+
+            post = functools.partial(client.post, "/classify", headers=greedy)
+            assert (await client.post("/classify", json={"texts": ["a"]}, headers={"X-Client-Id": "interactive"})).status_code == 200
+            first = asyncio.create_task(post(json={"texts": ["block", big]}))
+            waiting = [asyncio.create_task(post(json={"texts": [big, "more"]})) for _ in range(2)]
+            await until(waiting_for_the_tokenizer, lambda count: count == 2)
+            before = counter("classifier_early_retry_refusals_total", caller="client_id")
+            assert (await post(json={"texts": ["zz"]})).status_code == 429
+            for refused in await asyncio.gather(*waiting):
+                assert refused.status_code == 429 and "refused unread" in refused.json()["error"]
+            assert counter("classifier_early_retry_refusals_total", caller="client_id") == before + 2
+            GatedTokenizer.gate.set()
+            assert (await first).status_code == 200
+            assert (await client.post("/classify", json={"texts": [big]}, headers={"X-Client-Id": "interactive"})).status_code == 200
+
+    try:
+        asyncio.run(main())
+    finally:
+        GatedTokenizer.gate.set()
+    assert back.callers == ["client_id:interactive", "client_id:greedy", "client_id:greedy", "client_id:interactive"]
 
 
 # HTTP slots: stalled uploads count against their caller's share

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from starlette.types import Message
+from transformers import PreTrainedTokenizerBase
 
 from service import api
 from service.api import create_app
@@ -55,12 +56,12 @@ def settings(**overrides) -> Settings:
     return Settings(model=MODEL_ID, tokenizer_workers=1, **overrides)
 
 
-def fake_engine(back: FakeScorer, problem_type: ProblemType = "regression") -> EngineLoader:
-    """Loads an Engine with the real front half over the tiny tokenizer and `back` as its back half. Its front
+def fake_engine(back: FakeScorer, problem_type: ProblemType = "regression", tokenizer: PreTrainedTokenizerBase = TOKENIZER) -> EngineLoader:
+    """Loads an Engine with the real front half over `tokenizer` (the tiny one) and `back` as its back half. Its front
     activates the back half's logits as `problem_type` says: by default not at all, so each score names its text."""
 
     async def load(settings: Settings) -> Engine:
-        encoders = EncoderPool(TOKENIZER, TINY_MAX_LENGTH, settings.tokenizer_workers)
+        encoders = EncoderPool(tokenizer, TINY_MAX_LENGTH, settings.tokenizer_workers)
         return Engine(Front(encoders, LABELS, problem_type), back, FACTS)
 
     return load
