@@ -225,7 +225,7 @@ def percentile(values: Sequence[Number], p: float) -> Number | None:
 
 
 class ServiceNotReady(RuntimeError):
-    """The service exited, or did not answer 200 on /ready, before the timeout."""
+    """The service exited, or did not answer 200 on /ready, before the timeout; or its port was served already."""
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 30, what: str = "the condition", interval: float = 0.05) -> T:
@@ -304,6 +304,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _answering(port: int) -> bool:
+    """Whether something accepts connections on the loopback `port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def service_command(model: str | Path | None, port: int) -> list[str]:
     """`python -m service` on `port`, with `model` (None: the service's default: MODEL, else the embedded model)."""
     return [sys.executable, "-m", "service", *(["--model", str(model)] if model else []), "--port", str(port)]
@@ -336,6 +345,8 @@ class ServerProcess:
         cwd: Path = ROOT,
         ready_timeout: float = 300,
     ) -> None:
+        if _answering(port):  # its /ready would pass for this server's, and the run would measure the wrong one
+            raise ServiceNotReady(f"port {port} is already served by another process (a server left from an earlier run?)")
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path

@@ -19,6 +19,7 @@ from loadtest.probe import (
     Client,
     Interval,
     Scrape,
+    ServerProcess,
     ServiceNotReady,
     histogram_quantile,
     is_ready,
@@ -142,6 +143,15 @@ def test_wait_until_ready_reports_a_process_that_exited_with_its_log(tmp_path):
     process.wait(timeout=30)
     with pytest.raises(ServiceNotReady, match=r"exited with status 3(.|\n)*ValueError: no model here"):
         wait_until_ready("http://127.0.0.1:9", timeout=30, process=process, log=log)
+
+
+def test_a_server_is_not_started_on_a_port_another_one_serves(readiness_server, tmp_path):
+    """A server left from an earlier run would answer /ready for the new one, and the run would measure it."""
+    server, _ = readiness_server
+    server.ready.set()
+    port = server.server_address[1]
+    with pytest.raises(ServiceNotReady, match=rf"port {port} is already served by another process"):
+        ServerProcess([sys.executable, "-c", "pass"], port, tmp_path / "service.log")
 
 
 def test_server_summary_reads_the_service_s_metrics_over_the_window():
