@@ -22,6 +22,7 @@ caller beside it waited seconds for both.
 """
 
 from collections import OrderedDict
+from collections.abc import KeysView
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,6 +96,41 @@ class VirtualTime:
         return len(self._finish)
 
 
+class RecentCallers:
+    """Each caller's last arrival within the last `window` seconds, the latest last (arrivals come in time order); at
+    most `capacity` callers, the earliest going first. Memory follows the callers seen lately."""
+
+    def __init__(self, window: float, capacity: int = 10_000) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def arrived(self, caller: str, now: float) -> None:
+        """`caller` sent something at `now`."""
+        self._last.pop(caller, None)  # to the end: the latest last
+        self._last[caller] = now
+        self._forget_before(now - self.window)
+        while len(self._last) > self.capacity:
+            self._last.popitem(last=False)
+
+    def callers(self, now: float) -> KeysView[str]:
+        """The callers that arrived within `window` of `now`."""
+        self._forget_before(now - self.window)
+        return self._last.keys()
+
+    def any_other_than(self, caller: str, now: float) -> bool:
+        """Whether a caller other than `caller` arrived within `window` of `now`."""
+        recent = self.callers(now)
+        return len(recent) > 1 or (len(recent) == 1 and caller not in recent)
+
+    def _forget_before(self, moment: float) -> None:
+        while self._last:
+            caller, arrived_at = next(iter(self._last.items()))
+            if arrived_at >= moment:
+                return
+            del self._last[caller]
+
+
 class RetryAfterBook:
     """The callers told to retry after `HELD_FROM_SECONDS` or more, and until when, held to it while another caller
     has arrived within `OTHERS_WITHIN_SECONDS`: the hold protects the others from a caller whose refused requests cost
@@ -110,16 +146,20 @@ class RetryAfterBook:
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
         self._until: OrderedDict[str, float] = OrderedDict()
-        self._arrived: OrderedDict[str, float] = OrderedDict()  # each caller's last arrival, the latest last
+        self._arrived = RecentCallers(self.OTHERS_WITHIN_SECONDS, capacity)
 
     def arrived(self, caller: str, now: float) -> None:
         """A request of `caller`'s came at `now`."""
-        _record(self._arrived, caller, now, self.capacity)
+        self._arrived.arrived(caller, now)
 
     def told(self, caller: str, retry_after: float, now: float) -> None:
         """`caller` was refused at `now` and told to retry after `retry_after` seconds."""
-        if retry_after >= self.HELD_FROM_SECONDS:
-            _record(self._until, caller, now + retry_after, self.capacity)
+        if retry_after < self.HELD_FROM_SECONDS:
+            return
+        self._until.pop(caller, None)
+        self._until[caller] = now + retry_after
+        while len(self._until) > self.capacity:
+            self._until.popitem(last=False)
 
     def seconds_left(self, caller: str, now: float) -> float:
         """How long `caller` is still held back (0: not held)."""
@@ -129,21 +169,4 @@ class RetryAfterBook:
         if until <= now:
             del self._until[caller]
             return 0.0
-        return until - now if self._others_arrived(caller, now) else 0.0
-
-    def _others_arrived(self, caller: str, now: float) -> bool:
-        """Whether a caller other than `caller` arrived within OTHERS_WITHIN_SECONDS of `now`."""
-        for other, at in reversed(self._arrived.items()):
-            if at < now - self.OTHERS_WITHIN_SECONDS:
-                return False
-            if other != caller:
-                return True
-        return False
-
-
-def _record(record: OrderedDict[str, float], caller: str, moment: float, capacity: int) -> None:
-    """Set `caller`'s moment in `record`, moved to the end; the earliest recorded go beyond `capacity`."""
-    record.pop(caller, None)
-    record[caller] = moment
-    while len(record) > capacity:
-        record.popitem(last=False)
+        return until - now if self._arrived.any_other_than(caller, now) else 0.0

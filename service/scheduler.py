@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from service.fairness import Usage, VirtualTime
+from service.fairness import RecentCallers, Usage, VirtualTime
 from service.moving_average import MovingAverage
 
 FlushReason = Literal["budget", "size", "window"]
@@ -228,8 +228,7 @@ class BatchQueue:
         self._tokens = 0
         self._last_arrival: float | None = None
         self._mean_gap = MovingAverage(self.GAP_SMOOTHING)
-        # Each caller's last arrival, oldest first, for the callers seen within SHARING_SECONDS.
-        self._recent_callers: dict[str, float] = {}
+        self._recent = RecentCallers(self.SHARING_SECONDS)  # the callers that queued texts within SHARING_SECONDS
         self._shared_batch_tokens: int | None = None
         # No queued text's deadline passes before this; it may lag behind removals (then it is early, never late),
         # and `remove_missed_deadlines` scans the queue only once it has passed.
@@ -260,17 +259,8 @@ class BatchQueue:
         interactive caller's text leaves with the next batch, but its next one is on its way)."""
         if len(self._callers) > 1:
             return True
-        self._forget_callers_before(now - self.SHARING_SECONDS)
-        recent = self._recent_callers
+        recent = self._recent.callers(now)
         return len(recent) + sum(1 for caller in self._callers if caller not in recent) > 1
-
-    def _forget_callers_before(self, moment: float) -> None:
-        recent = self._recent_callers
-        while recent:
-            caller, arrived_at = next(iter(recent.items()))
-            if arrived_at >= moment:
-                return
-            del recent[caller]
 
     @property
     def tokens(self) -> int:
@@ -338,9 +328,7 @@ class BatchQueue:
         self._tokens += item.tokens
         self._earliest_deadline = min(self._earliest_deadline, item.deadline)
         self._record_arrival(item.arrived_at)
-        self._recent_callers.pop(item.caller, None)  # to the end: the dict stays in order of last arrival
-        self._recent_callers[item.caller] = item.arrived_at
-        self._forget_callers_before(item.arrived_at - self.SHARING_SECONDS)
+        self._recent.arrived(item.caller, item.arrived_at)
 
     def remove_missed_deadlines(self, now: float) -> list[QueuedText]:
         """Remove and return the texts whose deadline has passed at `now`: nobody would receive their answer."""
