@@ -3,11 +3,13 @@ prediction of a caller's wait), the batcher with a greedy and an interactive cal
 identification, and the HTTP slots a stalled upload holds. No torch, no server process."""
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -219,6 +221,21 @@ def batcher_over(model: FakeModel, clock: FakeClock, max_queue_tokens: int, **op
     return Batcher(BatchQueue(policy(window=0.0)), model, max_queue_tokens, rates, clock, **options)
 
 
+@contextlib.asynccontextmanager
+async def running(batcher: Batcher, model: FakeModel, clock: FakeClock) -> AsyncIterator[None]:
+    """The batcher running its batches on a thread of its own; at the end the model lets every batch finish, every
+    deadline passes and the queue is drained."""
+    with ThreadPoolExecutor(1) as thread:
+        batcher.start(thread)
+        try:
+            yield
+        finally:
+            model.release()
+            clock.now += 3600
+            batcher.drain()
+            await batcher.drained()
+
+
 def flood(batcher: Batcher) -> None:
     """The greedy caller's 9 requests of 8 texts of 100 tokens (7,200 tokens), with no deadline."""
     for i in range(9):
@@ -234,35 +251,28 @@ def test_an_interactive_caller_is_admitted_and_answered_while_a_greedy_one_holds
     batcher = batcher_over(model, clock, 10_000, fair_share_headroom=0.1)
 
     async def main():
-        with ThreadPoolExecutor(1) as thread:
-            batcher.start(thread)
-            try:
-                flood(batcher)
-                await model.running(1)
-                refused_before = counter("classifier_fair_share_refusals_total", resource="queue", caller="peer")
-                with pytest.raises(Overloaded) as refused:
-                    for i in range(20):  # until the queue is full
-                        batcher.submit([ids(100, 2000 + i)] * 8, math.inf, "peer:greedy")
-                assert refused.value.reason == "queue_full"  # alone, the greedy caller meets the plain limit
-                admitted_before = counter("classifier_admitted_texts_total", caller="client_id")
-                mine = batcher.submit([ids(10, 7)], clock.now + 2.0, "client_id:interactive")
-                assert counter("classifier_admitted_texts_total", caller="client_id") == admitted_before + 1
-                with pytest.raises(Overloaded) as greedy_again:
-                    batcher.submit([ids(100, 3000)] * 8, math.inf, "peer:greedy")
-                assert greedy_again.value.reason == "fair_share"
-                assert "fair share" in str(greedy_again.value.message)
-                assert counter("classifier_fair_share_refusals_total", resource="queue", caller="peer") == (refused_before + 1)
-                model.release()
-                [scores] = await asyncio.gather(*mine.futures)
-                assert scores == [10.0, 7.0]
-                # The batch running when it came, perhaps the one taken while that ran, then its own (it seeded it).
-                [ran_in] = [i for i, batch in enumerate(model.ran) if any(sequence[0] == 7 for sequence in batch)]
-                assert ran_in <= 2
-            finally:
-                model.release()
-                clock.now += 3600
-                batcher.drain()
-                await batcher.drained()
+        async with running(batcher, model, clock):
+            flood(batcher)
+            await model.running(1)
+            refused_before = counter("classifier_fair_share_refusals_total", resource="queue", caller="peer")
+            with pytest.raises(Overloaded) as refused:
+                for i in range(20):  # until the queue is full
+                    batcher.submit([ids(100, 2000 + i)] * 8, math.inf, "peer:greedy")
+            assert refused.value.reason == "queue_full"  # alone, the greedy caller meets the plain limit
+            admitted_before = counter("classifier_admitted_texts_total", caller="client_id")
+            mine = batcher.submit([ids(10, 7)], clock.now + 2.0, "client_id:interactive")
+            assert counter("classifier_admitted_texts_total", caller="client_id") == admitted_before + 1
+            with pytest.raises(Overloaded) as greedy_again:
+                batcher.submit([ids(100, 3000)] * 8, math.inf, "peer:greedy")
+            assert greedy_again.value.reason == "fair_share"
+            assert "fair share" in str(greedy_again.value.message)
+            assert counter("classifier_fair_share_refusals_total", resource="queue", caller="peer") == (refused_before + 1)
+            model.release()
+            [scores] = await asyncio.gather(*mine.futures)
+            assert scores == [10.0, 7.0]
+            # The batch running when it came, perhaps the one taken while that ran, then its own (it seeded it).
+            [ran_in] = [i for i, batch in enumerate(model.ran) if any(sequence[0] == 7 for sequence in batch)]
+            assert ran_in <= 2
 
     asyncio.run(main())
 
@@ -279,6 +289,11 @@ class OneBatchAtATime(FakeModel):
         assert self.steps.acquire(timeout=30)
         return scores
 
+    def release(self) -> None:
+        """Every batch, now and to come, runs to its end."""
+        super().release()
+        self.steps.release(1000)
+
 
 def test_while_callers_share_the_model_the_next_batch_is_chosen_as_the_running_one_ends():
     """A greedy caller's batches run back to back, one taken while the other runs; once an interactive caller has
@@ -289,24 +304,17 @@ def test_while_callers_share_the_model_the_next_batch_is_chosen_as_the_running_o
     batcher = batcher_over(model, clock, 100_000, shared_batch_seconds=0.05)
 
     async def main():
-        with ThreadPoolExecutor(1) as thread:
-            batcher.start(thread)
-            try:
-                flood(batcher)
-                await model.running(1)
-                await model.collated(2)  # the next greedy batch is taken while the first runs
-                first = batcher.submit([ids(10, 7)], math.inf, "client_id:interactive")
-                model.steps.release()
-                await model.running(2)  # the greedy batch taken ahead; nothing is taken while it runs now
-                second = batcher.submit([ids(10, 8)], math.inf, "client_id:interactive")
-                model.steps.release(1000)
-                assert await asyncio.gather(*first.futures, *second.futures) == [[10.0, 7.0], [10.0, 8.0]]
-                assert sorted(sequence[0] for sequence in model.ran[2]) == [7, 8]
-            finally:
-                model.steps.release(1000)
-                clock.now += 3600
-                batcher.drain()
-                await batcher.drained()
+        async with running(batcher, model, clock):
+            flood(batcher)
+            await model.running(1)
+            await model.collated(2)  # the next greedy batch is taken while the first runs
+            first = batcher.submit([ids(10, 7)], math.inf, "client_id:interactive")
+            model.steps.release()
+            await model.running(2)  # the greedy batch taken ahead; nothing is taken while it runs now
+            second = batcher.submit([ids(10, 8)], math.inf, "client_id:interactive")
+            model.steps.release(1000)
+            assert await asyncio.gather(*first.futures, *second.futures) == [[10.0, 7.0], [10.0, 8.0]]
+            assert sorted(sequence[0] for sequence in model.ran[2]) == [7, 8]
 
     asyncio.run(main())
 
