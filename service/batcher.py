@@ -272,6 +272,8 @@ class Batcher:
                 batch, arm = self._next_batch(now)
                 if batch is not None:
                     self._in_flight.taken(batch)
+                    if arm is not None and self.live is not None:
+                        self.live.tuner.taken(arm)
                     self._publish_queue_state()
                     return batch, len(self.queue) > 0, arm
                 if not self._accepting and not len(self.queue):

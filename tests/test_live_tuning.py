@@ -44,6 +44,7 @@ class Traffic:
         switches = []
         for _ in range(count):
             arm = self.tuner.choose(self.now, waiting)
+            self.tuner.taken(arm)
             seconds = 2048 / (speeds[arm] * next(self.noise))
             self.now += seconds
             self.ran.append(arm)
