@@ -23,14 +23,12 @@ caller beside it waited seconds for both.
 
 from collections import OrderedDict
 from collections.abc import KeysView
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Exceeded = Literal["fair_share", "full"]
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """How much of a limited resource is in use: in all, by the caller asking for more, and by how many callers
     (those holding any, the asking caller included)."""
 

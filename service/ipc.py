@@ -399,6 +399,9 @@ class Call(Protocol):
 Begin = Callable[[list[list[int]], float, str, Callable[[Outcome], None]], Call]
 # The engine's current state, sent to clients as heartbeat.
 CurrentState = Callable[[], EngineState]
+# Held while the requests and cancellations of one frame are started (`begin`) or dropped, one after the other: the
+# back half's lock, taken once for them all instead of once each, as a thread of its own may hold it meanwhile.
+Together = Callable[[], contextlib.AbstractContextManager]
 
 
 class EngineServer:
@@ -411,8 +414,9 @@ class EngineServer:
         current_state: CurrentState,
         heartbeat: float = HEARTBEAT_SECONDS,
         peer_timeout: float = PEER_TIMEOUT_SECONDS,
+        together: Together = contextlib.nullcontext,
     ) -> None:
-        self.begin, self.current_state = begin, current_state
+        self.begin, self.current_state, self.together = begin, current_state, together
         self.heartbeat, self.peer_timeout = heartbeat, peer_timeout
         self._loop = asyncio.get_running_loop()
         self._context = zmq.Context()
@@ -474,14 +478,15 @@ class EngineServer:
         except msgspec.DecodeError:
             log.error("dropped a malformed message from an API process (%d bytes)", len(frame))
             return
-        for message in messages:
-            if isinstance(message, ScoreRequest):
-                self._start_request(identity, message)
-            elif isinstance(message, Cancel):
-                call = self._work.pop((identity, message.request_id), None)
-                if call is not None:
-                    call.cancel()
-                    self._check_idle()
+        with self.together():
+            for message in messages:
+                if isinstance(message, ScoreRequest):
+                    self._start_request(identity, message)
+                elif isinstance(message, Cancel):
+                    call = self._work.pop((identity, message.request_id), None)
+                    if call is not None:
+                        call.cancel()
+                        self._check_idle()
 
     def _start_request(self, identity: bytes, request: ScoreRequest) -> None:
         """Start the request's work, or answer its refusal."""

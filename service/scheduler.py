@@ -22,7 +22,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from service.fairness import RecentCallers, Usage, VirtualTime
 from service.moving_average import MovingAverage
@@ -151,8 +151,7 @@ def default_bucket_bounds(max_length: int, pad_multiple: int = 1) -> tuple[int, 
     return tuple(bounds)
 
 
-@dataclass(frozen=True, slots=True)
-class Place:
+class Place(NamedTuple):
     """Where a new text would wait: the queued text it would follow into its bucket's batch (None: it would open a
     batch of its own, behind every other bucket), and the queued tokens that run before it."""
 
@@ -218,11 +217,15 @@ class BatchQueue:
 
     GAP_SMOOTHING = 0.2  # weight of the newest gap between arrivals
     SHARING_SECONDS = 5.0  # callers that queued texts this recently share the model (`sharing`)
+    # Emptied callers' buckets kept for reuse: a caller whose every text has left is forgotten, and under load one
+    # comes back with the next request, when making its buckets anew cost a twentieth of an admission.
+    SPARE_CALLERS = 4
 
     def __init__(self, policy: BatchingPolicy) -> None:
         self.policy = policy
         self._bucket_count = len(policy.bucket_bounds) if policy.batching == "buckets" else 1
         self._callers: dict[str, _CallerTexts] = {}  # the callers with texts queued
+        self._spare: list[_CallerTexts] = []  # emptied ones, for the next callers to arrive
         self._virtual = VirtualTime()
         self._texts = 0
         self._tokens = 0
@@ -317,7 +320,7 @@ class BatchQueue:
     def append(self, item: QueuedText) -> None:
         own = self._callers.get(item.caller)
         if own is None:
-            own = self._callers[item.caller] = _CallerTexts(self._bucket_count)
+            own = self._callers[item.caller] = self._spare.pop() if self._spare else _CallerTexts(self._bucket_count)
             self._virtual.activated(item.caller)
         index = self.bucket_of(item.tokens)
         own.buckets[index].append(item)
@@ -377,7 +380,9 @@ class BatchQueue:
 
     def _forget_idle_callers(self) -> None:
         for caller in [caller for caller, own in self._callers.items() if not own.texts]:
-            del self._callers[caller]
+            own = self._callers.pop(caller)
+            if len(self._spare) < self.SPARE_CALLERS:
+                self._spare.append(own)  # empty: every bucket, and with them every count
         self._virtual.forget_idle(set(self._callers))
 
     def _record_arrival(self, at: float) -> None:

@@ -109,6 +109,10 @@ class _EngineProcess:
             raise LoadFailed(self.failure) if self.failure is not None else NotReady()
         return self.backend.begin(token_ids, deadline, caller, on_done)
 
+    def together(self) -> contextlib.AbstractContextManager:
+        """What `EngineServer` holds while it starts one frame's requests: the queue's lock, once loaded."""
+        return contextlib.nullcontext() if self.backend is None else self.backend.together()
+
     def state(self) -> EngineState:
         """For the API processes: why it failed, or once loaded, its facts and how it batches now."""
         if self.backend is None:
@@ -121,7 +125,7 @@ async def _engine_main(settings: Settings, address: str) -> int:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     engine = _EngineProcess()
-    server = EngineServer(address, engine.begin, engine.state)
+    server = EngineServer(address, engine.begin, engine.state, together=engine.together)
     try:
         try:
             engine.backend, engine.facts = await build_backend(settings)

@@ -12,7 +12,7 @@ from service.batcher import Batcher
 from service.drain_rate import DrainRate, WaitCalibration
 from service.errors import DeadlineExceeded, InferenceFailed, NotAccepting, Overloaded
 from service.scheduler import BatchingPolicy, BatchQueue
-from service.scorer import Scorer
+from service.scorer import Deadlines, Scorer
 from tests.fakes import WAIT, FakeClock, FakeModel
 
 ONE_TEXT_BATCHES = BatchingPolicy(bucket_bounds=(64,), max_batch_tokens=64, max_batch_size=1, window=0.0)
@@ -206,6 +206,62 @@ def test_an_answer_ready_only_after_its_deadline_is_delivered_and_counted_late()
         assert REGISTRY.get_sample_value("classifier_late_answers_total") == late_before + 1
 
     run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_each_request_fails_at_its_own_deadline_whatever_order_the_deadlines_came_in():
+    """One timer serves every request's deadline (`Deadlines`): a request with an earlier deadline than those already
+    waiting fails first, the later one only at its own, and one whose deadline has not come is answered."""
+    model = FakeModel(held=True)
+
+    async def scenario(batcher, clock):
+        scorer = Scorer(batcher, inference_thread=None)
+        running = asyncio.create_task(scorer.score([text(1, 10)], deadline=clock.now + 60))
+        await model.running(1)
+        later = asyncio.create_task(scorer.score([text(2, 10)], deadline=clock.now + 0.5))
+        sooner = asyncio.create_task(scorer.score([text(3, 10)], deadline=clock.now + 0.01))
+        patient = asyncio.create_task(scorer.score([text(4, 10)], deadline=clock.now + 60))
+        clock.now += 0.1  # past the sooner deadline only
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(sooner, WAIT)
+        assert not later.done()
+        clock.now += 1.0
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(later, WAIT)
+        model.release()
+        assert await asyncio.wait_for(patient, WAIT) == [scores_of(text(4, 10))]
+        assert await asyncio.wait_for(running, WAIT) == [scores_of(text(1, 10))]
+        assert [batch[0][0] for batch in model.ran] == [1, 4]  # the expired texts never ran
+
+    run(scenario, model, ONE_TEXT_BATCHES)
+
+
+def test_the_deadline_timer_forgets_requests_answered_before_their_deadline():
+    """Answered requests leave the deadline heap by the time they are most of it, so it stays as large as the requests
+    in progress, not as all those of the last deadline's length."""
+
+    class Call:
+        finished = False
+        reached = 0
+
+        def deadline_reached(self) -> None:
+            self.reached += 1
+
+    async def main():
+        clock = FakeClock()
+        deadlines = Deadlines(clock)
+        calls = [Call() for _ in range(400)]
+        for call in calls:
+            deadlines.add(clock.now + 0.05, call)
+        for call in calls[:300]:
+            call.finished = True
+            deadlines.finished()
+        assert len(deadlines) <= 200  # rebuilt once more than half were finished
+        clock.now += 1.0
+        await until(lambda: all(call.reached for call in calls[300:]))
+        assert len(deadlines) == 0
+        assert [call.reached for call in calls[300:]] == [1] * 100  # each told once
+
+    asyncio.run(main())
 
 
 def test_a_request_fails_with_its_first_failure_even_while_an_earlier_text_still_runs():

@@ -261,6 +261,7 @@ def test_an_interactive_caller_is_admitted_and_answered_while_a_greedy_one_holds
             assert refused.value.reason == "queue_full"  # alone, the greedy caller meets the plain limit
             admitted_before = counter("classifier_admitted_texts_total", caller="client_id")
             mine = batcher.submit([ids(10, 7)], clock.now + 2.0, "client_id:interactive")
+            batcher.publish_admitted()  # as the event loop does, QUEUE_STATE_DELAY later
             assert counter("classifier_admitted_texts_total", caller="client_id") == admitted_before + 1
             with pytest.raises(Overloaded) as greedy_again:
                 batcher.submit([ids(100, 3000)] * 8, math.inf, "peer:greedy")

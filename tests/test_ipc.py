@@ -112,6 +112,38 @@ async def _scores_errors_and_state_travel_both_ways(address):
         assert (refused.value.message, refused.value.headers) == ("the queue is full; retry in about 3 s", {"Retry-After": "3"})
 
 
+def test_the_requests_of_one_frame_start_together(address):
+    """Requests an API process makes in one turn of its loop cross as one frame, and the engine starts them all within
+    one `together` (the queue's lock, taken once for them), however many they are."""
+    asyncio.run(_the_requests_of_one_frame_start_together(address))
+
+
+async def _the_requests_of_one_frame_start_together(address):
+    scorer = FakeScorer()
+    holding = {"now": False, "times": 0}
+    started_within: list[int | None] = []  # for each request begun: which `together` it began in (None: none)
+
+    @contextlib.contextmanager
+    def together():
+        holding["now"], holding["times"] = True, holding["times"] + 1
+        try:
+            yield
+        finally:
+            holding["now"] = False
+
+    def begin(token_ids, deadline, caller, on_done):
+        started_within.append(holding["times"] if holding["now"] else None)
+        return scorer.begin(token_ids, deadline, caller, on_done)
+
+    async with serving(address, begin, server={"together": together}) as (_, client):
+        await client.wait_for_state()
+        deadline = time.monotonic() + 5
+        scores = await asyncio.gather(*(client.score([[i]], deadline) for i in range(1, 30)))  # one turn: one frame
+        assert scores == [[[1.0, float(i)]] for i in range(1, 30)]
+        assert len(started_within) == 29 and None not in started_within
+        assert len(set(started_within)) == 1
+
+
 def test_a_cancelled_caller_cancels_its_work_in_the_engine(address):
     asyncio.run(_a_cancelled_caller_cancels_its_work_in_the_engine(address))
 

@@ -1,0 +1,333 @@
+"""Engine process capacity: requests per second and CPU per request of one engine process, fed faster than this
+machine's API processes can feed it.
+
+    python -m loadtest.engine_benchmark [--duration 10] [--rounds 3] [--in-flight 64,512] [--clients 2] [--multi 1]
+                                        [--baseline DIR ...] [--profile SECONDS]
+
+The front-end benchmark (`loadtest.frontend_benchmark`) drives the whole service over HTTP, so on a small machine the
+API processes, not the engine, set the rate, and the engine is measured at whatever rate they reach (about 1,000-2,000
+single-text requests/s on 2 cores). Here the engine process (`service.workers`' own, with the near-zero-cost model of
+the front-end benchmark, tuning off, one torch thread) is started alone, and a driver process stands in for
+`--clients` API processes: one `service.ipc.EngineClient` each, as an API process holds, keeping `--in-flight`
+requests of `--multi` token-id sequences outstanding in all (each answer sends the next request, in the same turn of
+the loop), the sequences being the corpus mix tokenized once beforehand. What is measured over `--duration` seconds
+after a 2 s warm-up: answered requests/s, latency, texts per batch (from the engine's own metrics), and the CPU time
+of each of the engine process's threads (`/proc/<pid>/task`): its event loop (`clf-engine`: the IPC, admission, the
+queue, answers: the bookkeeping), the collation thread, the inference thread (`clf-inference`, the model) and
+ZeroMQ's I/O thread. The driver's CPU per request is reported too: it is what the API processes' side of the IPC
+costs.
+
+Each configuration (this tree, and each `--baseline DIR` holding an older `service` package whose `EngineClient`
+speaks to its own engine) runs in its own pair of processes, round by round, alternating, so ratios come from runs
+made back to back. `--profile N` records N seconds of py-spy of the engine process under the first configuration and
+the largest `--in-flight` instead. Results go to loadtest/results/engine.json.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loadtest.corpus import load_texts
+from loadtest.frontend_benchmark import ENGINE_PROCESS, INFERENCE_THREAD, build_near_zero_cost_model
+from loadtest.probe import ROOT, machine
+
+RESULTS = ROOT / "loadtest" / "results"
+READY_TIMEOUT = 120  # seconds for the engine process to load and warm up
+
+# The driver, run with `python -c` in the tree under test, so it imports that tree's `service.ipc`. Its arguments:
+# the engine's address, the engine's pid, a JSON file of token-id sequences, clients, requests in flight, texts per
+# request, warm-up and measured seconds. It prints one JSON line: what it measured over the measured seconds.
+DRIVER = r"""
+import asyncio, itertools, json, os, sys, time
+import uvloop
+from service.ipc import EngineClient
+
+address, engine_pid, ids_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+clients_n, in_flight, per_request = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+warm_up, duration = float(sys.argv[7]), float(sys.argv[8])
+sequences = json.loads(open(ids_file).read())
+TICKS = os.sysconf("SC_CLK_TCK")
+
+def threads_cpu(pid):
+    spent = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            text = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        spent[name] = spent.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+    return spent
+
+def own_cpu():
+    times = os.times()
+    return times.user + times.system
+
+async def main():
+    clients = [EngineClient(address) for _ in range(clients_n)]
+    for client in clients:
+        await client.wait_for_state(lambda state: state.status == "ready")
+    picks = itertools.cycle(range(len(sequences)))
+    state = {"measuring": False, "answered": 0, "failed": 0, "latencies": []}
+
+    async def caller(client):
+        while True:
+            texts = [sequences[next(picks)] for _ in range(per_request)]
+            sent = time.perf_counter()
+            try:
+                await client.score(texts, time.monotonic() + 60.0)
+            except Exception:
+                if state["measuring"]:
+                    state["failed"] += 1
+                continue
+            if state["measuring"]:
+                state["answered"] += 1
+                state["latencies"].append(time.perf_counter() - sent)
+
+    tasks = [asyncio.create_task(caller(clients[i % clients_n])) for i in range(in_flight)]
+    await asyncio.sleep(warm_up)
+    before, driver_before, started = threads_cpu(engine_pid), own_cpu(), time.perf_counter()
+    state["measuring"] = True
+    await asyncio.sleep(duration)
+    state["measuring"] = False
+    after, driver_after, elapsed = threads_cpu(engine_pid), own_cpu(), time.perf_counter() - started
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for client in clients:
+        await client.close()
+    latencies = sorted(state["latencies"])
+    print(json.dumps({
+        "answered": state["answered"], "failed": state["failed"], "seconds": elapsed,
+        "latencies_ms": [1000 * latencies[int(len(latencies) * p / 100)] for p in (50, 99)] if latencies else None,
+        "engine_threads_cpu_seconds": {name: after.get(name, 0.0) - spent for name, spent in before.items()},
+        "driver_cpu_seconds": driver_after - driver_before,
+    }), flush=True)
+
+with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    runner.run(main())
+"""
+
+# The engine process alone, as `--workers` starts it, run with `python -c` in the tree under test.
+ENGINE = r"""
+import sys
+from service.settings import Settings
+from service.workers import _serve_engine
+_serve_engine(Settings(), sys.argv[1])
+"""
+
+
+def token_ids(model_dir: Path, texts: int) -> list[list[int]]:
+    """The corpus mix, tokenized as the service does (truncated to the model's maximum length)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer(load_texts(texts), truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+
+
+@contextlib.contextmanager
+def engine_process(source: Path, model_dir: Path, env: dict[str, str], log: Path):
+    """The engine process of the tree in `source`, serving on a fresh ipc address: yields (address, pid)."""
+    runtime = Path(tempfile.mkdtemp(prefix="engine-benchmark-"))
+    address = f"ipc://{runtime}/engine.sock"
+    metrics_dir = runtime / "metrics"
+    metrics_dir.mkdir()
+    environment = {
+        **os.environ,
+        "MODEL": str(model_dir),
+        "CLASSIFIER_TUNE": "false",
+        "CLASSIFIER_TORCH_THREADS": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        **env,
+    }
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-c", ENGINE, address], cwd=source, env=environment, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield address, process.pid, metrics_dir
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def batches(metrics_dir: Path) -> tuple[float, float]:
+    """Texts and batches the engine has run so far (its classifier_batch_size histogram)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(metrics_dir))
+    texts = registry.get_sample_value("classifier_batch_size_sum") or 0.0
+    count = registry.get_sample_value("classifier_batch_size_count") or 0.0
+    return texts, count
+
+
+def driver_command(address: str, pid: int, ids_file: Path, args: argparse.Namespace, in_flight: int, warm_up: float, seconds: float) -> list[str]:
+    numbers = [args.clients, in_flight, args.multi, warm_up, seconds]
+    return [sys.executable, "-c", DRIVER, address, str(pid), str(ids_file), *(f"{number:g}" for number in numbers)]
+
+
+def drive(source: Path, address: str, pid: int, ids_file: Path, args: argparse.Namespace, in_flight: int) -> dict:
+    """One measured run of the driver against a ready engine process."""
+    command = driver_command(address, pid, ids_file, args, in_flight, 2, args.duration)
+    done = subprocess.run(command, cwd=source, capture_output=True, text=True, timeout=READY_TIMEOUT + args.duration + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"the driver failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namespace, in_flight: int, log: Path) -> dict:
+    with engine_process(source, model_dir, {}, log) as (address, pid, metrics_dir):
+        texts_before, batches_before = batches(metrics_dir)
+        run = drive(source, address, pid, ids_file, args, in_flight)
+        texts_after, batches_after = batches(metrics_dir)
+    answered = run["answered"]
+    per_request_ms = {name: 1000 * spent / answered for name, spent in run["engine_threads_cpu_seconds"].items() if answered}
+    engine_ms = sum(per_request_ms.values())
+    loop_ms = per_request_ms.get(ENGINE_PROCESS, 0.0)
+    return {
+        "in_flight": in_flight,
+        "requests_per_second": answered / run["seconds"],
+        "failed": run["failed"],
+        "p50_ms": run["latencies_ms"][0] if run["latencies_ms"] else None,
+        "p99_ms": run["latencies_ms"][1] if run["latencies_ms"] else None,
+        # Over the warm-up and the measured run together (the metrics are cumulative): the batch shape at this load.
+        "texts_per_batch": (texts_after - texts_before) / (batches_after - batches_before) if batches_after > batches_before else None,
+        "engine_cpu_ms_per_request": engine_ms,
+        "threads_cpu_ms_per_request": per_request_ms,
+        "bookkeeping_cpu_ms_per_request": engine_ms - per_request_ms.get(INFERENCE_THREAD, 0.0),
+        "loop_capacity": 1000 / loop_ms if loop_ms else None,
+        "engine_capacity": 1000 / max(per_request_ms.values()) if per_request_ms else None,
+        "driver_cpu_ms_per_request": 1000 * run["driver_cpu_seconds"] / answered if answered else None,
+    }
+
+
+def summary_line(result: dict) -> str:
+    by_thread = sorted(result["threads_cpu_ms_per_request"].items(), key=lambda item: -item[1])
+    threads = ", ".join(f"{name} {ms:.3f}" for name, ms in by_thread if ms > 0.0005)
+    return (
+        f"{result['requests_per_second']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+        f"failed {result['failed']}, {result['texts_per_batch'] or 0:.1f} texts/batch; engine CPU "
+        f"{result['engine_cpu_ms_per_request']:.3f} ms/request (bookkeeping {result['bookkeeping_cpu_ms_per_request']:.3f}: {threads}); "
+        f"driver {result['driver_cpu_ms_per_request']:.3f} ms/request"
+    )
+
+
+def profile(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namespace, output: Path) -> None:
+    """py-spy of the engine process (threads, native frames) while the driver keeps the largest --in-flight going."""
+    in_flight = max(args.in_flight)
+    with engine_process(source, model_dir, {}, RESULTS / "engine-process.log") as (address, pid, metrics_dir):
+        driver = subprocess.Popen(
+            driver_command(address, pid, ids_file, args, in_flight, 0, args.profile + 5),
+            cwd=source,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while batches(metrics_dir)[1] < 100 and time.monotonic() < deadline:  # loaded, and serving the driver
+            time.sleep(0.5)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(pid),
+                "--threads",
+                "--native",
+                "--rate",
+                "200",
+                "--duration",
+                f"{args.profile:g}",
+                "--format",
+                "raw",
+                "--output",
+                str(output),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        driver.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration, alternating")
+    parser.add_argument("--in-flight", type=lambda s: [int(n) for n in s.split(",")], default=[64, 512], help="requests outstanding, comma-separated")
+    parser.add_argument("--clients", type=int, default=2, help="API processes the driver stands in for")
+    parser.add_argument("--multi", type=int, default=1, help="token-id sequences per request")
+    parser.add_argument("--texts", type=int, default=4000, help="texts drawn from the corpus mix")
+    parser.add_argument("--baseline", action="append", default=[], help="another tree holding a service package, measured first (repeatable)")
+    parser.add_argument("--profile", type=float, help="record this many seconds of py-spy instead of measuring")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    model_dir = build_near_zero_cost_model(Path(tempfile.mkdtemp(prefix="engine-model-")))
+    ids_file = RESULTS / "engine-token-ids.json"
+    ids_file.write_text(json.dumps(token_ids(model_dir, args.texts)))
+    configs = [(f"baseline {Path(path).name}", Path(path).resolve()) for path in args.baseline] + [("this tree", ROOT)]
+
+    if args.profile:
+        name, source = configs[0]
+        output = RESULTS / "engine-profile.txt"
+        profile(source, model_dir, ids_file, args, output)
+        print(f"py-spy samples of {name}'s engine process: {output}")
+        return
+
+    runs: dict[str, dict[int, list[dict]]] = {name: {n: [] for n in args.in_flight} for name, _ in configs}
+    for round_number in range(args.rounds):
+        for in_flight in args.in_flight:
+            for name, source in configs:
+                result = measure(source, model_dir, ids_file, args, in_flight, RESULTS / "engine-process.log")
+                runs[name][in_flight].append(result)
+                print(f"round {round_number + 1}, {name}, {in_flight} in flight: {summary_line(result)}", flush=True)
+    (RESULTS / "engine.json").write_text(json.dumps({"args": vars(args), "machine": machine(), "runs": runs}, indent=1))
+    print_summary(runs, configs, args)
+
+
+def print_summary(runs: dict, configs: list, args: argparse.Namespace) -> None:
+    print(f"\n{args.multi} text(s) per request, {args.clients} clients; medians over rounds (CPU: ms per request)")
+    columns = ("in flight", "req/s", "min-max", "texts/batch", "engine", "bookkeeping", "loop", "model", "loop cap.", "driver")
+    print(f"{'configuration':30} " + " ".join(f"{column:>11}" for column in columns))
+    for name, _ in configs:
+        for in_flight, results in runs[name].items():
+            rates = [r["requests_per_second"] for r in results]
+            medians = [
+                statistics.median(value(r) or 0.0 for r in results)
+                for value in (
+                    lambda r: r["texts_per_batch"],
+                    lambda r: r["engine_cpu_ms_per_request"],
+                    lambda r: r["bookkeeping_cpu_ms_per_request"],
+                    lambda r: r["threads_cpu_ms_per_request"].get(ENGINE_PROCESS),
+                    lambda r: r["threads_cpu_ms_per_request"].get(INFERENCE_THREAD),
+                    lambda r: r["loop_capacity"],
+                    lambda r: r["driver_cpu_ms_per_request"],
+                )
+            ]
+            spread = f"{min(rates):.0f}-{max(rates):.0f}"
+            figures = [f"{medians[0]:11.1f}", *(f"{m:11.3f}" for m in medians[1:5]), f"{medians[5]:11.0f}", f"{medians[6]:11.3f}"]
+            print(f"{name:30} {in_flight:11d} {statistics.median(rates):11.0f} {spread:>11} " + " ".join(figures))
+    if len(configs) > 1:
+        last = configs[-1][0]
+        for name, _ in configs[:-1]:
+            for in_flight in args.in_flight:
+                pairs = list(zip(runs[name][in_flight], runs[last][in_flight]))
+                speed = [b["requests_per_second"] / a["requests_per_second"] for a, b in pairs]
+                loop = [b["bookkeeping_cpu_ms_per_request"] / a["bookkeeping_cpu_ms_per_request"] for a, b in pairs]
+                print(
+                    f"{last} / {name}, {in_flight} in flight: req/s {statistics.median(speed):.2f} (rounds {', '.join(f'{r:.2f}' for r in speed)}); "
+                    f"bookkeeping CPU per request {statistics.median(loop):.2f} (rounds {', '.join(f'{r:.2f}' for r in loop)})"
+                )
+
+
+if __name__ == "__main__":
+    main()
