@@ -2,7 +2,7 @@
 machine's API processes can feed it.
 
     python -m loadtest.engine_benchmark [--duration 10] [--rounds 3] [--in-flight 64,512] [--clients 2] [--multi 1]
-                                        [--baseline DIR ...] [--profile SECONDS]
+                                        [--baseline DIR ...] [--env NAME=VALUE ...] [--profile SECONDS]
 
 The front-end benchmark (`loadtest.frontend_benchmark`) drives the whole service over HTTP, so on a small machine the
 API processes, not the engine, set the rate, and the engine is measured at whatever rate they reach (about 1,000-2,000
@@ -134,7 +134,8 @@ def token_ids(model_dir: Path, texts: int) -> list[list[int]]:
 
 @contextlib.contextmanager
 def engine_process(source: Path, model_dir: Path, env: dict[str, str], log: Path):
-    """The engine process of the tree in `source`, serving on a fresh ipc address: yields (address, pid)."""
+    """The engine process of the tree in `source` (with `env` over the benchmark's settings), serving on a fresh ipc
+    address: yields its address, its pid and its metrics directory."""
     runtime = Path(tempfile.mkdtemp(prefix="engine-benchmark-"))
     address = f"ipc://{runtime}/engine.sock"
     metrics_dir = runtime / "metrics"
@@ -187,7 +188,7 @@ def drive(source: Path, address: str, pid: int, ids_file: Path, args: argparse.N
 
 
 def measure(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namespace, in_flight: int, log: Path) -> dict:
-    with engine_process(source, model_dir, {}, log) as (address, pid, metrics_dir):
+    with engine_process(source, model_dir, args.env, log) as (address, pid, metrics_dir):
         texts_before, batches_before = batches(metrics_dir)
         run = drive(source, address, pid, ids_file, args, in_flight)
         texts_after, batches_after = batches(metrics_dir)
@@ -226,7 +227,7 @@ def summary_line(result: dict) -> str:
 def profile(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namespace, output: Path) -> None:
     """py-spy of the engine process (threads, native frames) while the driver keeps the largest --in-flight going."""
     in_flight = max(args.in_flight)
-    with engine_process(source, model_dir, {}, RESULTS / "engine-process.log") as (address, pid, metrics_dir):
+    with engine_process(source, model_dir, args.env, RESULTS / "engine-process.log") as (address, pid, metrics_dir):
         driver = subprocess.Popen(
             driver_command(address, pid, ids_file, args, in_flight, 0, args.profile + 5),
             cwd=source,
@@ -269,7 +270,9 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4000, help="texts drawn from the corpus mix")
     parser.add_argument("--baseline", action="append", default=[], help="another tree holding a service package, measured first (repeatable)")
     parser.add_argument("--profile", type=float, help="record this many seconds of py-spy instead of measuring")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the engine process (e.g. a larger CLASSIFIER_MAX_BATCH_TOKENS)")
     args = parser.parse_args()
+    args.env = dict(item.split("=", 1) for item in args.env)
     RESULTS.mkdir(exist_ok=True)
     model_dir = build_near_zero_cost_model(Path(tempfile.mkdtemp(prefix="engine-model-")))
     ids_file = RESULTS / "engine-token-ids.json"
