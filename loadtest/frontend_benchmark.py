@@ -15,10 +15,11 @@ runs made back to back. Reported per run: requests/s, texts/s, and CPU seconds p
 service (from /proc/<pid>/stat, before and after), whose sum is what one request costs the machine, and of each
 thread of the engine process (/proc/<pid>/task/<tid>/stat, named by service/thread_names.py): its event loop
 (`clf-engine`: the IPC, admission, the queue, answers), the collation thread (`clf-collate`), the inference thread
-(`clf-inference`: the model's forward passes, per batch) and ZeroMQ's I/O thread. A replica's engine process tops out
-where one of its threads does: each is one core at most, and the projected capacity of the engine process is
-1 / (the busiest thread's CPU per request) (`engine_capacity`), with the bookkeeping alone (every thread but the
-model's) beside it (`bookkeeping_capacity`: 1 / the event loop's CPU per request).
+(`clf-inference`: the model's forward passes, per batch) and ZeroMQ's I/O thread. Those threads take turns on one
+interpreter lock, so the engine process tops out near one core in all: its capacity projected from this load is
+1 / (its CPU per request) (`engine_capacity`), its bookkeeping's 1 / (its event loop's) (`bookkeeping_capacity`).
+Per-batch costs shrink per request as the rate grows, so these projections are low; `loadtest.engine_benchmark`
+measures the engine process at rates the API processes of a small machine cannot reach.
 `--profile N` records N seconds of py-spy under the single-text load of the first configuration instead.
 Results go to loadtest/results/frontend.json.
 """
@@ -259,8 +260,9 @@ def main() -> None:
 
 def engine_split(result: dict) -> dict | None:
     """The engine process's CPU ms per request: in all, by thread, the API processes' together, and the projected
-    capacities (requests/s) of one engine process: where its busiest thread tops out at one core, and where its
-    event loop (the bookkeeping every request passes through) does. None without an engine process (--workers 1)."""
+    capacities (requests/s) of one engine process at this load: where its threads together, which share one
+    interpreter lock, top out at one core, and where its event loop (the bookkeeping every request passes through)
+    does. None without an engine process (--workers 1)."""
     engine = next((p for p in result["processes"] if p["role"] == ENGINE_PROCESS), None)
     if engine is None:
         return None
@@ -271,7 +273,7 @@ def engine_split(result: dict) -> dict | None:
         "threads": threads,
         "bookkeeping": engine["cpu_ms_per_request"] - threads.get(INFERENCE_THREAD, 0.0),
         "api": sum(p["cpu_ms_per_request"] for p in result["processes"] if p["role"].startswith("clf-api")),
-        "engine_capacity": 1000 / max(threads.values()),
+        "engine_capacity": 1000 / engine["cpu_ms_per_request"],
         "bookkeeping_capacity": 1000 / loop if loop else None,
     }
 
@@ -318,8 +320,8 @@ def print_summary(runs: dict, configs: list) -> None:
             print(line)
     print(
         "(ms/req: CPU milliseconds per request; engine: the engine process, loop: its event loop thread, model: its"
-        " inference thread; cap.: projected requests/s of one engine process, where its busiest thread, or its event"
-        " loop, tops out at one core)"
+        " inference thread; cap.: projected requests/s of one engine process at this load, where its threads together"
+        " (one interpreter lock), or its event loop, top out at one core)"
     )
     if len(configs) > 1:
         first = configs[0][0]
