@@ -36,7 +36,7 @@ from pathlib import Path
 
 from loadtest.corpus import load_texts
 from loadtest.frontend_benchmark import ENGINE_PROCESS, INFERENCE_THREAD, build_near_zero_cost_model
-from loadtest.probe import ROOT, machine
+from loadtest.probe import ROOT, machine, percentile
 
 RESULTS = ROOT / "loadtest" / "results"
 READY_TIMEOUT = 120  # seconds for the engine process to load and warm up
@@ -103,10 +103,9 @@ async def main():
     await asyncio.gather(*tasks, return_exceptions=True)
     for client in clients:
         await client.close()
-    latencies = sorted(state["latencies"])
     print(json.dumps({
         "answered": state["answered"], "failed": state["failed"], "seconds": elapsed,
-        "latencies_ms": [1000 * latencies[int(len(latencies) * p / 100)] for p in (50, 99)] if latencies else None,
+        "latencies_ms": [round(1000 * seconds, 3) for seconds in state["latencies"]],
         "engine_threads_cpu_seconds": {name: after.get(name, 0.0) - spent for name, spent in before.items()},
         "driver_cpu_seconds": driver_after - driver_before,
     }), flush=True)
@@ -200,8 +199,8 @@ def measure(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namesp
         "in_flight": in_flight,
         "requests_per_second": answered / run["seconds"],
         "failed": run["failed"],
-        "p50_ms": run["latencies_ms"][0] if run["latencies_ms"] else None,
-        "p99_ms": run["latencies_ms"][1] if run["latencies_ms"] else None,
+        "p50_ms": percentile(run["latencies_ms"], 50),
+        "p99_ms": percentile(run["latencies_ms"], 99),
         # Over the warm-up and the measured run together (the metrics are cumulative): the batch shape at this load.
         "texts_per_batch": (texts_after - texts_before) / (batches_after - batches_before) if batches_after > batches_before else None,
         "engine_cpu_ms_per_request": engine_ms,
