@@ -147,10 +147,12 @@ class Deadlines:
     def _fire(self) -> None:
         self._timer, self._armed_for = None, math.inf
         now = self._clock()
-        heap = self._heap
-        while heap and deadline_passed(heap[0][0], now):  # woken early (the clock is not the loop's): armed again
-            heapq.heappop(heap)[2].deadline_reached()
-        self._arm()
+        try:
+            # self._heap each time: a call failed here finishes, and that may rebuild the heap (`finished`).
+            while self._heap and deadline_passed(self._heap[0][0], now):  # woken early: armed again below
+                heapq.heappop(self._heap)[2].deadline_reached()
+        finally:  # one call's error must not leave every later deadline without its timer
+            self._arm()
 
 
 def _failure(future: asyncio.Future) -> Exception | None:
