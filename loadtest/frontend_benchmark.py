@@ -12,7 +12,8 @@ e.g. an unpacked copy of an older commit) is started as a real process and drive
 keep-alive connections; a Lua script posting a long-tailed mix of real texts from loadtest/corpus.py), with one
 text per request and with `--multi` texts per request. Configurations alternate round by round, so ratios come from
 runs made back to back. Reported per run: requests/s, texts/s, and CPU seconds per request of every process of the
-service (from /proc/<pid>/stat, before and after), whose sum is what one request costs the machine, and of each
+service (from /proc/<pid>/stat, before and after), whose sum is what one request costs the machine, of the API
+processes' threads together (their event loops, their tokenizer threads `clf-tokenize`, ZeroMQ's), and of each
 thread of the engine process (/proc/<pid>/task/<tid>/stat, named by service/thread_names.py): its event loop
 (`clf-engine`: the IPC, admission, the queue, answers), the collation thread (`clf-collate`), the inference thread
 (`clf-inference`: the model's forward passes, per batch) and ZeroMQ's I/O thread. Those threads take turns on one
@@ -131,14 +132,13 @@ def _name_and_cpu_seconds(stat: Path) -> tuple[str, float]:
 def saturate(server: ServerProcess, bodies: Path, per_request: int, connections: int, seconds: float) -> dict:
     pids = process_tree(server.process.pid)
     before = cpu_seconds(pids)
-    engines = [pid for pid, (role, _) in before.items() if role == ENGINE_PROCESS]
-    threads_before = {pid: thread_cpu_seconds(pid) for pid in engines}
+    threads_before = {pid: thread_cpu_seconds(pid) for pid in before}
     metrics_before = scrape(server.url)
     started = time.perf_counter()
     run = wrk(server.url, bodies, connections, seconds, WRK_TIMEOUT)
     elapsed = time.perf_counter() - started
     after = cpu_seconds(pids)
-    threads_after = {pid: thread_cpu_seconds(pid) for pid in engines}
+    threads_after = {pid: thread_cpu_seconds(pid) for pid in before}
     # The engine's per-batch costs (the forward pass, collation) are shared by a batch's texts.
     batches = Interval(metrics_before, scrape(server.url))
     batch_count = batches.delta("classifier_batch_size_count")
@@ -151,7 +151,7 @@ def saturate(server: ServerProcess, bodies: Path, per_request: int, connections:
     cpu_total = sum(p["cpu_seconds"] for p in per_process)
     for p in per_process:
         p["cpu_ms_per_request"] = 1000 * p["cpu_seconds"] / max(1, answered)
-        if p["pid"] in threads_after:
+        if p["pid"] in threads_after and p["pid"] in threads_before:
             spent = {name: cpu - threads_before[p["pid"]].get(name, 0.0) for name, cpu in threads_after[p["pid"]].items()}
             p["threads_cpu_ms_per_request"] = {name: 1000 * cpu / max(1, answered) for name, cpu in spent.items() if cpu > 0}
     return {
@@ -290,6 +290,15 @@ def summary_line(result: dict) -> str:
     if (split := engine_split(result)) is not None:
         threads = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(split["threads"].items(), key=lambda item: -item[1]))
         line += f"; engine threads ms/request: {threads}"
+        api_threads: dict[str, float] = {}
+        for process in result["processes"]:
+            if process["role"].startswith("clf-api"):
+                for name, ms in process.get("threads_cpu_ms_per_request", {}).items():
+                    name = "event loops" if name.startswith("clf-api") else name  # each API process's main thread
+                    api_threads[name] = api_threads.get(name, 0.0) + ms
+        line += "; API processes' threads together: " + ", ".join(
+            f"{name} {ms:.3f}" for name, ms in sorted(api_threads.items(), key=lambda item: -item[1]) if ms >= 0.001
+        )
     return line
 
 
