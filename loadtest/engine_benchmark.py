@@ -35,45 +35,30 @@ import time
 from pathlib import Path
 
 from loadtest.corpus import load_texts
-from loadtest.frontend_benchmark import ENGINE_PROCESS, INFERENCE_THREAD, build_near_zero_cost_model
+from loadtest.frontend_benchmark import ENGINE_PROCESS, INFERENCE_THREAD, build_near_zero_cost_model, cpu_seconds, record_py_spy, thread_cpu_seconds
 from loadtest.probe import ROOT, machine, percentile
 
 RESULTS = ROOT / "loadtest" / "results"
 READY_TIMEOUT = 120  # seconds for the engine process to load and warm up
 
 # The driver, run with `python -c` in the tree under test, so it imports that tree's `service.ipc`. Its arguments:
-# the engine's address, the engine's pid, a JSON file of token-id sequences, clients, requests in flight, texts per
-# request, warm-up and measured seconds. It prints one JSON line: what it measured over the measured seconds.
+# the engine's address, a JSON file of token-id sequences, clients, requests in flight, texts per request, warm-up and
+# measured seconds. It prints MEASURING and MEASURED as the measured seconds begin and end (the benchmark reads the
+# processes' CPU time then), and last one JSON line: what it saw over those seconds.
 DRIVER = r"""
-import asyncio, itertools, json, os, sys, time
+import asyncio, itertools, json, sys, time
 import uvloop
 from service.ipc import EngineClient
 
-address, engine_pid, ids_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-clients_n, in_flight, per_request = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-warm_up, duration = float(sys.argv[7]), float(sys.argv[8])
+address, ids_file = sys.argv[1], sys.argv[2]
+clients_n, in_flight, per_request = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+warm_up, duration = float(sys.argv[6]), float(sys.argv[7])
 sequences = json.loads(open(ids_file).read())
-TICKS = os.sysconf("SC_CLK_TCK")
-
-def threads_cpu(pid):
-    spent = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            text = open(f"/proc/{pid}/task/{tid}/stat").read()
-        except OSError:
-            continue
-        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
-        spent[name] = spent.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
-    return spent
-
-def own_cpu():
-    times = os.times()
-    return times.user + times.system
 
 async def main():
     clients = [EngineClient(address) for _ in range(clients_n)]
-    for client in clients:
-        await client.wait_for_state(lambda state: state.status == "ready")
+    for client in clients:  # bounded: an engine that never gets ready fails the run instead of hanging it
+        await asyncio.wait_for(client.wait_for_state(lambda state: state.status == "ready"), 120)
     picks = itertools.cycle(range(len(sequences)))
     state = {"measuring": False, "answered": 0, "failed": 0, "latencies": []}
 
@@ -93,11 +78,13 @@ async def main():
 
     tasks = [asyncio.create_task(caller(clients[i % clients_n])) for i in range(in_flight)]
     await asyncio.sleep(warm_up)
-    before, driver_before, started = threads_cpu(engine_pid), own_cpu(), time.perf_counter()
+    print("MEASURING", flush=True)
+    started = time.perf_counter()
     state["measuring"] = True
     await asyncio.sleep(duration)
     state["measuring"] = False
-    after, driver_after, elapsed = threads_cpu(engine_pid), own_cpu(), time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    print("MEASURED", flush=True)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -106,8 +93,6 @@ async def main():
     print(json.dumps({
         "answered": state["answered"], "failed": state["failed"], "seconds": elapsed,
         "latencies_ms": [round(1000 * seconds, 3) for seconds in state["latencies"]],
-        "engine_threads_cpu_seconds": {name: after.get(name, 0.0) - spent for name, spent in before.items()},
-        "driver_cpu_seconds": driver_after - driver_before,
     }), flush=True)
 
 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -172,18 +157,31 @@ def batches(metrics_dir: Path) -> tuple[float, float]:
     return texts, count
 
 
-def driver_command(address: str, pid: int, ids_file: Path, args: argparse.Namespace, in_flight: int, warm_up: float, seconds: float) -> list[str]:
+def driver_command(address: str, ids_file: Path, args: argparse.Namespace, in_flight: int, warm_up: float, seconds: float) -> list[str]:
     numbers = [args.clients, in_flight, args.multi, warm_up, seconds]
-    return [sys.executable, "-c", DRIVER, address, str(pid), str(ids_file), *(f"{number:g}" for number in numbers)]
+    return [sys.executable, "-c", DRIVER, address, str(ids_file), *(f"{number:g}" for number in numbers)]
 
 
 def drive(source: Path, address: str, pid: int, ids_file: Path, args: argparse.Namespace, in_flight: int) -> dict:
-    """One measured run of the driver against a ready engine process."""
-    command = driver_command(address, pid, ids_file, args, in_flight, 2, args.duration)
-    done = subprocess.run(command, cwd=source, capture_output=True, text=True, timeout=READY_TIMEOUT + args.duration + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"the driver failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One measured run of the driver against a ready engine process (`pid`): what the driver saw, with the CPU
+    seconds of each engine thread and of the driver over its measured seconds."""
+    command = driver_command(address, ids_file, args, in_flight, 2, args.duration)
+    with tempfile.TemporaryFile("w+") as errors:
+        driver = subprocess.Popen(command, cwd=source, stdout=subprocess.PIPE, stderr=errors, text=True)
+        assert driver.stdout is not None
+        lines, marks = [], {}
+        for line in driver.stdout:  # the driver ends on its own: its load stops after the measured seconds
+            lines.append(line)
+            if line.strip() in ("MEASURING", "MEASURED"):
+                marks[line.strip()] = (thread_cpu_seconds(pid), cpu_seconds([driver.pid]).get(driver.pid, ("", 0.0))[1])
+        if driver.wait() != 0 or len(marks) != 2:
+            errors.seek(0)
+            raise RuntimeError(f"the driver failed:\n{errors.read()[-3000:]}")
+    run = json.loads(lines[-1])
+    (engine_before, driver_before), (engine_after, driver_after) = marks["MEASURING"], marks["MEASURED"]
+    run["engine_threads_cpu_seconds"] = {name: spent - engine_before.get(name, 0.0) for name, spent in engine_after.items()}
+    run["driver_cpu_seconds"] = driver_after - driver_before
+    return run
 
 
 def measure(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namespace, in_flight: int, log: Path) -> dict:
@@ -207,7 +205,7 @@ def measure(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namesp
         "threads_cpu_ms_per_request": per_request_ms,
         "bookkeeping_cpu_ms_per_request": engine_ms - per_request_ms.get(INFERENCE_THREAD, 0.0),
         "loop_capacity": 1000 / loop_ms if loop_ms else None,
-        "engine_capacity": 1000 / max(per_request_ms.values()) if per_request_ms else None,
+        "engine_capacity": 1000 / engine_ms if engine_ms else None,  # its threads share one interpreter lock
         "driver_cpu_ms_per_request": 1000 * run["driver_cpu_seconds"] / answered if answered else None,
     }
 
@@ -228,34 +226,14 @@ def profile(source: Path, model_dir: Path, ids_file: Path, args: argparse.Namesp
     in_flight = max(args.in_flight)
     with engine_process(source, model_dir, args.env, RESULTS / "engine-process.log") as (address, pid, metrics_dir):
         driver = subprocess.Popen(
-            driver_command(address, pid, ids_file, args, in_flight, 0, args.profile + 5),
+            driver_command(address, ids_file, args, in_flight, 0, args.profile + 5),
             cwd=source,
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + READY_TIMEOUT
         while batches(metrics_dir)[1] < 100 and time.monotonic() < deadline:  # loaded, and serving the driver
             time.sleep(0.5)
-        subprocess.run(
-            [
-                str(Path(sys.executable).parent / "py-spy"),
-                "record",
-                "--pid",
-                str(pid),
-                "--threads",
-                "--native",
-                "--rate",
-                "200",
-                "--duration",
-                f"{args.profile:g}",
-                "--format",
-                "raw",
-                "--output",
-                str(output),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        record_py_spy(pid, args.profile, output)
         driver.wait()
 
 

@@ -183,33 +183,19 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, Path, dict[str, 
     return configs
 
 
+def record_py_spy(pid: int, seconds: float, output: Path, *options: str) -> None:
+    """py-spy's raw samples of `pid` for `seconds`, every thread, native frames included, 200 a second, into
+    `output`; `options`: more of py-spy's flags (`--subprocesses`, `--idle`)."""
+    command = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--threads", "--native", *options]
+    command += ["--duration", f"{seconds:g}", "--rate", "200", "--format", "raw", "--output", str(output)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def profile(server: ServerProcess, bodies: Path, connections: int, seconds: float, output: Path) -> None:
     """py-spy, all processes and threads of the service, native frames included, under the single-text load."""
     load = subprocess.Popen(wrk_command(server.url, bodies, connections, seconds + 4, WRK_TIMEOUT), stdout=subprocess.DEVNULL)
     time.sleep(2)
-    subprocess.run(
-        [
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(server.process.pid),
-            "--subprocesses",
-            "--threads",
-            "--native",
-            "--idle",
-            "--duration",
-            f"{seconds:g}",
-            "--rate",
-            "200",
-            "--format",
-            "raw",
-            "--output",
-            str(output),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    record_py_spy(server.process.pid, seconds, output, "--subprocesses", "--idle")
     load.wait()
 
 
