@@ -60,6 +60,7 @@ FLOOD_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Flood: "
 FLOOD_CHUNK = b"a" * 65536
 TRICKLE_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Trickle: " + b"a" * 10_000
 GREEDY_TIMEOUT_MS = 600_000
+SLOWEST = 6
 FLOOD_START_SECONDS = 10  # the interactive caller's latency is reported for these first seconds of the flood apart
 
 
@@ -302,6 +303,8 @@ async def _greedy(url: str, args: argparse.Namespace) -> dict:
             # The flood's first seconds (its 200 requests read and parsed, the first ones tokenized) apart from the rest.
             f"first_{FLOOD_START_SECONDS}_s": _latency([answer for sent, answer in beside if sent < FLOOD_START_SECONDS]),
             "after": _latency([answer for sent, answer in beside if sent >= FLOOD_START_SECONDS]),
+            # Where the tail lies: the slowest answers, each as [seconds into the flood it was sent, milliseconds].
+            "slowest": sorted(([round(sent, 1), _ms(answer.seconds)] for sent, answer in beside), key=lambda pair: -pair[1])[:SLOWEST],
         },
         "greedy": {
             "statuses": _statuses(greedy_answers),
