@@ -591,7 +591,7 @@ def test_health_ready_info_docs_and_metrics():
 # The fast path answers what the declared FastAPI path answers
 
 
-def _never_well_formed(value, request) -> None:
+def _never_well_formed(value, headers) -> None:
     """`_well_formed` that takes no request: every request goes through FastAPI's declared endpoint."""
     return None
 
@@ -637,8 +637,8 @@ def _answers(monkeypatch) -> tuple[list[tuple[int, list, bytes]], list[bool]]:
     well_formed = api._well_formed
     index = 0
 
-    def noting(value, request):
-        parsed = well_formed(value, request)
+    def noting(value, headers):
+        parsed = well_formed(value, headers)
         taken[index] = parsed is not None
         return parsed
 
