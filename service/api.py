@@ -116,7 +116,8 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     _add_error_handlers(app)
     answer_classify = _add_routes(app, settings, slot, app.state.draining, replica_loaded, retry_after)
     # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
-    app.add_middleware(ClassifyFastPath, answer=answer_classify)
+    classify_route = next(route for route in app.routes if isinstance(route, APIRoute) and route.path == CLASSIFY_PATH)
+    app.add_middleware(ClassifyFastPath, answer=answer_classify, route=classify_route)
     app.add_middleware(RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds)
     if keys := settings.api_key_list():  # no middleware at all (and no cost) when the service is open
         protected = KEYED_PATHS | ({"/metrics"} if settings.metrics_require_key else set())
@@ -374,36 +375,45 @@ class ClassifyFastPath:
     middleware, exit stack, router, Request objects, dependency solving, response validation): a quarter of the event
     loop's busy profile samples at saturation with the near-zero-cost model (loadtest/frontend_benchmark.py
     --profile). Refusals found on the way (415, 400, the engine's ClassifierErrors) are answered as the route's
-    exception handler answers them (`classifier_error_response`)."""
+    exception handler answers them (`classifier_error_response`). Its requests are counted under `route`, as those
+    the router matches to it."""
 
-    def __init__(self, app: ASGIApp, answer: Answer) -> None:
+    def __init__(self, app: ASGIApp, answer: Answer, route: APIRoute) -> None:
         self.app = app
         self.answer = answer
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != CLASSIFY_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        scope["route"] = self.route  # as the router notes the route it matched (`_route_template`)
         message = await receive()  # the whole body: the body limits read it and replay it as one message
         if message["type"] != "http.request" or message.get("more_body", False):
             await self.app(scope, _replay(message, receive), send)
             return
+        response = await self._answer(scope, receive, message.get("body", b""))
+        if response is None:  # not a well-formed request: FastAPI's declared path says why
+            await self.app(scope, _replay(message, receive), send)
+            return
+        await response(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, raw: bytes) -> Response | None:
+        """The answer to a well-formed request, or to one refused before FastAPI would read it (415, 400); None for
+        the others: malformed JSON, or a body or timeout header that does not validate."""
         headers = scope["headers"]
         try:
             try:
-                value = json_body(headers, message.get("body", b""))
-            except ValueError:  # malformed JSON (or none): FastAPI's declared path says where
-                await self.app(scope, _replay(message, receive), send)
-                return
+                value = json_body(headers, raw)
+            except ValueError:  # malformed JSON (or none)
+                return None
             well_formed = _well_formed(value, headers)
-            if well_formed is None:  # not a valid request: FastAPI's declared path says why
-                await self.app(scope, _replay(message, receive), send)
-                return
+            if well_formed is None:
+                return None
             body, header_timeout_ms = well_formed
-            response = await self.answer(body, scope, receive, header_timeout_ms)
+            return await self.answer(body, scope, receive, header_timeout_ms)
         except ClassifierError as error:
-            response = classifier_error_response(scope["path"], error)
-        await response(scope, receive, send)
+            return classifier_error_response(scope["path"], error)
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
