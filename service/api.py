@@ -115,8 +115,9 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     retry_after = RetryAfterBook()
     _add_error_handlers(app)
     answer_classify = _add_routes(app, settings, slot, app.state.draining, replica_loaded, retry_after)
-    # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
     classify_route = next(route for route in app.routes if isinstance(route, APIRoute) and route.path == CLASSIFY_PATH)
+    # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included; the fast
+    # path, innermost, sees only what every middleware let through.
     app.add_middleware(ClassifyFastPath, answer=answer_classify, route=classify_route)
     app.add_middleware(RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds)
     if keys := settings.api_key_list():  # no middleware at all (and no cost) when the service is open
