@@ -1,6 +1,7 @@
 """HTTP in and out: routes, request validation, error responses, connection limits and request metrics."""
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import json
@@ -59,6 +60,7 @@ MAX_TIMEOUT_MS = 600_000
 REQUEST_ID_HEADER = b"x-request-id"
 # TEI's routes (its root route answers /predict for classifiers): their errors come in TEI's shape and statuses.
 TEI_PATHS = frozenset({"/predict", "/"})
+CLASSIFY_PATH = "/classify"
 # Our status -> TEI's status and error_type; any other 4xx is a "validation" error with its own status.
 TEI_ERRORS = {
     429: (429, "overloaded"),
@@ -68,8 +70,8 @@ TEI_ERRORS = {
 }
 
 T = TypeVar("T")
-# Answers a validated /classify request: its body, the request, and the timeout header's value.
-Answer = Callable[[ClassifyRequest, Request, int | None], Awaitable[Response]]
+# Answers a validated /classify request: its body, its ASGI scope and receive, and the timeout header's value.
+Answer = Callable[[ClassifyRequest, Scope, Receive, int | None], Awaitable[Response]]
 
 
 class ApiError(ClassifierError):
@@ -111,13 +113,18 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
     app.state.slot = slot
     # Set on SIGTERM by service.server: /ready answers 503 so load balancers stop sending, while requests still flow.
     app.state.draining = threading.Event()
-    # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included.
+    retry_after = RetryAfterBook()
+    _add_error_handlers(app)
+    answer_classify = _add_routes(app, settings, slot, app.state.draining, replica_loaded, retry_after)
+    classify_route = next(route for route in app.routes if isinstance(route, APIRoute) and route.path == CLASSIFY_PATH)
+    # The last added is outermost: metrics see every response, the limits' 408s, 413s and 429s included; the fast
+    # path, innermost, sees only what every middleware let through.
+    app.add_middleware(ClassifyFastPath, answer=answer_classify, route=classify_route)
     app.add_middleware(RequestBodyLimitsMiddleware, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds)
     if keys := settings.api_key_list():  # no middleware at all (and no cost) when the service is open
         protected = KEYED_PATHS | ({"/metrics"} if settings.metrics_require_key else set())
         app.add_middleware(ApiKeyMiddleware, keys=keys, protected=frozenset(protected))
     identify = CallerIdentity(bool(keys), settings.client_id_header, settings.client_id_max_length)
-    retry_after = RetryAfterBook()
     app.add_middleware(
         ConcurrencyLimitMiddleware,
         max_requests=settings.max_concurrent_requests,
@@ -135,8 +142,6 @@ def create_app(settings: Settings, load_engine: EngineLoader = loading.load_engi
         )
     app.add_middleware(HostCheckMiddleware, trusted=settings.trusted_host_list())
     app.add_middleware(RequestMetricsMiddleware)
-    _add_error_handlers(app)
-    _add_routes(app, settings, slot, app.state.draining, replica_loaded, retry_after)
     return app
 
 
@@ -147,10 +152,13 @@ def _add_routes(
     draining: threading.Event,
     replica_loaded: Callable[[], bool],
     retry_after: RetryAfterBook,
-) -> None:
+) -> Answer:
+    """Adds the routes; returns what answers a well-formed /classify request (`ClassifyFastPath`'s `answer`)."""
+
     async def classified(
         inputs: list[TextInput],
-        request: Request,
+        scope: Scope,
+        receive: Receive,
         timeouts_ms: tuple[int | None, int | None],
         *,
         top_k: int | None,
@@ -169,10 +177,11 @@ def _add_routes(
             )
         timeouts = [t for t in timeouts_ms if t is not None]
         # The deadline counts from the request's first bytes (set by service.server's protocol), not from now.
-        arrived_at = getattr(request.state, "arrived_at", None) or time.monotonic()
+        state = scope["state"]  # the concurrency limit left the caller there
+        arrived_at = state.get("arrived_at") or time.monotonic()
         deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
-        caller = request.scope["state"][CALLER]
-        request.scope["state"][LEAVE_INTAKE]()  # parsed and valid: the caller's next request may be read
+        caller = state[CALLER]
+        state[LEAVE_INTAKE]()  # parsed and valid: the caller's next request may be read
         work = engine.classify(
             inputs,
             top_k=top_k,
@@ -184,7 +193,7 @@ def _add_routes(
             caller=caller,
         )
         try:
-            results = await _unless_client_leaves(work, request.receive)  # raises its ClassifierError, if any
+            results = await _unless_client_leaves(work, receive)  # raises its ClassifierError, if any
         except Overloaded as refused:  # held to its Retry-After (the header: the reason did not cross from the engine)
             now = time.monotonic()
             retry_after.told(caller, float(refused.headers["Retry-After"]), now)
@@ -193,10 +202,11 @@ def _add_routes(
             raise
         return None if results is None else (engine.model_id, results)
 
-    async def answer(body: ClassifyRequest, request: Request, header_timeout_ms: int | None) -> Response:
+    async def answer(body: ClassifyRequest, scope: Scope, receive: Receive, header_timeout_ms: int | None) -> Response:
         answered = await classified(
             body.texts,
-            request,
+            scope,
+            receive,
             (body.timeout_ms, header_timeout_ms),
             top_k=body.top_k,
             truncate=body.truncate,
@@ -209,17 +219,17 @@ def _add_routes(
         model_id, results = answered
         return JsonBytesResponse({"model": model_id, "results": results})
 
-    async def classify(
+    async def classify(  # what the fast path does not take (`ClassifyFastPath`): FastAPI validates and answers it
         body: ClassifyRequest,
         request: Request,
         x_request_timeout_ms: Annotated[
             int | None, Header(ge=1, le=MAX_TIMEOUT_MS, description="Same as the body's timeout_ms; the smaller wins.")
         ] = None,
     ) -> ClassifyResponse | Response:
-        return await answer(body, request, x_request_timeout_ms)
+        return await answer(body, request.scope, request.receive, x_request_timeout_ms)
 
     app.router.add_api_route(
-        "/classify",
+        CLASSIFY_PATH,
         classify,
         methods=["POST"],
         response_model=ClassifyResponse,
@@ -231,7 +241,7 @@ def _add_routes(
         },
         summary="Classify texts and text pairs; each answer comes back in the order sent",
         response_model_exclude_unset=True,  # above_threshold only where the model is multi-label, as the fast path
-        route_class_override=json_body_route(answer),
+        route_class_override=json_body_route(),
     )
 
     async def predict(
@@ -244,7 +254,8 @@ def _add_routes(
         parameters = body.parameters
         answered = await classified(
             body.inputs,
-            request,
+            request.scope,
+            request.receive,
             (None, x_request_timeout_ms),
             top_k=parameters.top_k if parameters else None,
             truncate=bool(body.truncate),
@@ -297,6 +308,8 @@ def _add_routes(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.EXPOSITION_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    return answer
+
 
 async def _unless_client_leaves(work: Awaitable[T], receive: Receive) -> T | None:
     """`work`'s result, awaited in this task; None when the client disconnects first (`work` is cancelled then).
@@ -331,46 +344,110 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def json_body_route(answer: Answer | None = None) -> type[APIRoute]:
-    """The route class of a route that takes a JSON body: the body is checked and parsed once, here, before FastAPI's
-    own handling of the declared endpoint, which then reads the parsed value instead of parsing the body again.
-
-    Refused here, as FastAPI would let them through or answer them vaguely (`parse_json_body`): a Content-Type other
-    than JSON (415, naming it), a body in another encoding than UTF-8, nested too deeply to parse, or with a key
-    twice (400). Malformed JSON goes on to FastAPI, which answers it with its exact 422.
-
-    With `answer` (/classify's), a well-formed request (its body validates as ClassifyRequest, and its timeout header
-    is plain digits in range, or absent) goes to `answer` at once, and only the others through FastAPI's declared
-    endpoint, which answers them with its exact errors (or, for a form this check does not take, calls the endpoint).
-    FastAPI's per-request dependency solving was 13% of the event loop's busy samples at saturation with the
-    near-zero-cost model, its body parsing and response validation a few more."""
+def json_body_route() -> type[APIRoute]:
+    """The route class of a route that takes a JSON body: the body is checked and parsed once, here (`json_body`),
+    before FastAPI's own handling of the declared endpoint, which then reads the parsed value instead of parsing the
+    body again. Malformed JSON goes on to FastAPI, which answers it with its exact 422. (Well-formed /classify
+    requests do not get here: `ClassifyFastPath` answers them.)"""
 
     class JsonBodyRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             declared = super().get_route_handler()
 
             async def handle(request: Request) -> Response:
-                content_type = request.headers.get("content-type", "")
-                if not _is_json(content_type):
-                    raise ApiError(
-                        415,
-                        f"the body must be JSON, sent with the header Content-Type: application/json "
-                        f"(this request's Content-Type: {content_type[:100] or 'none'})",
-                    )
                 raw = await request.body()  # kept by the request, so FastAPI's handler reads the same bytes
-                try:
-                    value = parse_json_body(raw)
-                except ValueError:  # malformed JSON (or none): FastAPI's declared path says where
-                    return await declared(request)
-                # What Starlette's Request.json() returns without parsing again: FastAPI's handler reads the body so.
-                request._json = value
-                if answer is not None and (well_formed := _well_formed(value, request)) is not None:
-                    return await answer(*well_formed)
+                # Malformed JSON (or none) goes on unparsed: FastAPI's declared path says where. Else the value is
+                # what Starlette's Request.json() returns without parsing again, as FastAPI's handler reads it.
+                with contextlib.suppress(ValueError):
+                    request._json = json_body(request.scope["headers"], raw)
                 return await declared(request)
 
             return handle
 
     return JsonBodyRoute
+
+
+class ClassifyFastPath:
+    """The innermost middleware: answers a well-formed `POST /classify` itself (its JSON body validates as
+    ClassifyRequest, and its timeout header is plain digits in range, or absent: `_well_formed`), with `answer`; any
+    other request, and a /classify request that is not well-formed, goes on to FastAPI, whose declared route answers
+    it with its exact errors.
+
+    The middlewares outside it (request ids and metrics, host check, CORS, concurrency limit, API keys, body limits)
+    serve both paths alike. What the fast path leaves out is FastAPI's own layers inside them (its exception
+    middleware, exit stack, router, Request objects, dependency solving, response validation): a quarter of the event
+    loop's busy profile samples at saturation with the near-zero-cost model (loadtest/frontend_benchmark.py
+    --profile). Refusals found on the way (415, 400, the engine's ClassifierErrors) are answered as the route's
+    exception handler answers them (`classifier_error_response`). Its requests are counted under `route`, as those
+    the router matches to it."""
+
+    def __init__(self, app: ASGIApp, answer: Answer, route: APIRoute) -> None:
+        self.app = app
+        self.answer = answer
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != CLASSIFY_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route  # as the router notes the route it matched (`_route_template`)
+        message = await receive()  # the whole body: the body limits read it and replay it as one message
+        if message["type"] != "http.request" or message.get("more_body", False):
+            await self.app(scope, _replay(message, receive), send)
+            return
+        response = await self._answer(scope, receive, message.get("body", b""))
+        if response is None:  # not a well-formed request: FastAPI's declared path says why
+            await self.app(scope, _replay(message, receive), send)
+            return
+        await response(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, raw: bytes) -> Response | None:
+        """The answer to a well-formed request, or to one refused before FastAPI would read it (415, 400); None for
+        the others: malformed JSON, or a body or timeout header that does not validate."""
+        headers = scope["headers"]
+        try:
+            try:
+                value = json_body(headers, raw)
+            except ValueError:  # malformed JSON (or none)
+                return None
+            well_formed = _well_formed(value, headers)
+            if well_formed is None:
+                return None
+            body, header_timeout_ms = well_formed
+            return await self.answer(body, scope, receive, header_timeout_ms)
+        except ClassifierError as error:
+            return classifier_error_response(scope["path"], error)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A receive that returns `first`, then whatever `receive` returns."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return first
+
+    return replay
+
+
+def json_body(headers: Sequence[tuple[bytes, bytes]], raw: bytes) -> Any:
+    """The JSON value of a request body (`parse_json_body`), after its Content-Type.
+
+    Refused (ApiError), as FastAPI would let them through or answer them vaguely: a Content-Type other than JSON
+    (415, naming it), and what `parse_json_body` refuses (400). Raises ValueError for malformed JSON, which FastAPI
+    answers with its exact 422."""
+    # Starlette's Headers.get: the first such header, in Latin-1.
+    content_type = next((value for name, value in headers if name == b"content-type"), b"").decode("latin-1")
+    if not _is_json(content_type):
+        raise ApiError(
+            415,
+            f"the body must be JSON, sent with the header Content-Type: application/json "
+            f"(this request's Content-Type: {content_type[:100] or 'none'})",
+        )
+    return parse_json_body(raw)
 
 
 def _is_json(content_type: str) -> bool:
@@ -424,20 +501,20 @@ def parse_json_body(raw: bytes) -> Any:
         raise ApiError(400, f"the JSON body has the key {str(duplicate)[:100]!r} twice in one object; send each key once") from None
 
 
-def _well_formed(value: Any, request: Request) -> tuple[ClassifyRequest, Request, int | None] | None:
-    """The request's body and timeout header as FastAPI would validate them, or None when it might not.
+def _well_formed(value: Any, headers: Sequence[tuple[bytes, bytes]]) -> tuple[ClassifyRequest, int | None] | None:
+    """A /classify request's body and timeout header as FastAPI would validate them, or None when it might not.
 
     The body: the model (lax), as FastAPI validates it. The header: FastAPI reads its first value; taken here only
     when it is plain ASCII digits within the declared range.
     """
-    header = next((header for name, header in request.scope["headers"] if name == TIMEOUT_HEADER), None)
+    header = next((header for name, header in headers if name == TIMEOUT_HEADER), None)
     timeout_ms = None
     if header is not None:
         if not header.isdigit() or not 1 <= int(header) <= MAX_TIMEOUT_MS:  # bytes.isdigit: ASCII only
             return None
         timeout_ms = int(header)
     try:
-        return ClassifyRequest.model_validate(value), request, timeout_ms
+        return ClassifyRequest.model_validate(value), timeout_ms
     except pydantic.ValidationError:  # not a valid request: FastAPI's declared path says why
         return None
 
@@ -471,12 +548,17 @@ def error_response(path: str, status: int, message: str, headers: Mapping[str, s
     return JSONResponse(body, status, headers=headers)
 
 
+def classifier_error_response(path: str, error: ClassifierError) -> JSONResponse:
+    """A ClassifierError's answer (any route's, and the /classify fast path's)."""
+    if error.status == 500:  # the model failed on a text: worth a line the request's id finds
+        log.warning("%s answered 500: %s", path, error.message)
+    return error_response(path, error.status, error.message, error.headers)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClassifierError)
     async def classifier_error(request: Request, error: ClassifierError) -> JSONResponse:
-        if error.status == 500:  # the model failed on a text: worth a line the request's id finds
-            log.warning("%s answered 500: %s", request.scope["path"], error.message)
-        return error_response(request.scope["path"], error.status, error.message, error.headers)
+        return classifier_error_response(request.scope["path"], error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -557,16 +639,7 @@ class RequestBodyLimitsMiddleware:
         if body is None:
             await self._too_large(scope, send)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay({"type": "http.request", "body": body, "more_body": False}, receive), send)
 
     async def _receive_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None when it is over `max_bytes` (then read on and dropped up to `discard_bytes`)."""
@@ -588,7 +661,7 @@ class RequestBodyLimitsMiddleware:
 
 
 # The routes that need a key when keys are set (/metrics too with metrics_require_key); probes and docs stay open.
-KEYED_PATHS = frozenset({"/classify", *TEI_PATHS})
+KEYED_PATHS = frozenset({CLASSIFY_PATH, *TEI_PATHS})
 
 
 class ApiKeyMiddleware:

@@ -235,7 +235,7 @@ DEEP_BODIES = {
 }
 
 
-def _never_well_formed(value, request) -> None:
+def _never_well_formed(value, headers) -> None:
     return None
 
 

@@ -67,6 +67,11 @@ def fake_engine(back: FakeScorer, problem_type: ProblemType = "regression", toke
     return load
 
 
+def _never_well_formed(value, headers) -> None:
+    """`_well_formed` that takes no request: every request goes through FastAPI's declared endpoint."""
+    return None
+
+
 def counted(status: int, route: str = "/classify") -> float:
     """classifier_requests_total for the route and status, as the request metrics middleware counts them."""
     return REGISTRY.get_sample_value("classifier_requests_total", {"route": route, "status": str(status)}) or 0.0
@@ -302,7 +307,10 @@ def test_wrong_method_and_unknown_path_answer_with_the_error_body():
     assert unknown.status_code == 404 and "no such endpoint: /classfy" in unknown.json()["error"]
 
 
-def test_an_unexpected_exception_is_a_json_500():
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "declared path"])
+def test_an_unexpected_exception_is_a_json_500(monkeypatch, fast_path):
+    if not fast_path:
+        monkeypatch.setattr(api, "_well_formed", _never_well_formed)
     back = FakeScorer(RuntimeError("a bug"), fail_token=CLS)  # fails like a bug would
 
     async def main():
@@ -333,7 +341,11 @@ def test_an_unexpected_exception_is_a_json_500():
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
 )
-def test_a_refusal_of_the_back_half_is_answered_with_its_status_message_and_headers(error, status, headers):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "declared path"])
+def test_a_refusal_of_the_back_half_is_answered_with_its_status_message_and_headers(monkeypatch, fast_path, error, status, headers):
+    if not fast_path:
+        monkeypatch.setattr(api, "_well_formed", _never_well_formed)
+
     async def scenario(client):
         return await client.post("/classify", json={"texts": ["I loved this film"]})
 
@@ -448,7 +460,10 @@ def test_requests_over_the_concurrency_cap_get_a_429_and_aborted_uploads_count_a
 # 499: the client left while its texts were queued
 
 
-def test_a_caller_that_leaves_while_its_texts_are_queued_gets_nothing_and_its_work_is_cancelled():
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "declared path"])
+def test_a_caller_that_leaves_while_its_texts_are_queued_gets_nothing_and_its_work_is_cancelled(monkeypatch, fast_path):
+    if not fast_path:
+        monkeypatch.setattr(api, "_well_formed", _never_well_formed)
     back = FakeScorer(hold_token=CLS)  # every request waits in the back half
     text = "queued, then abandoned"
 
@@ -591,11 +606,6 @@ def test_health_ready_info_docs_and_metrics():
 # The fast path answers what the declared FastAPI path answers
 
 
-def _never_well_formed(value, request) -> None:
-    """`_well_formed` that takes no request: every request goes through FastAPI's declared endpoint."""
-    return None
-
-
 # (body, headers, whether the fast path takes it)
 SAME_ANSWERS = [
     (b'{"texts": ["I loved this film", "What a waste of two hours"]}', {}, True),
@@ -637,8 +647,8 @@ def _answers(monkeypatch) -> tuple[list[tuple[int, list, bytes]], list[bool]]:
     well_formed = api._well_formed
     index = 0
 
-    def noting(value, request):
-        parsed = well_formed(value, request)
+    def noting(value, headers):
+        parsed = well_formed(value, headers)
         taken[index] = parsed is not None
         return parsed
 
