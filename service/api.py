@@ -29,7 +29,6 @@ from service import loading, metrics, request_ids
 from service.callers import CallerIdentity, class_of
 from service.errors import ClassifierError, LoadFailed, NotReady, Overloaded, internal_error_message
 from service.fairness import RetryAfterBook, Usage, exceeded, fair_share
-from service.intake import Intake
 from service.postprocess import Activation
 from service.schemas import (
     ClassifyRequest,
@@ -181,7 +180,6 @@ def _add_routes(
         arrived_at = state.get("arrived_at") or time.monotonic()
         deadline = arrived_at + (min(timeouts, default=None) or settings.request_timeout_ms) / 1000
         caller = state[CALLER]
-        state[LEAVE_INTAKE]()  # parsed and valid: the caller's next request may be read
         work = engine.classify(
             inputs,
             top_k=top_k,
@@ -722,13 +720,8 @@ class HostCheckMiddleware:
         return name in self.exact or name.endswith(self.suffixes)
 
 
-# Where the concurrency limit leaves the request's caller (`service.callers`), in the scope's state, and the call
-# that ends the request's turn at intake (`service.intake`), made once its texts go to the engine.
+# Where the concurrency limit leaves the request's caller (`service.callers`), in the scope's state.
 CALLER = "caller"
-LEAVE_INTAKE = "leave_intake"
-# A caller's requests read and parsed at once while others call (`service.intake`): a greedy caller's burst delays
-# another caller's request by at most this many parses.
-INTAKE_PER_CALLER = 4
 
 
 class ConcurrencyLimitMiddleware:
@@ -737,8 +730,7 @@ class ConcurrencyLimitMiddleware:
     once the limit is reached, a caller holding more than its fair share of the slots is refused, while callers under
     theirs may still take `headroom` (a fraction of the limit) more (`fairness.exceeded`). A caller that sends texts
     again before the Retry-After the queue told it, while others are calling too (`retry_after`: the routes tell it
-    what the queue said), is refused at once, unread. While others are calling, a caller's requests are read and
-    parsed at most INTAKE_PER_CALLER at a time (`service.intake`), the others waiting unread in line.
+    what the queue said), is refused at once, unread.
 
     A request counts from its headers to its response, so stalled uploads count too, against their caller's share.
     Probes and /metrics are exempt: an overloaded replica must still say how it is.
@@ -754,7 +746,6 @@ class ConcurrencyLimitMiddleware:
         self.retry_after = retry_after
         self.in_flight = 0
         self.held: dict[str, int] = {}  # requests in flight by caller, for the callers holding any
-        self.intake = Intake(INTAKE_PER_CALLER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
@@ -786,17 +777,7 @@ class ConcurrencyLimitMiddleware:
         self.held[caller] = held + 1
         metrics.REQUESTS_IN_FLIGHT.inc()
         try:
-            leave_intake = await self.intake.enter(caller, self.retry_after.others_arrived(caller, now))
-            try:
-                # Told to hold back while it waited for its turn: refused unread, as it would have been on arrival.
-                if scope["method"] == "POST" and (seconds_left := self.retry_after.seconds_left(caller, time.monotonic())):
-                    refused = held_back(caller, seconds_left)
-                    await _error_response(scope, send, refused.status, refused.message, refused.headers)
-                    return
-                scope["state"][LEAVE_INTAKE] = leave_intake
-                await self.app(scope, receive, send)
-            finally:
-                leave_intake()
+            await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
             if self.held[caller] == 1:

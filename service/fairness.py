@@ -167,8 +167,4 @@ class RetryAfterBook:
         if until <= now:
             del self._until[caller]
             return 0.0
-        return until - now if self.others_arrived(caller, now) else 0.0
-
-    def others_arrived(self, caller: str, now: float) -> bool:
-        """Whether a caller other than `caller` arrived within `OTHERS_WITHIN_SECONDS` of `now`."""
-        return self._arrived.any_other_than(caller, now)
+        return until - now if self._arrived.any_other_than(caller, now) else 0.0

@@ -17,13 +17,12 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from service.admission import Backlog, refusal
-from service.api import INTAKE_PER_CALLER, create_app
+from service.api import create_app
 from service.batcher import Batcher
 from service.callers import CallerIdentity, class_of
 from service.drain_rate import DrainRate
 from service.errors import Overloaded
 from service.fairness import RetryAfterBook, Usage, VirtualTime, exceeded, fair_share
-from service.intake import Intake
 from service.scheduler import BatchingPolicy, BatchQueue, Place, QueuedText
 from service.settings import Settings
 from tests.conftest import build_tiny_tokenizer
@@ -502,79 +501,3 @@ def test_stalled_uploads_hold_their_callers_slots_and_another_caller_still_gets_
         "the server is handling 5 requests, 4 of them this caller's, more than its fair share (2 of 4, 2 callers); retry shortly"
     )
     assert refusals == 1
-
-
-# Intake: while others call, a caller's requests are read and parsed a few at a time
-
-
-def test_intake_holds_a_callers_requests_beyond_its_turns_in_line_while_others_call_and_not_alone():
-    async def main():
-        intake = Intake(per_caller=2)
-        first, second = await intake.enter("greedy", True), await intake.enter("greedy", True)
-        third = asyncio.create_task(intake.enter("greedy", True))
-        fourth = asyncio.create_task(intake.enter("greedy", True))
-        gone = asyncio.create_task(intake.enter("greedy", True))
-        other = await intake.enter("interactive", True)  # another caller's turn is its own
-        await asyncio.sleep(0)
-        assert not (third.done() or fourth.done()) and intake.reading("greedy") == 2
-        gone.cancel()  # its client left while it waited: it takes no turn
-        first()
-        first()  # ending a turn twice ends it once
-        leave_third = await third
-        assert not fourth.done() and intake.reading("greedy") == 2
-        second()
-        leave_fourth = await fourth
-        assert gone.cancelled()
-        for leave in (leave_third, leave_fourth, other):
-            leave()
-        assert (intake.reading("greedy"), intake.reading("interactive"), intake._waiting) == (0, 0, {})
-        alone = [await intake.enter("batch", False) for _ in range(3)]  # nobody else calls: no line
-        waiting = asyncio.create_task(intake.enter("batch", True))  # now others do: it waits below its turns
-        alone[0]()
-        await asyncio.sleep(0)
-        assert not waiting.done()  # 2 in intake still: its turns are full
-        alone[1]()
-        (await waiting)()
-        alone[2]()
-        assert intake.reading("batch") == 0
-
-    asyncio.run(main())
-
-
-def test_a_callers_requests_beyond_its_intake_wait_unread_while_another_caller_is_answered():
-    """Beside another caller, one caller's INTAKE_PER_CALLER uploads stall mid-body: its next request waits unread
-    until one of them ends, and is then answered; the other caller is answered meanwhile. A caller alone is not held."""
-
-    async def main(other_first: bool):
-        app = create_app(settings(), fake_engine(FakeScorer()))
-        async with serving(app) as client:
-            interactive = {"X-Client-Id": "interactive"}
-            if other_first:
-                assert (await client.post("/classify", json={"texts": ["hi"]}, headers=interactive)).status_code == 200
-            before = await in_flight()
-            stalled = {**JSON, "content-length": "1000", "x-client-id": "greedy"}
-            uploads = [RawClient([b'{"texts": ["part of a body'], finished=False) for _ in range(INTAKE_PER_CALLER)]
-            calls = [upload.call(app, stalled) for upload in uploads]
-            await until(in_flight, lambda count: count == before + INTAKE_PER_CALLER)
-            body = b'{"texts": ["whole"]}'
-            whole = RawClient([body])
-            call = whole.call(app, {**JSON, "content-length": str(len(body)), "x-client-id": "greedy"})
-            if not other_first:  # alone: answered while its other uploads still stall
-                await call
-                answered_alone = whole.answer[0]
-            await until(in_flight, lambda count: count == before + INTAKE_PER_CALLER + other_first)
-            for _ in range(20):
-                await asyncio.sleep(0)
-            unread_while_stalled = whole.parts == [body]
-            assert (await client.post("/classify", json={"texts": ["hi"]}, headers=interactive)).status_code == 200
-            uploads[0].leave()
-            await call
-            if not other_first:
-                assert answered_alone == 200
-            for upload in uploads:
-                upload.leave()
-            await asyncio.gather(*calls)
-            return unread_while_stalled, whole.answer[0]
-
-    assert asyncio.run(main(other_first=True)) == (True, 200)
-    assert asyncio.run(main(other_first=False)) == (False, 200)
