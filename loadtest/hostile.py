@@ -60,7 +60,7 @@ FLOOD_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Flood: "
 FLOOD_CHUNK = b"a" * 65536
 TRICKLE_HEAD = b"GET /health HTTP/1.1\r\nHost: hostile\r\nX-Trickle: " + b"a" * 10_000
 GREEDY_TIMEOUT_MS = 600_000
-SLOWEST = 6
+SLOWEST = 6  # the interactive caller's slowest answers beside the flood reported with when they were sent
 FLOOD_START_SECONDS = 10  # the interactive caller's latency is reported for these first seconds of the flood apart
 
 

@@ -60,6 +60,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 # TEI's routes (its root route answers /predict for classifiers): their errors come in TEI's shape and statuses.
 TEI_PATHS = frozenset({"/predict", "/"})
 CLASSIFY_PATH = "/classify"
+# Where the /classify fast path leaves a body it parsed but does not take, in the scope's state, for the declared route.
+PARSED_BODY = "parsed_body"
 # Our status -> TEI's status and error_type; any other 4xx is a "validation" error with its own status.
 TEI_ERRORS = {
     429: (429, "overloaded"),
@@ -354,10 +356,15 @@ def json_body_route() -> type[APIRoute]:
 
             async def handle(request: Request) -> Response:
                 raw = await request.body()  # kept by the request, so FastAPI's handler reads the same bytes
-                # Malformed JSON (or none) goes on unparsed: FastAPI's declared path says where. Else the value is
-                # what Starlette's Request.json() returns without parsing again, as FastAPI's handler reads it.
-                with contextlib.suppress(ValueError):
-                    request._json = json_body(request.scope["headers"], raw)
+                # The value is what Starlette's Request.json() returns without parsing again, as FastAPI's handler
+                # reads it: the fast path's, when it parsed the body already; malformed JSON (or none) goes on
+                # unparsed, and FastAPI's declared path says where.
+                state = request.scope.get("state", {})
+                if PARSED_BODY in state:
+                    request._json = state.pop(PARSED_BODY)
+                else:
+                    with contextlib.suppress(ValueError):
+                        request._json = json_body(request.scope["headers"], raw)
                 return await declared(request)
 
             return handle
@@ -410,6 +417,7 @@ class ClassifyFastPath:
                 return None
             well_formed = _well_formed(value, headers)
             if well_formed is None:
+                scope.setdefault("state", {})[PARSED_BODY] = value  # the declared route reads it, not the body again
                 return None
             body, header_timeout_ms = well_formed
             return await self.answer(body, scope, receive, header_timeout_ms)

@@ -679,3 +679,24 @@ def test_the_fast_path_answers_byte_for_byte_what_the_declared_path_answers(monk
     assert {status for status, _, _ in fast} >= {200, 400, 413, 415, 422}
     for (body, headers, _), fast_answer, declared_answer in zip(SAME_ANSWERS, fast, declared):
         assert fast_answer == declared_answer, (body, headers)
+
+
+def test_a_body_the_fast_path_does_not_take_is_parsed_once(monkeypatch):
+    """The declared route reads the value the fast path parsed instead of parsing the body again (a refused body may
+    be megabytes); /predict, which has no fast path, parses its own."""
+    parses = []
+    parse = api.parse_json_body
+
+    def counting(raw: bytes):
+        parses.append(raw)
+        return parse(raw)
+
+    monkeypatch.setattr(api, "parse_json_body", counting)
+
+    async def scenario(client):
+        refused = await client.post("/classify", content=b'{"texts": []}', headers=JSON)
+        predicted = await client.post("/predict", content=b'{"inputs": "fine"}', headers=JSON)
+        return refused.status_code, predicted.status_code
+
+    assert run(scenario) == (422, 200)
+    assert parses == [b'{"texts": []}', b'{"inputs": "fine"}']
