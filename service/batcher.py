@@ -28,7 +28,7 @@ from service.callers import class_of
 from service.drain_rate import DrainRate
 from service.errors import DeadlineExceeded, NotAccepting, Overloaded
 from service.fairness import Usage
-from service.live_tuning import Arm, LiveTuning
+from service.live_tuning import Arm, LiveTuning, Switch
 from service.scheduler import Batch, BatchQueue, QueuedText, deadline_passed, missed_deadlines
 from service.splitting import BatchModel, Scores, SplittingRunner
 from service.thread_names import name_this_thread
@@ -54,13 +54,15 @@ class Pending:
 @dataclass(frozen=True, slots=True)
 class Collated:
     """A batch taken from the queue and its inputs, built on the collation thread (None when that failed), when it
-    was taken, whether texts were still queued behind it, and with live tuning, the setting it runs with."""
+    was taken, whether texts were still queued behind it, and with live tuning, the setting it runs with and the one
+    it runs again in as a shadow, once answered (`LiveTuner.shadowed`)."""
 
     batch: Batch
     inputs: Any
     taken_at: float
     more_queued: bool
     arm: Arm | None = None
+    shadow: Arm | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,10 +272,10 @@ class Batcher:
         if self._worked is not None:
             await self._worked
 
-    def take_batch(self) -> tuple[Batch, bool, Arm | None] | None:
+    def take_batch(self) -> tuple[Batch, bool, Arm | None, Arm | None] | None:
         """Wait until the scheduler hands out a batch, and say whether texts are still queued behind it and (with
-        live tuning) the setting it runs with; None once draining has emptied the queue. Texts whose deadline passed
-        while queued are failed on the way."""
+        live tuning) the setting it runs with and the one it runs again in as a shadow; None once draining has emptied
+        the queue. Texts whose deadline passed while queued are failed on the way."""
         with self._changed:
             while True:
                 now = self.clock()
@@ -289,10 +291,13 @@ class Batcher:
                 batch, arm = self._next_batch(now)
                 if batch is not None:
                     self._in_flight.taken(batch)
+                    shadow = None
                     if arm is not None and self.live is not None:
                         self.live.tuner.taken(arm)
+                        if self.live.tuner.shadowed(arm):  # answered in the setting in force, then run in `arm`
+                            arm, shadow = self.live.tuner.in_force, arm
                     self._publish_queue_state()
-                    return batch, len(self.queue) > 0, arm
+                    return batch, len(self.queue) > 0, arm, shadow
                 if not self._accepting and not len(self.queue):
                     return None
                 wake_at = self.queue.wake_at()
@@ -343,6 +348,32 @@ class Batcher:
         if arm is not None and self.live is not None:
             self.live.use_precision(arm.precision)
 
+    def run_shadow(self, batch: Batch, arm: Arm, inputs: Any, answered: Scores, in_force_seconds: float) -> None:
+        """On the inference thread, once a shadowed batch's answers (`answered`, in `in_force_seconds`) went out: run
+        it again in `arm` and tell live tuning how the scores and the times compare."""
+        assert self.live is not None, "only live tuning shadows batches"
+        self.live.use_precision(arm.precision)
+        started = self.clock()
+        try:
+            if inputs is None:
+                inputs = self.model.collate([item.handle.ids for item in batch.items], batch.padded_length)
+            shadow = self.model.run(inputs)
+        except Exception:  # the callers have their answers; the check goes on with the next shadowed batch
+            log.exception("a shadow run in %s failed", arm.precision)
+            return
+        seconds = self.clock() - started
+        deviation, label_changes = self.live.compare(answered, shadow)
+        with self._changed:
+            tuner = self.live.tuner
+            message, switch = tuner.checked(
+                arm, len(batch.items), deviation, label_changes, batch.real_tokens, batch.padded_length, in_force_seconds, seconds, self.clock()
+            )
+            metrics.LIVE_TOKENS_PER_SECOND.labels(arm.precision, str(arm.budget)).set(tuner.tokens_per_second(arm))
+            if message is not None:
+                log.warning("%s", message)
+            if switch is not None:
+                self._carry_out(switch)
+
     def finish_running(self, batch: Batch | None, started: float, ended: float, answered_tokens: int, arm: Arm | None = None) -> None:
         """The running batch (None when none of its texts was left to run) ended, having answered `answered_tokens`
         real tokens, with live tuning's setting `arm`; the inference thread is idle."""
@@ -371,8 +402,11 @@ class Batcher:
         assert self.live is not None, "batches carry a setting only with live tuning"
         switch = self.live.tuner.ran(arm, batch.real_tokens, batch.padded_length, seconds, now)
         metrics.LIVE_TOKENS_PER_SECOND.labels(arm.precision, str(arm.budget)).set(self.live.tuner.tokens_per_second(arm))
-        if switch is None:
-            return
+        if switch is not None:
+            self._carry_out(switch)
+
+    def _carry_out(self, switch: Switch) -> None:
+        """Put a live-tuning switch in force (called under the lock)."""
         log.warning("%s", switch.describe())
         metrics.TUNING_SWITCHES.labels(switch.what).inc()
         if switch.what == "budget":
@@ -430,9 +464,9 @@ class BatchThreads:
         name_this_thread("clf-collate")
         try:
             while (taken := self._batcher.take_batch()) is not None:
-                batch, more_queued, arm = taken
+                batch, more_queued, arm, shadow = taken
                 taken_at = self._batcher.clock()
-                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued, arm))
+                self._ready.put(Collated(batch, self._collate(batch.items), taken_at, more_queued, arm, shadow))
                 self._ready.join()  # taken: the next batch is chosen while this one runs, not before
         finally:
             self._ready.put(None)
@@ -462,14 +496,18 @@ class BatchThreads:
         inputs = collated.inputs if len(live) == len(collated.batch.items) else None
         batch_metrics.observe_start(batch, started)
         answered_tokens = 0
+        whole: Scores | None = None  # the batch's scores when it ran as one
         for group, outcome in batcher.splitter.run(live, inputs):
             if isinstance(outcome, Exception):
                 self._answers.fail(group, outcome)
             else:
                 self._answers.answer(group, outcome, batcher.clock())
                 answered_tokens += sum(item.tokens for item in group)
+                whole = outcome if group is live else None
         ended = batcher.clock()
         batch_metrics.observe_end(live, started, ended)
+        if collated.shadow is not None and whole is not None:
+            batcher.run_shadow(batch, collated.shadow, inputs, whole, ended - started)
         batcher.finish_running(batch, started, ended, answered_tokens, collated.arm)
 
 

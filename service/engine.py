@@ -55,6 +55,7 @@ class EngineFacts(msgspec.Struct, frozen=True, kw_only=True):
     max_length: int
     device: str
     precision: str
+    traced: bool  # the model runs as a checked TorchScript trace (`runner.traced_logits`)
     tuning: dict[str, Any]  # `TuningReport.as_dict()`, or {"enabled": false, "reason": ...}
     default_model_build: dict[str, Any] | None = None  # the default model's build report, when it is served
 
@@ -66,6 +67,7 @@ class EngineFacts(msgspec.Struct, frozen=True, kw_only=True):
             "max_length": self.max_length,
             "device": self.device,
             "precision": self.precision,
+            "traced": self.traced,
             "tuning": self.tuning,
         }
         if self.default_model_build is not None:

@@ -8,12 +8,18 @@ say with confidence that the alternative's median ratio is at least 1 + SWITCH_M
 switch, then HOLD_SECONDS before the next, and the margin holds both ways, so it never flip-flops. An alternative no
 faster, or not clearly after MAX_PAIRS, is retired (explored again after RETRY_SECONDS). At low load nothing is
 explored. The batcher executes what `LiveTuner` says.
+
+A precision whose scores start-up had no time to compare with fp32's (a machine too busy to score the calibration set
+in time) is checked on live traffic instead: its exploration batches run in the setting in force, whose scores answer
+the callers, then again in that precision as a shadow (`shadowed`), and the two runs' scores are compared (`checked`).
+After CHECK_TEXTS texts within the tolerance and with no top-1 label changed it is explored like any faithful one
+(the shadow runs' timings, the same batch in both settings, are its first pairs); one text beyond them rejects it.
 """
 
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 EXPLORE_EVERY = 8  # under sustained load, one batch in this many runs an alternative
 SUSTAINED_SECONDS = 2.0  # texts must have waited beyond the next batch this long before anything is explored
@@ -31,6 +37,7 @@ HOLD_SECONDS = 60.0  # no switch within this long of the last one
 RETRY_SECONDS = 300.0  # a retired alternative is explored again after this long
 PAIR_WITHIN_SECONDS = 5.0  # the in-force batch an exploration batch is paired with ran at most this long before
 SMOOTHING = 0.2  # weight of the newest batch in each arm's live tokens/s
+CHECK_TEXTS = 160  # live texts an unchecked precision is compared on: as many as start-up's calibration set
 
 
 @dataclass(frozen=True, order=True)
@@ -75,6 +82,19 @@ class _Evidence:
     retired_until: float = -math.inf
 
 
+@dataclass
+class _Check:
+    """What shadow runs said of a precision start-up could not check: texts compared, the largest score difference
+    from the setting in force, and top-1 labels changed."""
+
+    texts: int = 0
+    max_deviation: float = 0.0
+    label_changes: int = 0
+
+    def describe(self) -> str:
+        return f"{self.texts} live texts, largest score difference {self.max_deviation:.4f}, {self.label_changes} top-1 labels changed"
+
+
 def median_lower_bound(ratios: list[float], z: float = CONFIDENCE_Z) -> float:
     """A lower confidence bound for the median of `ratios`: the order statistic `z` standard deviations of the sign
     test below the middle (the smallest one with few ratios)."""
@@ -91,11 +111,23 @@ class LiveTuner:
     """The live decisions: which arm the next batch runs with (`choose`), and what a batch that ran says (`ran`,
     which returns the switch it decided on, if any). Not thread-safe: the batcher calls it under its lock."""
 
-    def __init__(self, in_force: Arm, precisions: list[str], budgets: list[int], now: float) -> None:
+    def __init__(
+        self,
+        in_force: Arm,
+        precisions: list[str],
+        budgets: list[int],
+        now: float,
+        unchecked: list[str] | None = None,
+        tolerance: float = 0.0,
+    ) -> None:
         self.in_force = in_force
         self.since = now
         self.precisions = precisions  # the precisions that may be explored (faithful at start-up)
         self.budgets = budgets
+        # Precisions start-up could not compare with fp32, checked on live traffic against the one in force (fp32).
+        self.unchecked = {precision: _Check() for precision in unchecked or () if precision not in precisions}
+        self.tolerance = tolerance  # the largest score difference a checked precision may show
+        self.rejected: dict[str, str] = {}  # precision -> what its live check found
         self.switches: list[Switch] = []
         self._evidence: dict[Arm, _Evidence] = {}
         self._busy_since: float | None = None
@@ -106,14 +138,19 @@ class LiveTuner:
     @property
     def exploring(self) -> bool:
         """Whether there is anything to explore at all."""
-        return len(self.precisions) > 1 or len(self.budgets) > 1
+        return len(self.precisions) > 1 or len(self.budgets) > 1 or bool(self.unchecked)
 
     def alternatives(self) -> list[Arm]:
-        """The arms that differ from the one in force in one setting."""
+        """The arms that differ from the one in force in one setting (the unchecked precisions first)."""
         precision, budget = self.in_force.precision, self.in_force.budget
-        return [Arm(other, budget) for other in self.precisions if other != precision] + [
+        return [Arm(other, budget) for other in [*self.unchecked, *self.precisions] if other != precision] + [
             Arm(precision, other) for other in self.budgets if other != budget
         ]
+
+    def shadowed(self, arm: Arm) -> bool:
+        """Whether a batch taken with `arm` runs in the setting in force for its answers and in `arm` as a shadow,
+        to be compared (`checked`): its precision is not yet checked."""
+        return arm.precision in self.unchecked
 
     def choose(self, now: float, waiting: bool) -> Arm:
         """The arm for the next batch; `waiting`: texts are queued beyond what that batch can take."""
@@ -127,6 +164,8 @@ class LiveTuner:
         candidates = [arm for arm in self.alternatives() if self._evidence_of(arm).retired_until <= now]
         if not candidates:
             return self.in_force
+        if self.shadowed(candidates[0]):  # a check comes first: it decides what may be explored at all
+            return candidates[0]
         self._turn += 1
         return candidates[self._turn % len(candidates)]
 
@@ -154,9 +193,47 @@ class LiveTuner:
         evidence.ratios.append(speed / paired[0])
         return self._judge(arm, evidence, now)
 
-    def _judge(self, arm: Arm, evidence: _Evidence, now: float) -> Switch | None:
+    def checked(
+        self,
+        arm: Arm,
+        texts: int,
+        deviation: float,
+        label_changes: int,
+        real_tokens: int,
+        padded_length: int,
+        in_force_seconds: float,
+        shadow_seconds: float,
+        now: float,
+    ) -> tuple[str | None, Switch | None]:
+        """A shadowed batch of `texts` ran in the setting in force in `in_force_seconds` (told to `ran` as any batch),
+        then in `arm` in `shadow_seconds`, its scores differing by up to `deviation` with `label_changes` top-1 labels
+        changed. Returns a line for the log when the check ended (passed or rejected), and the switch decided, if any."""
+        check = self.unchecked.get(arm.precision)
+        if check is None or in_force_seconds <= 0 or shadow_seconds <= 0:
+            return None, None
+        check.texts += texts
+        check.max_deviation = max(check.max_deviation, deviation)
+        check.label_changes += label_changes
+        if check.max_deviation > self.tolerance or check.label_changes:
+            del self.unchecked[arm.precision]
+            self.rejected[arm.precision] = check.describe()
+            self._evidence.pop(arm, None)
+            return f"live tuning: {arm.precision} rejected against {self.in_force.precision} on {check.describe()} (tolerance {self.tolerance})", None
+        evidence = self._evidence_of(arm)
+        evidence.batches += 1
+        speed = real_tokens / shadow_seconds
+        evidence.tokens_per_second = speed if evidence.tokens_per_second is None else SMOOTHING * speed + (1 - SMOOTHING) * evidence.tokens_per_second
+        evidence.ratios.append(in_force_seconds / shadow_seconds)  # the same batch in both settings: a perfect pair
+        if check.texts < CHECK_TEXTS:
+            return None, None
+        del self.unchecked[arm.precision]
+        self.precisions.append(arm.precision)
+        message = f"live tuning: {arm.precision} passed its check against {self.in_force.precision} on {check.describe()}: explored from now on"
+        return message, self._judge(arm, evidence, now, look_now=len(evidence.ratios) >= MIN_PAIRS)
+
+    def _judge(self, arm: Arm, evidence: _Evidence, now: float, look_now: bool = False) -> Switch | None:
         pairs = len(evidence.ratios)
-        if pairs not in CHECKPOINTS:
+        if pairs not in CHECKPOINTS and not look_now:
             return None
         median = statistics.median(evidence.ratios)
         faster = sum(ratio > 1 for ratio in evidence.ratios) / pairs
@@ -199,6 +276,8 @@ class LiveTuner:
                 "since": wall(self.since),
             },
             "explored": [arm.label for arm in self.alternatives()],
+            "checking": {precision: asdict(check) for precision, check in self.unchecked.items()},
+            "rejected": self.rejected,
             "candidates": {
                 arm.label: {
                     "batches": evidence.batches,
@@ -226,8 +305,10 @@ class LiveTuner:
 
 @dataclass(frozen=True)
 class LiveTuning:
-    """What the batcher needs to tune live: the decisions, and how to run the next batch in a precision (called on
-    the inference thread, just before the batch runs)."""
+    """What the batcher needs to tune live: the decisions, how to run the next batch in a precision (called on the
+    inference thread, just before the batch runs), and how far a shadow run's logits are from the answered ones (the
+    largest score difference, and top-1 labels changed)."""
 
     tuner: LiveTuner
     use_precision: Callable[[str], None]
+    compare: Callable[[list[list[float]], list[list[float]]], tuple[float, int]]

@@ -24,6 +24,7 @@ from service.engine import Backend, Engine, EngineFacts, Front
 from service.ipc import connect_backend
 from service.live_tuning import Arm, LiveTuner, LiveTuning
 from service.measuring import Tuner, TuningReport, calibration_texts
+from service.postprocess import score_differences
 from service.runner import (
     BatchModelAdapter,
     LoadedModel,
@@ -104,7 +105,8 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
         scoring = BatchModelAdapter(prepared.runner, prepared.live_runners)
         live = None
         if prepared.live_tuner is not None:
-            live = LiveTuning(prepared.live_tuner, scoring.use_precision)
+            problem_type = prepared.facts.problem_type
+            live = LiveTuning(prepared.live_tuner, scoring.use_precision, lambda answered, shadow: score_differences(answered, shadow, problem_type))
         scorer = await Scorer.start(
             scoring,
             prepared.policy,
@@ -176,20 +178,28 @@ def _prepare(settings: Settings) -> _Prepared:
             log.warning(note)
         precision, max_batch_tokens = str(tuning.precision.value), int(tuning.max_batch_tokens.value)
         metrics.TUNING_SECONDS.set(tuning.seconds)
-        live_tuner = LiveTuner(Arm(precision, max_batch_tokens), tuning.live_precisions, tuning.live_budgets, time.monotonic())
+        live_tuner = LiveTuner(
+            Arm(precision, max_batch_tokens),
+            tuning.live_precisions,
+            tuning.live_budgets,
+            time.monotonic(),
+            unchecked=tuning.unchecked_precisions,
+            tolerance=settings.precision_tolerance,
+        )
     else:
         precision = resolve_precision(settings.precision, device)
         forced = settings.max_batch_tokens
         max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS.get(device.type, 2048) if forced == "auto" else int(forced)
     policy = _batching_policy(settings, max_length, pad_multiple, max_batch_tokens)
     pad_token_id = loaded.tokenizer.pad_token_id or 0
+    trace = traces(settings, device)
     # The tuner's runners are built already.
-    runner = tuner.runner(precision) if tuner is not None else ModelRunner(loaded.model, device, precision, pad_token_id)
+    runner = tuner.runner(precision) if tuner is not None else ModelRunner(loaded.model, device, precision, pad_token_id, trace)
     if live_tuner is None or not live_tuner.exploring:
         live_tuner, live_runners = None, {}
     else:
         assert tuner is not None, "live tuning follows start-up tuning"
-        live_runners = {other: tuner.runner(other) for other in live_tuner.precisions if other != precision}
+        live_runners = {other: tuner.runner(other) for other in [*live_tuner.precisions, *live_tuner.unchecked] if other != precision}
     metrics.MAX_BATCH_TOKENS.set(max_batch_tokens)
     off_reason = "CLASSIFIER_TUNE=false" if not settings.tune else "precision and budget both forced"
     facts = EngineFacts(
@@ -200,10 +210,17 @@ def _prepare(settings: Settings) -> _Prepared:
         max_length=max_length,
         device=str(device),
         precision=precision,
+        traced=runner.traced,
         tuning=tuning.as_dict() if tuning else {"enabled": False, "reason": off_reason},
         default_model_build=build_report,
     )
     return _Prepared(runner, policy, facts, live_tuner, live_runners)
+
+
+def traces(settings: Settings, device: torch.device) -> bool:
+    """Whether the model runs as a TorchScript trace: on a CPU unless turned off. On CUDA a trace has not been measured
+    yet (TorchScript's fusers and shape specialisation there could cost more than the interpreter lock it saves)."""
+    return settings.trace_model and device.type == "cpu"
 
 
 def _names_a_directory(model: str) -> bool:
@@ -243,6 +260,7 @@ def _tune(settings: Settings, loaded: LoadedModel, device: torch.device, max_len
         settings.max_batch_size,
         floor=longest,
         deadline=started + LAST_TRIAL_SHARE * limit,
+        make_runner=lambda precision: ModelRunner(loaded.model, device, precision, loaded.tokenizer.pad_token_id or 0, traces(settings, device)),
     )
     precision_trials: list[PrecisionTrial] = []
     budget_trials: list[BudgetTrial] = []
@@ -284,5 +302,6 @@ def _tune(settings: Settings, loaded: LoadedModel, device: torch.device, max_len
         live_budgets=live_budgets(budget_trials, chosen_budget, bool(disturbed), budget_ladder(longest, device.type))
         if settings.max_batch_tokens == "auto"
         else [chosen_budget],
+        unchecked_precisions=tuner.unchecked,
     )
     return report, tuner

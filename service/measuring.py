@@ -13,6 +13,7 @@ from importlib import resources
 
 import torch
 
+from service.live_tuning import CHECK_TEXTS
 from service.postprocess import ProblemType, activate
 from service.runner import ModelRunner, release_cached_memory
 from service.tuning import (
@@ -68,6 +69,7 @@ class TuningReport:
     disturbed: list[str] = field(default_factory=list)  # why the machine looked busy while measuring (empty: quiet)
     live_precisions: list[str] = field(default_factory=list)  # what live traffic checks (the chosen first)
     live_budgets: list[int] = field(default_factory=list)
+    unchecked_precisions: list[str] = field(default_factory=list)  # live traffic checks their scores against fp32's
 
     def as_dict(self) -> dict:
         return {
@@ -78,7 +80,11 @@ class TuningReport:
             "calibration_texts": self.calibration_texts,
             "seconds": round(self.seconds, 2),
             "disturbed": self.disturbed,
-            "live_candidates": {"precision": self.live_precisions, "max_batch_tokens": self.live_budgets},
+            "live_candidates": {
+                "precision": self.live_precisions,
+                "max_batch_tokens": self.live_budgets,
+                "unchecked_precision": self.unchecked_precisions,
+            },
         }
 
     def summary(self) -> str:
@@ -106,8 +112,14 @@ class TuningReport:
             else ""
         )
         checked = [*self.live_precisions[1:], *map(str, self.live_budgets[1:])]
+        scored = (
+            f"; it compares {', '.join(self.unchecked_precisions)}'s scores with the choice's on {CHECK_TEXTS} live texts first"
+            if self.unchecked_precisions
+            else ""
+        )
+        checked = [*self.unchecked_precisions, *checked]
         return f"start-up tuning was disturbed ({'; '.join(self.disturbed)}): {measured}live traffic under load checks " + (
-            f"{', '.join(checked)} against the choice" if checked else "nothing: no faithful alternative to check"
+            f"{', '.join(checked)} against the choice{scored}" if checked else "nothing: no faithful alternative to check"
         )
 
 
@@ -197,6 +209,7 @@ class Tuner:
         # Seconds per run of each (precision, padded length, texts) shape measured so far.
         self._timings: dict[tuple[str, int, int], list[float]] = {}
         self._runners: dict[str, ModelRunner] = {}  # one per precision: each low-precision one copies weights
+        self.unchecked: list[str] = []  # candidate precisions whose scores there was no time to compare with fp32's
         self._warm: set[ModelRunner] = set()  # the runners that ran once, paying their one-time set-up
         # A batch's time as the probe measured it, and by what factor each latest run exceeded that: the largest
         # factor times the cost is how long a trial is expected to take, at worst.
@@ -245,6 +258,7 @@ class Tuner:
             deviations = self._fidelity(candidates, budget, self.deadline, pair)
         except OutOfTime:
             self._short_of_time.append("the calibration set could not be scored in every precision in time")
+            self.unchecked = [precision for precision in candidates if precision != "fp32"]
             return Choice("fp32", "no time to compare other precisions' scores with fp32's: fp32, the reference"), []
         shapes = traffic_shapes(self.lengths, budget, self.max_batch_size)
         for round_number in range(MAX_PAIRS):

@@ -64,6 +64,18 @@ def activate(logits: torch.Tensor, problem_type: ProblemType) -> list[list[float
     return [activated(row, ACTIVATIONS[problem_type]) for row in logits.float().tolist()]
 
 
+def score_differences(reference: list[list[float]], other: list[list[float]], problem_type: ProblemType) -> tuple[float, int]:
+    """How far `other` logits are from `reference` logits of the same texts, as scores: the largest difference of any
+    score, and how many texts' top-1 label changed (what a precision's fidelity is judged on)."""
+    activation = ACTIVATIONS[problem_type]
+    largest, changed = 0.0, 0
+    for expected_logits, got_logits in zip(reference, other, strict=True):
+        expected, got = activated(expected_logits, activation), activated(got_logits, activation)
+        largest = max(largest, *(abs(a - b) for a, b in zip(expected, got, strict=True)))
+        changed += max(range(len(expected)), key=expected.__getitem__) != max(range(len(got)), key=got.__getitem__)
+    return largest, changed
+
+
 def rank(scores: list[float], labels: tuple[str, ...], top_k: int | None) -> list[LabelScore]:
     """Labels ordered by score, best first, cut to top_k (all of them when top_k is None)."""
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)

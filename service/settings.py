@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     )
     max_length: int | None = Field(None, ge=2, description="Longest input in tokens; unset = the model's own limit.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset = all cores.")
+    trace_model: bool = Field(
+        True,
+        description="On a CPU, run the model as a TorchScript trace, checked at start-up against the model run operator "
+        "by operator (used where the trace fails or differs): the forward pass then takes the interpreter lock once, "
+        "not around every operator, so the service's other threads do not slow it.",
+    )
 
     max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",

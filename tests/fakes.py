@@ -28,8 +28,9 @@ class FakeModel:
     names its text. It records each batch before running it (`ran`, the texts' lengths in `lengths`, and the
     precision it ran in, set by live tuning's `use_precision`, in `precisions`). With a clock, each batch advances it
     by `batch_seconds`, and with `seconds_per_token` (by precision, which a test may change: a neighbour coming and
-    going) by its real tokens' time too. It counts the batches collated (`collated`). While `held`, a batch that
-    starts running waits for `release()`; a batch holding the token `poison` raises ValueError."""
+    going) by its real tokens' time too, and with `score_offsets` (by precision) its length score is off by that much
+    (a precision's rounding). It counts the batches collated (`collated`). While `held`, a batch that starts running
+    waits for `release()`; a batch holding the token `poison` raises ValueError."""
 
     def __init__(
         self,
@@ -38,9 +39,11 @@ class FakeModel:
         held: bool = False,
         poison: int | None = None,
         seconds_per_token: dict[str, float] | None = None,
+        score_offsets: dict[str, float] | None = None,
     ) -> None:
         self.clock, self.batch_seconds = clock, batch_seconds
         self.seconds_per_token = seconds_per_token or {}
+        self.score_offsets = score_offsets or {}
         self.precision = "fp32"
         self.precisions: list[str] = []
         self.ran: list[list[list[int]]] = []  # the batches, in the order they ran
@@ -71,7 +74,8 @@ class FakeModel:
             self.clock.now += sum(map(len, sequences)) * self.seconds_per_token.get(self.precision, 0.0)
         if self.poison is not None and any(self.poison in ids for ids in sequences):
             raise ValueError("poisoned batch")
-        return [[float(len(ids)), float(ids[0])] for ids in sequences]
+        offset = self.score_offsets.get(self.precision, 0.0)
+        return [[len(ids) + offset, float(ids[0])] for ids in sequences]
 
     def use_precision(self, precision: str) -> None:
         self.precision = precision

@@ -35,6 +35,7 @@ async def _make_backend(settings: Settings, address: str) -> None:
         max_length=64,
         device="cpu",
         precision="fp32",
+        traced=True,
         tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"},
     )
     server = EngineServer(address, local.begin, lambda: EngineState("ready", facts=facts, batching=local.info()))

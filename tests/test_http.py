@@ -32,7 +32,7 @@ from tests.fakes import WAIT, FakeScorer
 
 MODEL_ID = "fake-model"
 LABELS = ("NEGATIVE", "POSITIVE")
-SHOWN = {"problem_type": "single_label_classification", "max_length": TINY_MAX_LENGTH, "device": "cpu", "precision": "fp32"}
+SHOWN = {"problem_type": "single_label_classification", "max_length": TINY_MAX_LENGTH, "device": "cpu", "precision": "fp32", "traced": True}
 FACTS = EngineFacts(model_id=MODEL_ID, model_path=MODEL_ID, labels=LABELS, tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"}, **SHOWN)
 JSON = {"content-type": "application/json"}
 T = TypeVar("T")

@@ -44,6 +44,7 @@ FACTS = EngineFacts(
     max_length=64,
     device="cpu",
     precision="fp32",
+    traced=True,
     tuning={"enabled": False, "reason": "CLASSIFIER_TUNE=false"},
 )
 

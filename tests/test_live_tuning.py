@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from service.batcher import Batcher
 from service.drain_rate import DrainRate
 from service.live_tuning import (
+    CHECK_TEXTS,
     EXPLORE_EVERY,
     HOLD_SECONDS,
     MIN_PAIRS,
@@ -24,6 +25,7 @@ from service.live_tuning import (
     length_class,
     median_lower_bound,
 )
+from service.postprocess import score_differences
 from service.scheduler import BatchingPolicy, BatchQueue
 from tests.fakes import WAIT, FakeClock, FakeModel
 
@@ -131,6 +133,11 @@ def test_batches_are_paired_only_within_their_length_class():
     assert tuner.info(now=1.2, wall_now=0.0)["candidates"]["bf16/2048"]["pairs"] == 1
 
 
+def compare_raw(answered: list[list[float]], shadow: list[list[float]]) -> tuple[float, int]:
+    """The fake model's scores compared as they are (a regression head's activation)."""
+    return score_differences(answered, shadow, "regression")
+
+
 def switches_counted(what: str) -> float:
     return REGISTRY.get_sample_value("classifier_tuning_switches_total", {"what": what}) or 0.0
 
@@ -151,7 +158,7 @@ def test_the_batcher_switches_precision_when_the_neighbour_stops(caplog):
             max_queue_tokens=10_000_000,
             rates=DrainRate(),
             clock=clock,
-            live=LiveTuning(tuner, model.use_precision),
+            live=LiveTuning(tuner, model.use_precision, compare_raw),
         )
         counted = switches_counted("precision")
         with ThreadPoolExecutor(1) as inference_thread:
@@ -221,3 +228,104 @@ def test_the_median_lower_bound_is_an_order_statistic_that_widens_with_fewer_pai
     assert median_lower_bound([0.5] * 4 + [1.5] * 20) == 1.5  # of 24: the fifth smallest
     assert median_lower_bound([0.5] * 11 + [1.5] * 29) == 0.5  # of 40: the eleventh smallest
     assert median_lower_bound([0.5] * 10 + [1.5] * 30) == 1.5
+
+
+def shadow_batches(tuner: LiveTuner, count: int, seconds: dict[Arm, float], deviation: float = 0.0, now: float = 0.0) -> tuple[list, list, float]:
+    """Drives a LiveTuner as the batcher would under sustained load, where a shadowed choice runs in the setting in
+    force and then in the chosen arm: batches of 16 texts, 2048 real tokens padded to 128, taking `seconds` per arm,
+    each shadow run's scores off by `deviation`. Returns the log lines and switches, and the clock at the end."""
+    messages, switches = [], []
+    for _ in range(count):
+        arm = tuner.choose(now, True)
+        tuner.taken(arm)
+        ran = tuner.in_force if tuner.shadowed(arm) else arm
+        now += seconds[ran]
+        switch = tuner.ran(ran, 2048, 128, seconds[ran], now)
+        if ran != arm:
+            now += seconds[arm]
+            message, switch = tuner.checked(arm, 16, deviation, 0, 2048, 128, seconds[ran], seconds[arm], now)
+            messages += [message] if message else []
+        switches += [switch] if switch else []
+    return messages, switches, now
+
+
+def test_a_precision_start_up_could_not_check_is_checked_on_shadow_runs_then_put_in_force():
+    """A busy start had no time to compare bf16's scores with fp32's: under sustained load bf16 runs only as a shadow
+    of batches answered in fp32 until CHECK_TEXTS texts agreed, then it is a candidate like any faithful one, and the
+    shadow runs' timings (the same batch in both) were its first pairs: 2.3x faster, it is put in force once."""
+    tuner = LiveTuner(FP32, ["fp32"], [2048], now=0.0, unchecked=["bf16"], tolerance=0.01)
+    assert tuner.exploring and tuner.alternatives() == [BF16] and tuner.shadowed(BF16)
+    assert [tuner.choose(float(t), False) for t in range(100)] == [FP32] * 100  # low load: nothing is checked
+    seconds, now, batches = {FP32: 0.23, BF16: 0.1}, 0.0, 0
+    while tuner.unchecked["bf16"].texts < CHECK_TEXTS - 16:
+        messages, switches, now = shadow_batches(tuner, 1, seconds, deviation=0.004, now=now)
+        assert messages == [] and switches == []
+        batches += 1
+    assert batches >= EXPLORE_EVERY * (CHECK_TEXTS // 16 - 1)  # one batch in EXPLORE_EVERY was shadowed
+    messages, switches, now = shadow_batches(tuner, EXPLORE_EVERY, seconds, deviation=0.004, now=now)
+    assert messages == [
+        f"live tuning: bf16 passed its check against fp32 on {CHECK_TEXTS} live texts, largest score difference 0.0040, "
+        "0 top-1 labels changed: explored from now on"
+    ]
+    assert not tuner.unchecked and tuner.precisions == ["fp32", "bf16"] and not tuner.shadowed(BF16)
+    assert switches == [] and tuner.info(now, now)["candidates"]["bf16/2048"]["pairs"] == CHECK_TEXTS // 16 and tuner.in_force == FP32
+    _, switches, _ = shadow_batches(tuner, 2_000, seconds, now=now)
+    # Its 10 shadow pairs and 2 more explored batches make the first checkpoint: put in force, and never back.
+    assert [(switch.old, switch.new, switch.pairs) for switch in switches] == [(FP32, BF16, MIN_PAIRS)]
+    assert tuner.in_force == BF16
+
+
+@pytest.mark.parametrize(("deviation", "label_changes"), [(0.02, 0), (0.0, 1)])
+def test_a_precision_whose_live_scores_differ_is_rejected_and_never_explored(deviation, label_changes):
+    tuner = LiveTuner(FP32, ["fp32"], [2048, 4096], now=0.0, unchecked=["bf16"], tolerance=0.01)
+    message, switch = tuner.checked(BF16, 16, 0.001, 0, 2048, 128, 0.2, 0.1, now=1.0)
+    assert message is None and switch is None
+    message, switch = tuner.checked(BF16, 16, deviation, label_changes, 2048, 128, 0.2, 0.1, now=2.0)
+    assert switch is None and message is not None and message.startswith("live tuning: bf16 rejected against fp32 on 32 live texts")
+    assert tuner.rejected == {"bf16": tuner.info(3.0, 3.0)["rejected"]["bf16"]} and "bf16" not in tuner.info(3.0, 3.0)["checking"]
+    assert tuner.alternatives() == [Arm("fp32", 4096)] and not tuner.shadowed(BF16)
+    _, switches, _ = shadow_batches(tuner, 2_000, {FP32: 0.2, BF16: 0.1, Arm("fp32", 4096): 0.4})
+    assert switches == [] and tuner.in_force == FP32
+
+
+@pytest.mark.parametrize("offset", [0.001, 0.05])
+def test_the_batcher_answers_in_the_setting_in_force_while_it_checks_a_precision_in_shadow(offset, caplog):
+    """The batcher carries a check out: every shadowed batch runs in fp32, answered, then again in bf16; bf16 within
+    the tolerance (its scores off by 0.001) is put in force once checked and 2.3x faster; off by 0.05, it is
+    rejected, and every answer stays fp32's."""
+    policy = BatchingPolicy(bucket_bounds=(16,), max_batch_tokens=128, max_batch_size=8, window=0.0)
+
+    async def main():
+        clock = FakeClock()
+        model = FakeModel(clock, seconds_per_token={"fp32": 0.01, "bf16": 0.01 / 2.3}, score_offsets={"bf16": offset})
+        tuner = LiveTuner(Arm("fp32", 128), ["fp32"], [128], now=clock(), unchecked=["bf16"], tolerance=0.01)
+        live = LiveTuning(tuner, model.use_precision, compare_raw)
+        batcher = Batcher(BatchQueue(policy), model, max_queue_tokens=10_000_000, rates=DrainRate(), clock=clock, live=live)
+        with ThreadPoolExecutor(1) as inference_thread:
+            batcher.start(inference_thread)
+            try:
+                wave = batcher.submit([[n] * 16 for n in range(1, 8 * 600)])
+                answers = await asyncio.wait_for(asyncio.gather(*wave.futures), WAIT)
+            finally:
+                batcher.drain()
+                await asyncio.wait_for(batcher.drained(), WAIT)
+        return batcher, tuner, model, answers
+
+    with caplog.at_level(logging.WARNING, logger="service.batcher"):
+        batcher, tuner, model, answers = asyncio.run(main())
+    ran = list(zip(model.precisions, model.ran))
+    shadows = [index for index, (precision, _) in enumerate(ran) if precision == "bf16"][: CHECK_TEXTS // 8 if offset < 0.01 else None]
+    assert shadows and all(ran[index - 1] == ("fp32", ran[index][1]) for index in shadows)  # the same batch, answered in fp32 first
+    live = batcher.live_info()
+    assert live is not None and live["checking"] == {}
+    if offset < 0.01:
+        assert [(switch.old.precision, switch.new.precision) for switch in tuner.switches] == [("fp32", "bf16")]
+        assert any("bf16 passed its check against fp32" in record.getMessage() for record in caplog.records)
+        assert live["in_force"]["precision"] == "bf16" and model.precisions[-1] == "bf16"
+        first_bf16_answer = next(index for index, answer in enumerate(answers) if answer[0] != 16.0)
+        assert first_bf16_answer >= 8 * EXPLORE_EVERY * (CHECK_TEXTS // 8 - 1)  # nothing answered in bf16 before its check
+    else:
+        assert tuner.switches == [] and live["rejected"]["bf16"].startswith("8 live texts")
+        assert any("bf16 rejected against fp32" in record.getMessage() for record in caplog.records)
+        assert all(answer[0] == 16.0 for answer in answers)
+        assert len(shadows) == 1  # one shadow run, then never again

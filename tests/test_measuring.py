@@ -139,6 +139,36 @@ def test_the_time_limit_holds_however_slow_the_machine(slowdown):
     assert precision.value in {"fp32", "bf16"} and int(budget.value) >= 512
 
 
+def test_a_precision_whose_scores_there_was_no_time_to_compare_is_left_to_live_traffic():
+    """3000x slower: not even the calibration set is scored in both precisions in time. fp32, the reference, stands,
+    and bf16 is named unchecked (live traffic compares its scores before anything else), in the report and its note."""
+    from service.measuring import TuningReport
+    from service.tuning import Choice
+
+    clock = FakeClock(0.0)
+    measuring = tuner(clock, 3000.0, (1.0,), 20.0)
+    precision, trials = measuring.precision(["fp32", "bf16"], 0.01, 2048, until=12.0)
+    assert precision.value == "fp32" and trials == [] and measuring.unchecked == ["bf16"]
+    report = TuningReport(
+        precision,
+        Choice(2048, "default"),
+        [],
+        [],
+        160,
+        18.0,
+        ["the calibration set could not be scored in every precision in time"],
+        ["fp32"],
+        [2048],
+        measuring.unchecked,
+    )
+    assert report.as_dict()["live_candidates"]["unchecked_precision"] == ["bf16"]
+    note = report.disturbance_note()
+    assert note is not None and note.endswith("checks bf16 against the choice; it compares bf16's scores with the choice's on 160 live texts first")
+    quiet = tuner(FakeClock(0.0), 1.0, (1.0,), 20.0)
+    quiet.precision(["fp32", "bf16"], 0.01, 2048, until=12.0)
+    assert quiet.unchecked == []
+
+
 def test_a_disturbed_start_up_says_why_and_what_was_done():
     from service.measuring import TuningReport
     from service.tuning import BudgetTrial, Choice, PrecisionTrial
@@ -159,7 +189,7 @@ def test_a_disturbed_start_up_says_why_and_what_was_done():
     assert note is not None
     assert note.startswith("start-up tuning was disturbed (other processes used 50% of the CPU time): compared")
     assert "11 paired timings" in note and note.endswith("checks fp32, 1024 against the choice")
-    assert report.as_dict()["live_candidates"] == {"precision": ["bf16", "fp32"], "max_batch_tokens": [2048, 1024]}
+    assert report.as_dict()["live_candidates"] == {"precision": ["bf16", "fp32"], "max_batch_tokens": [2048, 1024], "unchecked_precision": []}
     quiet = TuningReport(Choice("bf16", "fastest"), Choice(2048, "default"), trials, [], 160, 4.0)
     assert quiet.disturbance_note() is None and quiet.as_dict()["disturbed"] == []
 

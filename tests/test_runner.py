@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from service.postprocess import activate, problem_type_of, rank
+from service.postprocess import activate, problem_type_of, rank, score_differences
 from service.runner import DTYPES, ModelRunner, resolve_device, resolve_precision, with_linear_weights_in
 from service.tokenization import PairIds, TextEncoder, TextTooLong, model_max_length
 from tests.conftest import TINY_MAX_LENGTH
@@ -25,18 +25,22 @@ def unpadded_logits(model, tokenizer, texts):
         return torch.cat([model(**tokenizer(text, return_tensors="pt")).logits for text in texts])
 
 
-def test_a_padded_batch_gives_each_text_its_unpadded_logits(model_and_tokenizer):
+@pytest.mark.parametrize("trace", [False, True])
+def test_a_padded_batch_gives_each_text_its_unpadded_logits(model_and_tokenizer, trace):
     model, tokenizer = model_and_tokenizer
-    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id)
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id, trace)
+    assert runner.traced == trace
     sequences = tokenizer(TEXTS)["input_ids"]
     logits = runner.run(sequences, padded_length=max(map(len, sequences)) + 5)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, unpadded_logits(model, tokenizer, TEXTS), atol=1e-4, rtol=1e-4)
 
 
-def test_pairs_batched_with_single_texts_each_get_the_logits_of_the_model_run_alone_on_them(model_and_tokenizer):
+@pytest.mark.parametrize("trace", [False, True])
+def test_pairs_batched_with_single_texts_each_get_the_logits_of_the_model_run_alone_on_them(model_and_tokenizer, trace):
     model, tokenizer = model_and_tokenizer
-    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id)
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", tokenizer.pad_token_id, trace)
+    assert runner.traced == trace
     pairs = [("A man is eating food.", "Someone eats."), ("The film was long", "it was " + "very " * 10 + "boring")]
     encoder = TextEncoder(tokenizer, TINY_MAX_LENGTH)
     encoded = encoder.encode([TEXTS[0], pairs[0], TEXTS[1], pairs[1]], truncate=True)
@@ -90,9 +94,46 @@ def test_linear_weights_held_in_low_precision_give_exactly_autocasts_logits(mode
         autocast_over_fp32_weights = model(**inputs).logits.float()
     runner = ModelRunner(model, torch.device("cpu"), precision, tokenizer.pad_token_id)
     assert torch.equal(runner.run(sequences, padded), autocast_over_fp32_weights)
+    traced = ModelRunner(model, torch.device("cpu"), precision, tokenizer.pad_token_id, trace=True)
+    assert traced.traced and torch.equal(traced.run(sequences, padded), autocast_over_fp32_weights)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}  # the fp32 model is untouched
     assert runner.model.classifier.weight.dtype == DTYPES[precision]
     assert runner.model.bert.embeddings.word_embeddings.weight is model.bert.embeddings.word_embeddings.weight
+
+
+class _Logits:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class _PaddingSensitive(torch.nn.Module):
+    """Takes a Python branch on whether the batch holds padding: a trace records one side of it only."""
+
+    config = type("Config", (), {"vocab_size": 100})()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(1, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Logits:
+        lengths = attention_mask.sum(-1, keepdim=True).float()
+        return _Logits(self.head(lengths if bool((attention_mask == 0).any()) else -lengths))
+
+
+class _Untraceable(_PaddingSensitive):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Logits:
+        if torch.jit.is_tracing():
+            raise RuntimeError("an operation TorchScript cannot record")
+        return super().forward(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize(("model", "says"), [(_PaddingSensitive(), "differ"), (_Untraceable(), "could not be traced")])
+def test_a_model_whose_trace_differs_or_fails_runs_operator_by_operator(model, says, caplog):
+    runner = ModelRunner(model, torch.device("cpu"), "fp32", pad_token_id=0, trace=True)
+    assert not runner.traced
+    assert says in caplog.text and "operator by operator" in caplog.text
+    unpadded = runner.run([[5, 6, 7], [8, 9, 10]], padded_length=3)
+    torch.testing.assert_close(unpadded, model.head(torch.tensor([[-3.0], [-3.0]])).detach())
 
 
 def test_a_linear_weight_tied_to_another_module_is_left_shared():
@@ -125,6 +166,16 @@ def test_activations_follow_the_problem_type():
     assert problem_type_of("multi_label_classification", 3) == "multi_label_classification"
     with pytest.raises(ValueError, match="unsupported problem_type"):
         problem_type_of("token_classification", 3)
+
+
+def test_score_differences_compare_activated_scores_and_count_changed_top_labels():
+    reference = [[2.0, -1.0], [0.1, 0.0]]
+    other = [[2.0, -0.9], [0.0, 0.1]]  # the second text's top label changes
+    largest, changed = score_differences(reference, other, "single_label_classification")
+    expected = max((torch.tensor(reference).softmax(-1) - torch.tensor(other).softmax(-1)).abs().max().item(), 0.0)
+    assert largest == pytest.approx(expected) and changed == 1
+    assert score_differences(reference, reference, "multi_label_classification") == (0.0, 0)
+    assert score_differences([[1.5]], [[1.25]], "regression") == (0.25, 0)
 
 
 def test_rank_orders_labels_and_cuts_to_top_k():
