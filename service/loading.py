@@ -121,11 +121,12 @@ async def build_backend(settings: Settings) -> tuple[Scorer, EngineFacts]:
         raise
     facts = prepared.facts
     log.info(
-        "ready: %s on %s (%s, max_batch_tokens %d)",
+        "ready: %s on %s (%s, max_batch_tokens %d, %s)",
         facts.model_id,
         facts.device,
         facts.precision,
         prepared.policy.max_batch_tokens,
+        "traced" if facts.traced else "run operator by operator",
     )
     return scorer, facts
 
