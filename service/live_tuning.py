@@ -128,7 +128,7 @@ class LiveTuner:
         self.unchecked = {precision: _Check() for precision in unchecked or () if precision not in precisions}
         self.tolerance = tolerance  # the largest score difference a checked precision may show
         self.rejected: dict[str, str] = {}  # precision -> what its live check found
-        self._fresh: set[str] = set()  # precisions that passed their live check and are explored first until judged
+        self._judged: set[Arm] = set()  # alternatives judged at a checkpoint since the last switch
         self.switches: list[Switch] = []
         self._evidence: dict[Arm, _Evidence] = {}
         self._busy_since: float | None = None
@@ -165,9 +165,10 @@ class LiveTuner:
         candidates = [arm for arm in self.alternatives() if self._evidence_of(arm).retired_until <= now]
         if not candidates:
             return self.in_force
-        # A check comes first (it decides what may be explored at all), then a precision just checked, until judged:
-        # start-up never ranked it, and in turns with the budgets its first judgement came 25-35 s after its check.
-        first = [arm for arm in candidates if self.shadowed(arm) or arm.precision in self._fresh]
+        # A check comes first (it decides what may be explored at all), then another precision until judged once: it
+        # is the large difference (bf16 1.5-1.8x fp32), and in turns with two budgets its first judgement came 56-70 s
+        # into the load (a busy start that chose fp32).
+        first = [arm for arm in candidates if self.shadowed(arm) or (arm.precision != self.in_force.precision and arm not in self._judged)]
         if first:
             return first[0]
         self._turn += 1
@@ -232,7 +233,6 @@ class LiveTuner:
             return None, None
         del self.unchecked[arm.precision]
         self.precisions.append(arm.precision)
-        self._fresh.add(arm.precision)
         message = f"live tuning: {arm.precision} passed its check against {self.in_force.precision} on {check.describe()}: explored from now on"
         return message, self._judge(arm, evidence, now, look_now=len(evidence.ratios) >= MIN_PAIRS)
 
@@ -240,7 +240,7 @@ class LiveTuner:
         pairs = len(evidence.ratios)
         if pairs not in CHECKPOINTS and not look_now:
             return None
-        self._fresh.discard(arm.precision)
+        self._judged.add(arm)
         median = statistics.median(evidence.ratios)
         faster = sum(ratio > 1 for ratio in evidence.ratios) / pairs
         clear = median_lower_bound(evidence.ratios) >= 1 + SWITCH_MARGIN
@@ -259,6 +259,7 @@ class LiveTuner:
             other.ratios.clear()
             other.retired_until = -math.inf
         self._last_in_force.clear()
+        self._judged.clear()
         return switch
 
     def tokens_per_second(self, arm: Arm) -> float:

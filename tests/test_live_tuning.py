@@ -332,3 +332,22 @@ def test_the_batcher_answers_in_the_setting_in_force_while_it_checks_a_precision
         assert any("bf16 rejected against fp32" in record.getMessage() for record in caplog.records)
         assert all(answer[0] == 16.0 for answer in answers)
         assert len(shadows) == 1  # one shadow run, then never again
+
+
+def test_another_precision_is_explored_before_the_budgets_until_judged_once():
+    """A busy start chose fp32 with bf16 faithful beside it and two neighbouring budgets: bf16, the large difference,
+    takes every exploration turn until its first checkpoint (in turns with the budgets, three times as many batches),
+    and is put in force there; then the budgets are explored in turn."""
+    smaller, larger = Arm("fp32", 1024), Arm("fp32", 2048 * 2)
+    tuner = LiveTuner(FP32, ["fp32", "bf16"], [2048, 1024, 4096], now=0.0)
+    traffic = Traffic(tuner)
+    speeds = {FP32: 5_000.0, BF16: 8_500.0, smaller: 5_000.0, larger: 5_000.0, Arm("bf16", 1024): 8_400.0, Arm("bf16", 4096): 8_400.0}
+    switches = []
+    while not switches:
+        switches = traffic.batches(1, speeds)
+    assert [(switch.old, switch.new, switch.pairs) for switch in switches] == [(FP32, BF16, MIN_PAIRS)]
+    explored = [arm for arm in traffic.ran if arm != FP32]
+    assert explored == [BF16] * MIN_PAIRS
+    assert len(traffic.ran) <= EXPLORE_EVERY * MIN_PAIRS + 10  # the first few batches wait for load to be sustained
+    traffic.batches(200, speeds)
+    assert {Arm("bf16", 1024), Arm("bf16", 4096)} <= set(traffic.ran)  # the budgets' turn came
