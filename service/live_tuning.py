@@ -12,8 +12,9 @@ explored. The batcher executes what `LiveTuner` says.
 A precision whose scores start-up had no time to compare with fp32's (a machine too busy to score the calibration set
 in time) is checked on live traffic instead: its exploration batches run in the setting in force, whose scores answer
 the callers, then again in that precision as a shadow (`shadowed`), and the two runs' scores are compared (`checked`).
-After CHECK_TEXTS texts within the tolerance and with no top-1 label changed it is explored like any faithful one
-(the shadow runs' timings, the same batch in both settings, are its first pairs); one text beyond them rejects it.
+After CHECK_TEXTS texts within the tolerance and with no top-1 label changed, and MIN_PAIRS shadow runs (the same
+batch in both settings: tight pairs), it is judged on those pairs and then explored like any faithful one; one text
+beyond the tolerance rejects it.
 """
 
 import math
@@ -228,13 +229,15 @@ class LiveTuner:
         evidence.batches += 1
         speed = real_tokens / shadow_seconds
         evidence.tokens_per_second = speed if evidence.tokens_per_second is None else SMOOTHING * speed + (1 - SMOOTHING) * evidence.tokens_per_second
-        evidence.ratios.append(in_force_seconds / shadow_seconds)  # the same batch in both settings: a perfect pair
-        if check.texts < CHECK_TEXTS:
+        evidence.ratios.append(in_force_seconds / shadow_seconds)  # the same batch in both settings: a tight pair
+        # Shadowed until judged once too: pairs of different batches spread too widely on a busy machine to clear
+        # the margin at the first checkpoint (a busy start stayed on fp32 at 0.66x a quiet start's throughput).
+        if check.texts < CHECK_TEXTS or len(evidence.ratios) < MIN_PAIRS:
             return None, None
         del self.unchecked[arm.precision]
         self.precisions.append(arm.precision)
         message = f"live tuning: {arm.precision} passed its check against {self.in_force.precision} on {check.describe()}: explored from now on"
-        return message, self._judge(arm, evidence, now, look_now=len(evidence.ratios) >= MIN_PAIRS)
+        return message, self._judge(arm, evidence, now, look_now=True)
 
     def _judge(self, arm: Arm, evidence: _Evidence, now: float, look_now: bool = False) -> Switch | None:
         pairs = len(evidence.ratios)

@@ -251,31 +251,27 @@ def shadow_batches(tuner: LiveTuner, count: int, seconds: dict[Arm, float], devi
 
 def test_a_precision_start_up_could_not_check_is_checked_on_shadow_runs_then_put_in_force():
     """A busy start had no time to compare bf16's scores with fp32's: under sustained load bf16 runs only as a shadow
-    of batches answered in fp32 until CHECK_TEXTS texts agreed, then it is a candidate like any faithful one, and the
-    shadow runs' timings (the same batch in both) were its first pairs: 2.3x faster, it is put in force once."""
+    of batches answered in fp32, taking every exploration turn before the other budget's, until CHECK_TEXTS texts
+    agreed and MIN_PAIRS shadow runs timed it against the same batches in fp32; 2.3x faster, it is put in force then,
+    once."""
     larger = Arm("fp32", 4096)
     tuner = LiveTuner(FP32, ["fp32"], [2048, 4096], now=0.0, unchecked=["bf16"], tolerance=0.01)
     assert tuner.exploring and tuner.alternatives() == [BF16, larger] and tuner.shadowed(BF16)
     assert [tuner.choose(float(t), False) for t in range(100)] == [FP32] * 100  # low load: nothing is checked
-    seconds, now, batches = {FP32: 0.23, BF16: 0.1, larger: 0.46, Arm("bf16", 4096): 0.2}, 0.0, 0
-    while tuner.unchecked["bf16"].texts < CHECK_TEXTS - 16:
+    seconds, now, shadows = {FP32: 0.23, BF16: 0.1, larger: 0.46, Arm("bf16", 4096): 0.2}, 0.0, 0
+    while tuner.shadowed(BF16):
+        assert tuner.in_force == FP32
         messages, switches, now = shadow_batches(tuner, 1, seconds, deviation=0.004, now=now)
-        assert messages == [] and switches == []
-        batches += 1
-    assert batches >= EXPLORE_EVERY * (CHECK_TEXTS // 16 - 1)  # one batch in EXPLORE_EVERY was shadowed
-    messages, switches, now = shadow_batches(tuner, EXPLORE_EVERY, seconds, deviation=0.004, now=now)
+        shadows = tuner.info(now, now)["candidates"].get("bf16/2048", {"batches": 0})["batches"]
+    assert shadows == MIN_PAIRS and tuner.info(now, now)["candidates"]["fp32/4096"]["batches"] == 0  # no budget explored yet
     assert messages == [
-        f"live tuning: bf16 passed its check against fp32 on {CHECK_TEXTS} live texts, largest score difference 0.0040, "
+        f"live tuning: bf16 passed its check against fp32 on {MIN_PAIRS * 16} live texts, largest score difference 0.0040, "
         "0 top-1 labels changed: explored from now on"
     ]
-    assert not tuner.unchecked and tuner.precisions == ["fp32", "bf16"] and not tuner.shadowed(BF16)
-    assert switches == [] and tuner.info(now, now)["candidates"]["bf16/2048"]["pairs"] == CHECK_TEXTS // 16 and tuner.in_force == FP32
-    _, switches, now = shadow_batches(tuner, 2 * EXPLORE_EVERY, seconds, now=now)
-    # Its 10 shadow pairs and the next 2 exploration turns (before the other budget's) make the first checkpoint:
-    # put in force, and never back.
+    assert not tuner.unchecked and tuner.precisions == ["fp32", "bf16"]
     assert [(switch.old, switch.new, switch.pairs) for switch in switches] == [(FP32, BF16, MIN_PAIRS)]
     _, switches, _ = shadow_batches(tuner, 2_000, seconds, now=now)
-    assert switches == [] and tuner.in_force == BF16
+    assert switches == [] and tuner.in_force == BF16  # and never back
 
 
 @pytest.mark.parametrize(("deviation", "label_changes"), [(0.02, 0), (0.0, 1)])
