@@ -82,6 +82,11 @@ class _Evidence:
     ratios: list[float] = field(default_factory=list)
     retired_until: float = -math.inf
 
+    def observe(self, speed: float) -> None:
+        """One more batch of this arm ran at `speed` tokens/s."""
+        self.batches += 1
+        self.tokens_per_second = speed if self.tokens_per_second is None else SMOOTHING * speed + (1 - SMOOTHING) * self.tokens_per_second
+
 
 @dataclass
 class _Check:
@@ -187,8 +192,7 @@ class LiveTuner:
             return None
         speed = real_tokens / seconds
         evidence = self._evidence_of(arm)
-        evidence.batches += 1
-        evidence.tokens_per_second = speed if evidence.tokens_per_second is None else SMOOTHING * speed + (1 - SMOOTHING) * evidence.tokens_per_second
+        evidence.observe(speed)
         length = length_class(padded_length)
         if arm == self.in_force:
             self._last_in_force[length] = (speed, now)
@@ -226,9 +230,7 @@ class LiveTuner:
             self._evidence.pop(arm, None)
             return f"live tuning: {arm.precision} rejected against {self.in_force.precision} on {check.describe()} (tolerance {self.tolerance})", None
         evidence = self._evidence_of(arm)
-        evidence.batches += 1
-        speed = real_tokens / shadow_seconds
-        evidence.tokens_per_second = speed if evidence.tokens_per_second is None else SMOOTHING * speed + (1 - SMOOTHING) * evidence.tokens_per_second
+        evidence.observe(real_tokens / shadow_seconds)
         evidence.ratios.append(in_force_seconds / shadow_seconds)  # the same batch in both settings: a tight pair
         # Shadowed until judged once too: pairs of different batches spread too widely on a busy machine to clear
         # the margin at the first checkpoint (a busy start stayed on fp32 at 0.66x a quiet start's throughput).
